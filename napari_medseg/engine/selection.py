@@ -1,0 +1,103 @@
+"""Model selection as nnU-Net (v1) does it: every configuration and every pairwise ensemble is
+scored by mean foreground Dice on held-out cases, and the best is recorded.
+
+Isensee et al., "nnU-Net", Nature Methods 18, 2021 (``nnUNet_find_best_configuration``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+from collections.abc import Generator
+
+import numpy as np
+
+from .events import Message, Progress
+
+
+class SelectionError(ValueError):
+    """The runs cannot be compared."""
+
+
+def _run_checkpoint(run_dir: str) -> str:
+    for name in ("checkpoint_final.pt", "checkpoint_best.pt", "checkpoint_latest.pt"):
+        path = os.path.join(run_dir, name)
+        if os.path.isfile(path):
+            return path
+    raise SelectionError(f"No checkpoint in {run_dir}: train it first.")
+
+
+def _val_cases(run_dir: str) -> list[str]:
+    path = os.path.join(run_dir, "run.json")
+    if not os.path.isfile(path):
+        raise SelectionError(f"{run_dir} has no run.json; it is not a napari-medseg run folder.")
+    with open(path) as fh:
+        info = json.load(fh)
+    if info.get("val_is_train"):
+        raise SelectionError(f"{run_dir} was validated on its training data; it cannot be compared fairly.")
+    return list(info.get("val_cases", []))
+
+
+def find_best(
+    dataset_dir: str, runs: dict[str, str], *, device: str = "auto", mirror: bool = True
+) -> Generator[Progress | Message, None, dict]:
+    """Score each run and each pair of runs (softmax averaged) on their common validation cases.
+
+    Args:
+        dataset_dir: The nnU-Net raw dataset the runs were trained on.
+        runs: Candidate name -> run folder (with ``run.json`` and a checkpoint).
+        device: Inference device.
+        mirror: Mirroring test-time augmentation.
+
+    Returns:
+        ``{"scores": {candidate: mean foreground Dice}, "best": candidate, "cases": [...],
+        "members": {candidate: [run names]}}``; an ensemble is named ``"a+b"``.
+    """
+    from ..io import read_nifti
+    from .data import load_raw_dataset
+    from .inference import predict
+    from .metrics import dice_per_class
+
+    if not runs:
+        raise SelectionError("No runs to compare.")
+    raw = load_raw_dataset(dataset_dir)
+    common = None
+    for run_dir in runs.values():
+        cases = set(_val_cases(run_dir))
+        common = cases if common is None else common & cases
+    if not common:
+        raise SelectionError(
+            "The runs share no validation case; train them with the same --seed and --val-fraction."
+        )
+    by_name = {c.name: c for c in raw.cases}
+    names = sorted(n for n in common if n in by_name)
+    ckpts = {name: _run_checkpoint(d) for name, d in runs.items()}
+    candidates = {name: [name] for name in runs}
+    for a, b in itertools.combinations(sorted(runs), 2):
+        candidates[f"{a}+{b}"] = [a, b]
+    fg = [k for k in raw.labels if int(k) != 0]
+    per_candidate: dict[str, list[float]] = {c: [] for c in candidates}
+    for i, case_name in enumerate(names):
+        rc = by_name[case_name]
+        vols = [read_nifti(p) for p in rc.image_paths]
+        image = np.stack([v.data for v in vols])
+        ref = read_nifti(rc.label_path).data
+        probs = {}
+        for run_name, ckpt in ckpts.items():
+            result = yield from predict(
+                image, vols[0].spacing, [ckpt], device=device, mirror=mirror, return_probabilities=True
+            )
+            probs[run_name] = result.probabilities
+        for cand, members in candidates.items():
+            mean_prob = sum(probs[m] for m in members) / len(members)
+            pred = mean_prob.argmax(0)
+            scores = dice_per_class(pred, ref, [int(k) for k in fg])
+            vals = [v for v in scores.values() if not np.isnan(v)]
+            per_candidate[cand].append(float(np.mean(vals)) if vals else float("nan"))
+        yield Progress("cases", i + 1, len(names), case_name)
+    scores = {c: float(np.nanmean(v)) for c, v in per_candidate.items()}
+    best = max(scores, key=lambda c: (scores[c], -len(candidates[c])))
+    yield Message(f"Best: {best} (mean foreground Dice {scores[best]:.4f})")
+    return {"scores": scores, "best": best, "cases": names, "members": candidates,
+            "checkpoints": {c: [ckpts[m] for m in members] for c, members in candidates.items()}}

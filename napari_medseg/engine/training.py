@@ -1,0 +1,556 @@
+"""Training as a generator: nnU-Net (v1) style SGD/poly training behind a few overridable hooks.
+
+``train(config, data)`` yields :class:`~napari_medseg.engine.events.Progress` per iteration and
+:class:`~napari_medseg.engine.events.EpochEnd` per epoch, and returns the path of the final
+checkpoint. Closing the generator (the widget's Stop, Ctrl-C in the CLI) stops within one iteration
+and saves a resumable checkpoint first (DESIGN.md conventions 2 and 8).
+
+The loop follows Isensee et al., "nnU-Net", Nature Methods 18, 2021: SGD with Nesterov momentum
+0.99, poly learning-rate decay (exponent 0.9), Dice + CE, deep supervision, 33 % foreground
+oversampling, gradient clipping at 12, online "pseudo Dice" on validation patches.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Generator, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+import numpy as np
+import torch
+
+from .. import __version__
+from .checkpoint import Checkpoint, load_checkpoint, load_weights_for_finetune, save_checkpoint
+from .devices import resolve_device
+from .events import EpochEnd, Message, Progress
+from .planning import Plan
+
+logger = logging.getLogger(__name__)
+
+
+class TrainingError(ValueError):
+    """Training cannot start with these settings or this data."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run; shared by the GUI and the CLI (convention 9).
+
+    ``None`` for ``patch_size``, ``batch_size`` or ``batch_dice`` means "as the plan says".
+    """
+
+    output_dir: str = "medseg_run"
+    model: str = "unet-3d-fullres"
+    model_kwargs: dict = field(default_factory=dict)
+    configuration: str = "3d_fullres"
+    epochs: int = 50
+    iterations_per_epoch: int = 250
+    val_batches: int = 10
+    val_fraction: float = 0.2
+    optimizer: str = "sgd"  # "sgd" (nnU-Net) | "adam"
+    lr: float = 1e-2
+    momentum: float = 0.99
+    weight_decay: float = 3e-5
+    lr_schedule: str = "poly"  # "poly" | "constant"
+    batch_size: int | None = None
+    patch_size: tuple[int, ...] | None = None
+    deep_supervision: bool = True
+    batch_dice: bool | None = None
+    oversample_foreground: float = 0.33
+    augment: bool = True
+    ignore_label: int | None = None
+    device: str = "auto"
+    amp: bool = True
+    seed: int = 0
+    init_checkpoint: str | None = None
+    resume: str | None = None
+    label_names: dict | None = None
+    grad_clip: float = 12.0
+    num_threads: int | None = None
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        if d["patch_size"] is not None:
+            d["patch_size"] = list(d["patch_size"])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise TrainingError(f"Unknown training settings {sorted(unknown)}; known: {sorted(known)}")
+        d = dict(d)
+        if d.get("patch_size") is not None:
+            d["patch_size"] = tuple(d["patch_size"])
+        return cls(**d)
+
+
+@dataclass
+class TrainingData:
+    """Preprocessed cases plus what the checkpoint must remember about them."""
+
+    train_cases: list
+    val_cases: list
+    plan: Plan
+    label_names: dict[int, str]
+    fingerprint: dict = field(default_factory=dict)
+    val_is_train: bool = False
+
+
+def _architecture_kwargs(model_name: str, plan: Plan, config: TrainConfig) -> dict:
+    """Kwargs for ``create_model``: the plan's kernels where the model takes them, then the user's."""
+    from ..models import accepted_kwargs, get_model_spec
+
+    spec = get_model_spec(model_name)
+    accepted = set(accepted_kwargs(model_name))
+    kwargs: dict[str, Any] = {}
+    if spec.configurable_by_plan:
+        kwargs["pool_kernels"] = [list(k) for k in plan.pool_kernels]
+        kwargs["conv_kernels"] = [list(k) for k in plan.conv_kernels]
+    if "deep_supervision" in accepted:
+        kwargs["deep_supervision"] = bool(config.deep_supervision)
+    kwargs.update(config.model_kwargs)
+    return kwargs
+
+
+def prepare_data(config: TrainConfig, data: Any) -> Generator[Progress, None, TrainingData]:
+    """Turn a dataset folder, a ``RawDataset`` or in-memory arrays into preprocessed cases.
+
+    Args:
+        config: The run's settings.
+        data: A path to an nnU-Net raw dataset, a ``RawDataset``, or a list of
+            ``(image, label, spacing)`` tuples (image ``(z, y, x)`` or ``(C, z, y, x)``).
+
+    The plan comes from, in this order: the resumed checkpoint, the fine-tuning checkpoint (so that
+    preprocessing matches the weights), or the automatic planner on this data's fingerprint.
+    """
+    from .data import RawDataset, case_from_arrays, load_case, load_raw_dataset, read_raw_case
+    from .planning import compute_fingerprint, plan_from_fingerprint
+
+    if isinstance(data, (str, os.PathLike)):
+        data = load_raw_dataset(os.fspath(data))
+    if isinstance(data, RawDataset):
+        label_names = {int(k): v for k, v in data.labels.items()}
+        raw_cases = list(data.cases)
+        loader = "raw"
+        num_channels = data.num_channels
+        modality = tuple(data.modality)
+    else:
+        arrays = [_as_case_arrays(item) for item in data]
+        if not arrays:
+            raise TrainingError("No training cases were given.")
+        num_channels = arrays[0][0].shape[0]
+        if any(a[0].shape[0] != num_channels for a in arrays):
+            raise TrainingError("All training images must have the same number of channels.")
+        label_names = dict(config.label_names or {})
+        loader = "arrays"
+        modality = ("MRI",) * num_channels
+    if config.label_names:
+        label_names = {int(k): v for k, v in config.label_names.items()}
+
+    plan = _plan_from_checkpoints(config)
+    fingerprint: dict = {}
+    if plan is None:
+        yield Progress("plan", 0, 1, "computing the dataset fingerprint")
+        if loader == "raw":
+            fingerprint = compute_fingerprint(
+                (img, sp, lab) for img, sp, lab in map(read_raw_case, raw_cases)
+            )
+        else:
+            fingerprint = compute_fingerprint((img, sp, lab) for img, lab, sp in arrays)
+        num_classes = max(len(label_names), int(fingerprint.get("num_classes") or 2))
+        plans = plan_from_fingerprint(fingerprint, modality=modality, num_classes=num_classes)
+        if config.configuration not in plans:
+            raise TrainingError(
+                f"Configuration {config.configuration!r} does not apply to this data; "
+                f"the planner made {sorted(plans)}."
+            )
+        plan = plans[config.configuration]
+        yield Progress("plan", 1, 1, f"planned {config.configuration}")
+    if not label_names:
+        label_names = {0: "background", **{c: f"class_{c}" for c in range(1, plan.num_classes)}}
+    plan.num_classes = max(plan.num_classes, len(label_names))
+    if config.patch_size is not None:
+        if len(config.patch_size) != len(plan.patch_size):
+            raise TrainingError(
+                f"patch_size {tuple(config.patch_size)} has {len(config.patch_size)} axes; this "
+                f"configuration needs {len(plan.patch_size)}."
+            )
+        plan.patch_size = tuple(int(p) for p in config.patch_size)
+    if config.batch_size is not None:
+        plan.batch_size = int(config.batch_size)
+
+    cases = []
+    n = len(raw_cases) if loader == "raw" else len(arrays)
+    for i in range(n):
+        if loader == "raw":
+            cases.append(load_case(raw_cases[i], plan))
+        else:
+            img, lab, sp = arrays[i]
+            cases.append(case_from_arrays(img, lab, sp, plan, name=f"case_{i}"))
+        yield Progress("preprocess", i + 1, n, cases[-1].name)
+    _check_labels(cases, label_names, config.ignore_label)
+
+    rng = np.random.default_rng(config.seed)
+    order = rng.permutation(len(cases))
+    n_val = int(round(config.val_fraction * len(cases))) if len(cases) > 1 else 0
+    n_val = min(max(n_val, 1 if len(cases) > 1 and config.val_fraction > 0 else 0), len(cases) - 1)
+    val_idx, train_idx = set(order[:n_val].tolist()), order[n_val:].tolist()
+    train_cases = [cases[i] for i in train_idx]
+    val_cases = [cases[i] for i in sorted(val_idx)] or train_cases
+    return TrainingData(train_cases, val_cases, plan, label_names, fingerprint, val_is_train=not val_idx)
+
+
+def _as_case_arrays(item) -> tuple[np.ndarray, np.ndarray | None, tuple]:
+    image, label, spacing = item
+    image = np.asarray(image, dtype=np.float32)
+    spacing = tuple(float(s) for s in spacing)
+    if image.ndim == len(spacing):
+        image = image[None]
+    if image.ndim != len(spacing) + 1:
+        raise TrainingError(f"Image of shape {image.shape} does not fit spacing {spacing}.")
+    if label is not None:
+        label = np.asarray(label)
+        if label.shape != image.shape[1:]:
+            raise TrainingError(
+                f"Labels of shape {label.shape} do not match the image's spatial shape {image.shape[1:]}."
+            )
+    return image, label, spacing
+
+
+def _check_labels(cases, label_names: dict[int, str], ignore_label: int | None) -> None:
+    allowed = set(label_names) | ({ignore_label} if ignore_label is not None else set())
+    any_fg = False
+    for case in cases:
+        if case.label is None:
+            raise TrainingError(f"Case {case.name!r} has no labels; training needs labels.")
+        values = set(np.unique(case.label).tolist())
+        unknown = values - allowed
+        if unknown:
+            raise TrainingError(
+                f"Case {case.name!r} has label values {sorted(unknown)} that are not among the "
+                f"classes {sorted(label_names)}" + (f" or the ignore label {ignore_label}" if ignore_label is not None else "")
+                + "."
+            )
+        any_fg |= bool(values - {0} - ({ignore_label} if ignore_label is not None else set()))
+    if not any_fg:
+        raise TrainingError("The labels are empty: no case has any foreground voxel to learn from.")
+
+
+def _plan_from_checkpoints(config: TrainConfig) -> Plan | None:
+    for path in (config.resume, config.init_checkpoint):
+        if path:
+            return Plan.from_dict(load_checkpoint(path).plan)
+    return None
+
+
+class Trainer:
+    """The training loop as a handful of hooks; variants override one hook (convention 8).
+
+    Hooks: :meth:`build_model`, :meth:`build_loss`, :meth:`build_optimizer`, :meth:`lr_at`,
+    :meth:`train_step`, :meth:`validate`, :meth:`on_epoch_end`.
+    """
+
+    def __init__(self, config: TrainConfig, data: TrainingData):
+        self.config = config
+        self.data = data
+        self.plan = data.plan
+        self.device = resolve_device(config.device)
+        self.amp = bool(config.amp and self.device.type == "cuda")
+        self.spatial_dims = len(self.plan.patch_size)
+        self.num_classes = self.plan.num_classes
+        self.in_channels = self.plan.num_channels
+        self.history: list[dict] = []
+        self.start_epoch = 0
+        self.best_dice = -math.inf
+        self.messages: list[str] = []
+        torch.manual_seed(config.seed)
+        np.random.seed(config.seed % (2**32))
+        self.model_kwargs = _architecture_kwargs(config.model, self.plan, config)
+        self.model = self.build_model().to(self.device)
+        self.loss_fn = self.build_loss()
+        self.optimizer = self.build_optimizer()
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+        self._load_initial_weights()
+        from .augmentation import Augmenter, enlarged_patch_size
+        from .data import PatchSampler
+
+        patch = tuple(self.plan.patch_size)
+        # As nnU-Net: sample a larger patch so that rotation/scaling bring no padding into the
+        # centre, then the augmenter crops the network's patch out of its centre.
+        sample_patch = enlarged_patch_size(patch) if config.augment else patch
+        self.sampler = PatchSampler(
+            data.train_cases, sample_patch, self.plan.batch_size,
+            oversample_foreground=config.oversample_foreground, seed=config.seed,
+            ignore_label=config.ignore_label, final_patch_size=patch,
+        )
+        self.val_sampler_seed = config.seed + 12345
+        self.augmenter = Augmenter(self.spatial_dims, patch_size=patch, seed=config.seed) if config.augment else None
+
+    # ----------------------------------------------------------------- hooks
+    def build_model(self) -> torch.nn.Module:
+        from ..models import create_model
+
+        return create_model(
+            self.config.model, self.in_channels, self.num_classes, self.spatial_dims, **self.model_kwargs
+        )
+
+    def build_loss(self):
+        from .losses import DeepSupervisionLoss, DiceCELoss, deep_supervision_weights
+
+        batch_dice = self.config.batch_dice
+        if batch_dice is None:
+            batch_dice = bool(getattr(self.plan, "batch_dice", self.spatial_dims == 2))
+        base = DiceCELoss(batch_dice=batch_dice, ignore_label=self.config.ignore_label)
+        self._ds = bool(self.model_kwargs.get("deep_supervision", False))
+        if not self._ds:
+            return base
+        self._ds_weights_fn = deep_supervision_weights
+        return DeepSupervisionLoss(base, None)
+
+    def build_optimizer(self) -> torch.optim.Optimizer:
+        params = self.model.parameters()
+        if self.config.optimizer == "sgd":
+            return torch.optim.SGD(
+                params, lr=self.config.lr, momentum=self.config.momentum,
+                weight_decay=self.config.weight_decay, nesterov=True,
+            )
+        if self.config.optimizer == "adam":
+            return torch.optim.Adam(params, lr=self.config.lr, weight_decay=self.config.weight_decay)
+        raise TrainingError(f"Unknown optimizer {self.config.optimizer!r}; use 'sgd' or 'adam'.")
+
+    def lr_at(self, epoch: int) -> float:
+        if self.config.lr_schedule == "constant":
+            return self.config.lr
+        return self.config.lr * (1 - epoch / max(self.config.epochs, 1)) ** 0.9
+
+    def _loss(self, output, target: torch.Tensor) -> torch.Tensor:
+        if isinstance(output, (list, tuple)):
+            from .losses import deep_supervision_weights, downsample_targets
+
+            shapes = [o.shape[2:] for o in output]
+            targets = downsample_targets(target, shapes)
+            weights = deep_supervision_weights(len(output))
+            self.loss_fn.weights = weights
+            return self.loss_fn(list(output), targets)
+        return self.loss_fn(output, target)
+
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> float:
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
+            out = self.model(images)
+            loss = self._loss(out, labels)
+        if not torch.isfinite(loss):
+            raise TrainingError("The training loss became NaN/Inf; lower the learning rate.")
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return float(loss.detach())
+
+    @torch.no_grad()
+    def validate(self) -> tuple[float | None, dict[str, float]]:
+        """Loss and per-class Dice (TP/FP/FN pooled over fixed validation patches)."""
+        from .data import PatchSampler
+
+        if self.config.val_batches <= 0:
+            return None, {}
+        self.model.eval()
+        sampler = PatchSampler(
+            self.data.val_cases, self.plan.patch_size, self.plan.batch_size,
+            oversample_foreground=self.config.oversample_foreground, seed=self.val_sampler_seed,
+            ignore_label=self.config.ignore_label,
+        )
+        k = self.num_classes
+        tp = torch.zeros(k, dtype=torch.float64)
+        fp = torch.zeros_like(tp)
+        fn = torch.zeros_like(tp)
+        losses = []
+        for _ in range(self.config.val_batches):
+            images, labels = sampler.sample()
+            images, labels = images.to(self.device), labels.to(self.device)
+            with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
+                out = self.model(images)
+                if isinstance(out, (list, tuple)):
+                    out = out[0]
+                base = self.loss_fn.loss if hasattr(self.loss_fn, "loss") else self.loss_fn
+                losses.append(float(base(out, labels)))
+            pred = out.argmax(1)
+            ref = labels[:, 0]
+            valid = torch.ones_like(ref, dtype=torch.bool)
+            if self.config.ignore_label is not None:
+                valid = ref != self.config.ignore_label
+            for c in range(1, k):
+                p, r = (pred == c) & valid, (ref == c) & valid
+                tp[c] += float((p & r).sum())
+                fp[c] += float((p & ~r).sum())
+                fn[c] += float((~p & r).sum())
+        dice = {}
+        for c in range(1, k):
+            denom = 2 * tp[c] + fp[c] + fn[c]
+            dice[self.data.label_names.get(c, f"class_{c}")] = float(2 * tp[c] / denom) if denom > 0 else float("nan")
+        return float(np.mean(losses)), dice
+
+    def on_epoch_end(self, event: EpochEnd) -> None:
+        self.history.append(asdict(event))
+
+    # ------------------------------------------------------------ machinery
+    def _load_initial_weights(self) -> None:
+        cfg = self.config
+        if cfg.resume:
+            ckpt = load_checkpoint(cfg.resume, map_location="cpu")
+            self._check_same_arch(ckpt)
+            self.model.load_state_dict(ckpt.state_dict)
+            if ckpt.optimizer_state:
+                self.optimizer.load_state_dict(ckpt.optimizer_state)
+            self.start_epoch = int(ckpt.epoch) + 1
+            self.history = list(ckpt.history or [])
+            self.best_dice = float(ckpt.extra.get("best_dice", -math.inf)) if ckpt.extra else -math.inf
+            self.messages.append(f"Resumed from {cfg.resume} at epoch {self.start_epoch}.")
+        elif cfg.init_checkpoint:
+            ckpt = load_checkpoint(cfg.init_checkpoint, map_location="cpu")
+            if ckpt.model_name != cfg.model:
+                raise TrainingError(
+                    f"The checkpoint holds a {ckpt.model_name!r} model; the run asks for {cfg.model!r}."
+                )
+            skipped = load_weights_for_finetune(self.model, ckpt)
+            msg = f"Fine-tuning from {cfg.init_checkpoint}"
+            if skipped:
+                msg += f"; re-initialised {len(skipped)} tensor(s) that did not fit: {', '.join(skipped[:4])}"
+            self.messages.append(msg + ".")
+
+    def _check_same_arch(self, ckpt: Checkpoint) -> None:
+        if ckpt.model_name != self.config.model or ckpt.num_classes != self.num_classes:
+            raise TrainingError(
+                f"Cannot resume: the checkpoint is a {ckpt.model_name!r} with {ckpt.num_classes} "
+                f"classes, the run is a {self.config.model!r} with {self.num_classes}."
+            )
+
+    def save(self, name: str, epoch: int) -> str:
+        path = os.path.join(self.config.output_dir, name)
+        save_checkpoint(
+            path, self.model, model_name=self.config.model, model_kwargs=self.model_kwargs,
+            in_channels=self.in_channels, num_classes=self.num_classes, spatial_dims=self.spatial_dims,
+            plan=self.plan.to_dict(), label_names=self.data.label_names,
+            train_config=self.config.to_dict(), epoch=epoch, optimizer=self.optimizer,
+            history=self.history, extra={"best_dice": self.best_dice if math.isfinite(self.best_dice) else None},
+        )
+        return path
+
+    def _write_run_info(self) -> None:
+        os.makedirs(self.config.output_dir, exist_ok=True)
+        info = {
+            "config": self.config.to_dict(),
+            "plan": self.plan.to_dict(),
+            "label_names": {str(k): v for k, v in self.data.label_names.items()},
+            "fingerprint": _jsonable(self.data.fingerprint),
+            "versions": {"napari_medseg": __version__, "torch": torch.__version__},
+            "device": str(self.device),
+            "num_train_cases": len(self.data.train_cases),
+            "num_val_cases": len(self.data.val_cases),
+            "val_is_train": self.data.val_is_train,
+            "train_cases": [c.name for c in self.data.train_cases],
+            "val_cases": [c.name for c in self.data.val_cases],
+        }
+        tmp = os.path.join(self.config.output_dir, ".run.json.tmp")
+        with open(tmp, "w") as fh:
+            json.dump(info, fh, indent=2)
+        os.replace(tmp, os.path.join(self.config.output_dir, "run.json"))
+
+    def run(self) -> Generator[Progress | EpochEnd | Message, None, str]:
+        cfg = self.config
+        if cfg.num_threads:
+            torch.set_num_threads(cfg.num_threads)
+        self._write_run_info()
+        for m in self.messages:
+            yield Message(m)
+        if self.data.val_is_train:
+            yield Message("Only one case: validation Dice is measured on the training case.", "warning")
+        t0 = time.perf_counter()
+        epoch = self.start_epoch
+        iters = cfg.iterations_per_epoch
+        try:
+            while epoch < cfg.epochs:
+                lr = self.lr_at(epoch)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
+                losses = []
+                for it in range(iters):
+                    images, labels = self.sampler.sample()
+                    images = images.to(self.device, non_blocking=True)
+                    labels = labels.to(self.device, non_blocking=True)
+                    if self.augmenter is not None:
+                        images, labels = self.augmenter(images, labels)
+                    losses.append(self.train_step(images, labels))
+                    yield Progress("train", it + 1, iters, f"epoch {epoch + 1}/{cfg.epochs} loss {losses[-1]:.4f}")
+                val_loss, val_dice = self.validate()
+                event = EpochEnd(
+                    epoch=epoch, epochs=cfg.epochs, train_loss=float(np.mean(losses)), val_loss=val_loss,
+                    val_dice=val_dice, lr=lr, elapsed_s=time.perf_counter() - t0,
+                )
+                self.on_epoch_end(event)
+                mean = event.mean_dice
+                if mean is not None and mean > self.best_dice:
+                    self.best_dice = mean
+                    self.save("checkpoint_best.pt", epoch)
+                self.save("checkpoint_latest.pt", epoch)
+                yield event
+                epoch += 1
+        except GeneratorExit:
+            # Stopped by the consumer within this iteration: keep what was learnt. The checkpoint
+            # records the last *completed* epoch, so resuming re-runs the interrupted one.
+            path = self.save("checkpoint_latest.pt", epoch - 1)
+            logger.info("Training stopped during epoch %d; saved %s", epoch, path)
+            raise
+        final = self.save("checkpoint_final.pt", cfg.epochs - 1)
+        return final
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    return obj
+
+
+def train(config: TrainConfig, data: Any, trainer_cls: type[Trainer] = Trainer) -> Generator[Any, None, str]:
+    """Train a model; a generator of progress events that returns the final checkpoint's path.
+
+    Args:
+        config: The run's settings.
+        data: A dataset folder, a ``RawDataset``, or a list of ``(image, label, spacing)``.
+        trainer_cls: A :class:`Trainer` subclass for architecture-specific variants.
+
+    Yields:
+        ``Progress`` (planning, preprocessing, each iteration), ``Message`` and ``EpochEnd``.
+    """
+    prepared = yield from prepare_data(config, data)
+    trainer = trainer_cls(config, prepared)
+    return (yield from trainer.run())
+
+
+def run_to_completion(gen: Generator) -> Any:
+    """Drive an engine generator to its end and return its result (tests, scripts)."""
+    while True:
+        try:
+            next(gen)
+        except StopIteration as stop:
+            return stop.value
+
+
+__all__: Sequence[str] = [
+    "TrainConfig", "Trainer", "TrainingData", "TrainingError", "prepare_data", "train", "run_to_completion",
+]

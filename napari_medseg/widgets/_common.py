@@ -1,0 +1,547 @@
+"""Pieces shared by the widgets: pickers, the engine worker, error display. No compute here."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Generator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from qtpy.QtCore import QObject, Qt, Signal
+from qtpy.QtGui import QStandardItem, QStandardItemModel
+from qtpy.QtWidgets import (
+    QComboBox,
+    QFileDialog,
+    QHBoxLayout,
+    QLabel,
+    QPushButton,
+    QToolButton,
+    QVBoxLayout,
+    QWidget,
+)
+
+logger = logging.getLogger(__name__)
+
+PATH_ROLE = Qt.UserRole + 1
+ERROR_STYLE = "color: #ff6b6b;"
+OK_STYLE = ""
+
+
+# ------------------------------------------------------------------------- shared catalogue signal
+class _CatalogEvents(QObject):
+    """Emitted when a checkpoint was registered, so every widget refreshes its list."""
+
+    changed = Signal()
+
+
+_EVENTS: _CatalogEvents | None = None
+
+
+def catalog_events() -> _CatalogEvents:
+    """The process-wide catalogue signal object (created on first use, in the GUI thread)."""
+    global _EVENTS
+    if _EVENTS is None:
+        _EVENTS = _CatalogEvents()
+    return _EVENTS
+
+
+# ---------------------------------------------------------------------------------- messages
+def show_status(label: QLabel, text: str, error: bool = False) -> None:
+    """Put ``text`` in a status label, red for errors; errors also go to napari's notifications."""
+    label.setText(text)
+    label.setStyleSheet(ERROR_STYLE if error else OK_STYLE)
+    if error:
+        logger.warning(text)
+        try:
+            from napari.utils.notifications import show_error
+
+            show_error(text)
+        except Exception:  # noqa: BLE001 - a notification must never break the widget
+            logger.debug("could not show a napari notification", exc_info=True)
+
+
+# ----------------------------------------------------------------------------- the engine worker
+@dataclass(frozen=True)
+class Stopped:
+    """Returned by :func:`start_engine_worker` when the user stopped the job.
+
+    Attributes:
+        error: Why closing the engine generator failed, if it did.
+    """
+
+    error: str | None = None
+
+
+def _drive(make_gen: Callable[[], Generator], stop: threading.Event) -> Generator:
+    """Run an engine generator, closing it (in this worker thread) as soon as ``stop`` is set."""
+    gen = make_gen()
+    try:
+        while True:
+            if stop.is_set():
+                try:
+                    gen.close()  # the engine saves/cleans up at its current yield
+                except Exception as err:  # noqa: BLE001 - reported to the user
+                    return Stopped(f"{type(err).__name__}: {err}")
+                return Stopped()
+            try:
+                event = next(gen)
+            except StopIteration as done:
+                return done.value
+            yield event
+    finally:
+        gen.close()
+
+
+def start_engine_worker(
+    make_gen: Callable[[], Generator],
+    *,
+    on_yield: Callable[[Any], None],
+    on_return: Callable[[Any], None],
+    on_error: Callable[[Exception], None],
+    on_finish: Callable[[], None],
+):
+    """Start ``make_gen()`` (an engine generator) in a napari thread worker.
+
+    ``make_gen`` runs in the worker thread, so loading and stacking data happen there too.
+    Setting the returned event stops the job at the engine's next yield (one tile or one training
+    iteration): the generator is closed in the worker thread, which lets the training engine save
+    ``checkpoint_latest.pt``, and the worker returns :class:`Stopped`.
+
+    Returns:
+        ``(worker, stop_event)``.
+    """
+    from napari.qt.threading import thread_worker
+
+    stop = threading.Event()
+    worker = thread_worker(_drive, start_thread=False)(make_gen, stop)
+    worker.yielded.connect(on_yield)
+    worker.returned.connect(on_return)
+    worker.errored.connect(on_error)
+    worker.finished.connect(on_finish)
+    worker.start()
+    return worker, stop
+
+
+class ProgressRelay:
+    """Forward engine ``Progress`` events to a napari progress bar, one stage at a time."""
+
+    def __init__(self, description: str):
+        from napari.utils import progress
+
+        self._pbar = progress(total=0, desc=description)
+        self._stage: str | None = None
+
+    def update(self, stage: str, current: int, total: int, message: str = "") -> None:
+        pbar = self._pbar
+        if stage != self._stage or (total and total != pbar.total):
+            self._stage = stage
+            pbar.total = max(int(total), 0)
+            pbar.n = 0
+        desc = f"{stage}: {message}" if message else stage
+        pbar.set_description(desc)
+        step = int(current) - int(pbar.n)
+        if step:
+            pbar.update(step)
+
+    @property
+    def value(self) -> int:
+        return int(self._pbar.n)
+
+    @property
+    def total(self) -> int:
+        return int(self._pbar.total or 0)
+
+    def close(self) -> None:
+        self._pbar.close()
+
+
+# ---------------------------------------------------------------------------------- combos
+class DeviceCombo(QComboBox):
+    """``auto``, ``cuda:N``, ``mps`` and ``cpu``; devices missing on this machine are greyed out."""
+
+    def __init__(self, parent: QWidget | None = None):
+        super().__init__(parent)
+        from napari_medseg.engine.devices import available_devices
+
+        available = set(available_devices())
+        cudas = [d for d in available if d.startswith("cuda")] or ["cuda:0"]
+        model = QStandardItemModel(self)
+        for name in ["auto", *sorted(cudas), "mps", "cpu"]:
+            item = QStandardItem(name)
+            if name != "auto" and name not in available:
+                item.setEnabled(False)
+                item.setToolTip(f"{name} is not available on this machine")
+            model.appendRow(item)
+        self.setModel(model)
+        self.setToolTip("auto: the first CUDA GPU, else Apple MPS, else the CPU")
+
+    def device(self) -> str:
+        return self.currentText()
+
+    def is_enabled(self, name: str) -> bool:
+        idx = self.findText(name)
+        return idx >= 0 and bool(self.model().item(idx).isEnabled())
+
+
+class ModelCombo(QComboBox):
+    """Registered architectures grouped by family (family headers are not selectable)."""
+
+    def __init__(self, parent: QWidget | None = None, any_text: str | None = None):
+        super().__init__(parent)
+        from napari_medseg.models import get_model_spec, list_models
+
+        model = QStandardItemModel(self)
+        if any_text:
+            item = QStandardItem(any_text)
+            item.setData("", PATH_ROLE)
+            model.appendRow(item)
+        families: dict[str, list[str]] = {}
+        for name in list_models():
+            families.setdefault(get_model_spec(name).family, []).append(name)
+        for family in sorted(families):
+            header = QStandardItem(f"── {family} ──")
+            header.setEnabled(False)
+            header.setSelectable(False)
+            model.appendRow(header)
+            for name in families[family]:
+                spec = get_model_spec(name)
+                dims = "/".join(f"{d}D" for d in spec.spatial_dims)
+                item = QStandardItem(f"  {name}  ({dims})")
+                item.setData(name, PATH_ROLE)
+                item.setToolTip(f"{spec.description}\n{spec.paper}")
+                model.appendRow(item)
+        self.setModel(model)
+        self.set_model("" if any_text else "unet-3d-fullres")
+
+    def model_name(self) -> str:
+        return self.currentData(PATH_ROLE) or ""
+
+    def set_model(self, name: str) -> bool:
+        for row in range(self.count()):
+            if self.itemData(row, PATH_ROLE) == name:
+                self.setCurrentIndex(row)
+                return True
+        for row in range(self.count()):  # fall back to the first selectable entry
+            if self.itemData(row, PATH_ROLE) is not None:
+                self.setCurrentIndex(row)
+                break
+        return False
+
+
+def describe_checkpoint(info) -> str:
+    """One line for a checkpoint: model, channels -> classes and their names."""
+    names = ", ".join(info.foreground_names) or "no foreground class"
+    return (
+        f"{info.model_name} ({info.spatial_dims}D) · {info.in_channels} channel(s) → "
+        f"{info.num_classes} classes: {names}"
+    )
+
+
+class CheckpointPicker(QWidget):
+    """A combo of catalogue checkpoints (shipped first) and a "Browse..." button.
+
+    Signals:
+        changed: The selected checkpoint changed (``current_info()`` may be ``None``).
+    """
+
+    changed = Signal()
+
+    def __init__(self, parent: QWidget | None = None):
+        super().__init__(parent)
+        self.combo = QComboBox()
+        self.combo.setSizeAdjustPolicy(QComboBox.AdjustToMinimumContentsLengthWithIcon)
+        self.combo.setMinimumContentsLength(18)
+        self.browse_button = QPushButton("Browse...")
+        self.refresh_button = QToolButton()
+        self.refresh_button.setText("⟳")
+        self.refresh_button.setToolTip("Reload the checkpoint catalogue")
+        row = QHBoxLayout(self)
+        row.setContentsMargins(0, 0, 0, 0)
+        row.addWidget(self.combo, 1)
+        row.addWidget(self.refresh_button)
+        row.addWidget(self.browse_button)
+        self._infos: dict[str, Any] = {}
+        self._extra_paths: list[str] = []
+        self._model_filter = ""
+        self.combo.currentIndexChanged.connect(lambda _i: self.changed.emit())
+        self.browse_button.clicked.connect(self._browse)
+        self.refresh_button.clicked.connect(self.refresh)
+        catalog_events().changed.connect(self.refresh)
+        self.refresh()
+
+    def set_model_filter(self, model_name: str) -> None:
+        """Only list checkpoints of this architecture (``""``: all)."""
+        self._model_filter = model_name or ""
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Reload the catalogue, keeping the selection when it is still listed."""
+        from napari_medseg.engine.catalog import checkpoint_info, list_checkpoints
+
+        current = self.current_path()
+        infos = list_checkpoints()
+        for path in self._extra_paths:
+            if all(i.path != path for i in infos):
+                try:
+                    infos.append(checkpoint_info(path))
+                except Exception as err:  # noqa: BLE001 - keep the list usable
+                    logger.warning("Dropping %s from the list: %s", path, err)
+        self._infos = {i.path: i for i in infos}
+        self.combo.blockSignals(True)
+        self.combo.clear()
+        shown = [i for i in infos if not self._model_filter or i.model_name == self._model_filter]
+        if not shown:
+            self.combo.addItem("(no checkpoint: train one or Browse...)", None)
+        for info in shown:
+            label = f"★ {info.name}" if info.shipped else info.name
+            what = ", ".join(info.foreground_names[:4])
+            if what:
+                label += f" — {what}" + ("…" if len(info.foreground_names) > 4 else "")
+            self.combo.addItem(label, info.path)
+            tip = [describe_checkpoint(info), info.description, f"Training data: {info.training_data}"
+                   if info.training_data else "", f"Licence: {info.license}" if info.license else "",
+                   info.path]
+            self.combo.setItemData(self.combo.count() - 1, "\n".join(t for t in tip if t), Qt.ToolTipRole)
+        idx = self.combo.findData(current) if current else -1
+        self.combo.setCurrentIndex(max(idx, 0))
+        self.combo.blockSignals(False)
+        self.changed.emit()
+
+    def add_path(self, path: str) -> None:
+        """Add a checkpoint file (e.g. browsed to) and select it.
+
+        Raises:
+            CheckpointError: if the file is not a readable checkpoint.
+        """
+        import os
+
+        from napari_medseg.engine.catalog import checkpoint_info
+
+        path = os.path.realpath(path)
+        checkpoint_info(path)  # raises with a clear message
+        if path not in self._extra_paths:
+            self._extra_paths.append(path)
+        self._model_filter = ""
+        self.refresh()
+        self.combo.setCurrentIndex(self.combo.findData(path))
+
+    def _browse(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "Open a checkpoint", "", "Checkpoints (*.pt *.pth)")
+        if path:
+            try:
+                self.add_path(path)
+            except Exception as err:  # noqa: BLE001 - shown to the user
+                from napari.utils.notifications import show_error
+
+                show_error(str(err))
+
+    def current_path(self) -> str | None:
+        return self.combo.currentData() if hasattr(self, "combo") else None
+
+    def current_info(self):
+        path = self.current_path()
+        return self._infos.get(path) if path else None
+
+    def infos(self) -> list:
+        return list(self._infos.values())
+
+
+# ------------------------------------------------------------------------------------- layers
+class LayerCombo(QComboBox):
+    """The viewer's layers of one type, kept in sync with the layer list."""
+
+    def __init__(self, viewer, layer_type: type, parent: QWidget | None = None, optional: bool = False):
+        super().__init__(parent)
+        self._viewer = viewer
+        self._type = layer_type
+        self._optional = optional
+        self.setSizeAdjustPolicy(QComboBox.AdjustToMinimumContentsLengthWithIcon)
+        self.setMinimumContentsLength(14)
+        for ev in (viewer.layers.events.inserted, viewer.layers.events.removed,
+                   viewer.layers.events.moved):
+            ev.connect(self.refresh)
+        viewer.layers.events.inserted.connect(self._watch_name)
+        for layer in viewer.layers:
+            layer.events.name.connect(self.refresh)
+        self.refresh()
+
+    def _watch_name(self, event) -> None:
+        event.value.events.name.connect(self.refresh)
+
+    def refresh(self, *_args) -> None:
+        current = self.layer()
+        self.blockSignals(True)
+        self.clear()
+        if self._optional:
+            self.addItem("(none)", None)
+        for layer in self._viewer.layers:
+            if isinstance(layer, self._type):
+                self.addItem(layer.name, layer)
+        idx = self.findData(current) if current is not None else -1
+        if idx < 0 and not self._optional and self.count():
+            idx = self.count() - 1  # the newest layer
+        self.setCurrentIndex(max(idx, 0))
+        self.blockSignals(False)
+        self.currentIndexChanged.emit(self.currentIndex())
+
+    def layer(self):
+        return self.currentData() if self.count() else None
+
+    def set_layer(self, layer) -> None:
+        idx = self.findData(layer)
+        if idx >= 0:
+            self.setCurrentIndex(idx)
+
+
+class ChannelPicker(QWidget):
+    """One image layer per channel ("+" adds a channel), or one stacked ``(C, z, y, x)`` layer.
+
+    napari opens a multi-channel scan as one layer per channel: pick them here in channel order.
+    A 4-D image layer counts as channels-first ``(C, z, y, x)``.
+    """
+
+    changed = Signal()
+
+    def __init__(self, viewer, parent: QWidget | None = None):
+        super().__init__(parent)
+        from napari.layers import Image
+
+        self._viewer = viewer
+        self._image_type = Image
+        self._rows: list[LayerCombo] = []
+        self._box = QVBoxLayout()
+        self._box.setContentsMargins(0, 0, 0, 0)
+        self._box.setSpacing(2)
+        self.add_button = QToolButton()
+        self.add_button.setText("+")
+        self.add_button.setToolTip("Add a channel: pick one image layer per channel, in the model's order")
+        self.remove_button = QToolButton()
+        self.remove_button.setText("−")
+        self.remove_button.setToolTip("Remove the last channel")
+        buttons = QHBoxLayout()
+        buttons.setContentsMargins(0, 0, 0, 0)
+        buttons.addWidget(self.add_button)
+        buttons.addWidget(self.remove_button)
+        buttons.addStretch(1)
+        outer = QVBoxLayout(self)
+        outer.setContentsMargins(0, 0, 0, 0)
+        outer.setSpacing(2)
+        outer.addLayout(self._box)
+        outer.addLayout(buttons)
+        self.add_button.clicked.connect(self.add_channel)
+        self.remove_button.clicked.connect(self.remove_channel)
+        self.add_channel()
+
+    def add_channel(self) -> LayerCombo:
+        combo = LayerCombo(self._viewer, self._image_type)
+        combo.currentIndexChanged.connect(lambda _i: self.changed.emit())
+        self._rows.append(combo)
+        self._box.addWidget(combo)
+        self.remove_button.setEnabled(len(self._rows) > 1)
+        self.changed.emit()
+        return combo
+
+    def remove_channel(self) -> None:
+        if len(self._rows) > 1:
+            combo = self._rows.pop()
+            combo.setParent(None)
+            combo.deleteLater()
+        self.remove_button.setEnabled(len(self._rows) > 1)
+        self.changed.emit()
+
+    @property
+    def combos(self) -> list[LayerCombo]:
+        return list(self._rows)
+
+    def layers(self) -> list:
+        return [c.layer() for c in self._rows if c.layer() is not None]
+
+    def set_layers(self, layers: list) -> None:
+        while len(self._rows) < len(layers):
+            self.add_channel()
+        while len(self._rows) > len(layers) > 0:
+            self.remove_channel()
+        for combo, layer in zip(self._rows, layers):
+            combo.set_layer(layer)
+
+
+@dataclass
+class ImageInput:
+    """Image layers resolved to what the engine takes.
+
+    Attributes:
+        layers: The chosen layers (the first gives the geometry).
+        num_channels: Channels.
+        spatial_shape: Spatial shape, napari order.
+        spacing: Voxel size per spatial axis (the layer's scale), napari order.
+    """
+
+    layers: list
+    num_channels: int
+    spatial_shape: tuple[int, ...]
+    spacing: tuple[float, ...]
+
+    @property
+    def reference(self):
+        return self.layers[0]
+
+    @property
+    def spatial_dims(self) -> int:
+        return len(self.spatial_shape)
+
+    @property
+    def stacked(self) -> bool:
+        return len(self.layers) == 1 and self.layers[0].ndim == 4
+
+    def array(self) -> np.ndarray:
+        """``(C, *spatial)`` float32 (reads the layer data: call it in the worker)."""
+        if self.stacked:
+            return np.asarray(self.layers[0].data, dtype=np.float32)
+        return np.stack([np.asarray(layer.data, dtype=np.float32) for layer in self.layers])
+
+    def spatial_transform(self) -> dict:
+        """``scale``, ``translate`` and ``affine`` of the spatial axes, for result layers."""
+        ref = self.reference
+        n = self.spatial_dims
+        matrix = np.asarray(ref.affine.affine_matrix)[-(n + 1):, -(n + 1):]
+        return {
+            "scale": tuple(float(s) for s in ref.scale[-n:]),
+            "translate": tuple(float(t) for t in ref.translate[-n:]),
+            "affine": matrix,
+        }
+
+
+class InputError(ValueError):
+    """The chosen layers cannot be used (shown to the user as is)."""
+
+
+def resolve_image_input(layers: list) -> ImageInput:
+    """Check the chosen image layers and describe them.
+
+    Raises:
+        InputError: no layer, RGB, mismatched shapes, or not 2D/3D.
+    """
+    if not layers:
+        raise InputError("Choose an image layer (open a scan or a sample first).")
+    for layer in layers:
+        if getattr(layer, "rgb", False):
+            raise InputError(f"Layer {layer.name!r} is RGB; medical scans must be greyscale layers.")
+        if getattr(layer, "multiscale", False):
+            raise InputError(f"Layer {layer.name!r} is multiscale; use a single-resolution layer.")
+    ref = layers[0]
+    if len(layers) == 1 and ref.ndim == 4:
+        channels, shape = int(ref.data.shape[0]), tuple(int(s) for s in ref.data.shape[1:])
+    else:
+        shapes = {tuple(int(s) for s in layer.data.shape) for layer in layers}
+        if len(shapes) > 1:
+            raise InputError(f"The channel layers differ in shape: {sorted(shapes)}.")
+        shape = shapes.pop()
+        channels = len(layers)
+        if len(shape) == 4:
+            raise InputError("A 4-D layer must be the only channel entry (it is read as C, z, y, x).")
+    if len(shape) not in (2, 3):
+        raise InputError(f"Layer {ref.name!r} has {len(shape)} spatial axes; images must be 2D or 3D.")
+    spacing = tuple(abs(float(s)) for s in ref.scale[-len(shape):])
+    return ImageInput(list(layers), channels, shape, spacing)

@@ -1,0 +1,568 @@
+"""The Train / Fine-tune widget: collect a ``TrainConfig``, run ``engine.train`` in a worker.
+
+Data comes from image + labels layers in the viewer or from an nnU-Net raw dataset folder.
+Fine-tuning can use only the voxels (or slices) the user corrected since the last prediction
+(see :mod:`._partial`). Stop closes the engine generator, which saves ``checkpoint_latest.pt``;
+Resume continues from it. A finished (or stopped) run is registered in the checkpoint catalogue,
+so it appears in the Segment widget at once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+
+from qtpy.QtCore import QTimer
+from qtpy.QtWidgets import (
+    QButtonGroup,
+    QComboBox,
+    QDoubleSpinBox,
+    QFileDialog,
+    QFormLayout,
+    QGroupBox,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QPlainTextEdit,
+    QProgressBar,
+    QPushButton,
+    QRadioButton,
+    QScrollArea,
+    QSpinBox,
+    QVBoxLayout,
+    QWidget,
+)
+
+from ._common import (
+    CheckpointPicker,
+    ChannelPicker,
+    DeviceCombo,
+    InputError,
+    LayerCombo,
+    ModelCombo,
+    ProgressRelay,
+    Stopped,
+    catalog_events,
+    resolve_image_input,
+    show_status,
+    start_engine_worker,
+)
+from ._partial import MODES, tracker_for
+from ._plots import TrainingCurves
+
+logger = logging.getLogger(__name__)
+
+_ARCH_KEYS_FROM_PLAN = ("pool_kernels", "conv_kernels", "deep_supervision")
+
+
+class TrainWidget(QWidget):
+    """Train a model from scratch or fine-tune a checkpoint, with live loss and Dice curves.
+
+    Args:
+        napari_viewer: The viewer (npe2 passes it).
+    """
+
+    def __init__(self, napari_viewer):
+        super().__init__()
+        from napari.layers import Labels
+
+        self.viewer = napari_viewer
+        self.worker = None
+        self._stop = None
+        self._progress: ProgressRelay | None = None
+        self._run: dict | None = None
+        self.last_config = None
+        self.last_data = None
+        self.last_training_labels = None
+        self.last_checkpoint: str | None = None
+        self.last_epoch = None
+        self.events_seen: list = []
+
+        # --- data
+        self.source_layers = QRadioButton("Layers")
+        self.source_folder = QRadioButton("Dataset folder (nnU-Net raw)")
+        self.source_layers.setChecked(True)
+        self._source_group = QButtonGroup(self)
+        self._source_group.addButton(self.source_layers)
+        self._source_group.addButton(self.source_folder)
+        self.channels = ChannelPicker(self.viewer)
+        self.labels = LayerCombo(self.viewer, Labels)
+        self.folder = QLineEdit()
+        self.folder.setPlaceholderText("folder with imagesTr/, labelsTr/, dataset.json")
+        self.folder_button = QPushButton("Browse...")
+        # --- model
+        self.architecture = ModelCombo()
+        self.configuration = QLabel()
+        self.start_from = QComboBox()
+        self.start_from.addItems(["From scratch", "Fine-tune a checkpoint"])
+        self.checkpoints = CheckpointPicker()
+        self.model_kwargs = QLineEdit()
+        self.model_kwargs.setPlaceholderText('architecture options, JSON, e.g. {"base_width": 16}')
+        # --- settings
+        self.epochs = _spin(1, 100000, 50)
+        self.iterations = _spin(1, 100000, 250)
+        self.lr = QDoubleSpinBox()
+        self.lr.setDecimals(5)
+        self.lr.setRange(1e-5, 1.0)
+        self.lr.setSingleStep(1e-3)
+        self.lr.setValue(1e-2)
+        self.batch = _spin(0, 512, 0)
+        self.batch.setSpecialValueText("auto")
+        self.batch.setToolTip("auto: the planner's choice for this data and memory")
+        self.patch = QLineEdit()
+        self.patch.setPlaceholderText("auto (planner); or e.g. 64,128,128")
+        self.device = DeviceCombo()
+        self.val_fraction = QDoubleSpinBox()
+        self.val_fraction.setRange(0.0, 0.9)
+        self.val_fraction.setSingleStep(0.05)
+        self.val_fraction.setValue(0.2)
+        self.output = QLineEdit()
+        self.output.setPlaceholderText("auto: ~/.napari-medseg/runs/<time>-<model>")
+        self.output_button = QPushButton("Browse...")
+        # --- partial labels
+        self.partial_mode = QComboBox()
+        for key, text in MODES.items():
+            self.partial_mode.addItem(text, key)
+        self.partial_summary = QLabel()
+        self.partial_summary.setWordWrap(True)
+        self.partial_reset = QPushButton("Forget edits (new baseline)")
+        # --- run
+        self.train_button = QPushButton("Train")
+        self.stop_button = QPushButton("Stop")
+        self.resume_button = QPushButton("Resume")
+        self.stop_button.setEnabled(False)
+        self.resume_button.setEnabled(False)
+        self.stop_button.setToolTip("Stop within one iteration; checkpoint_latest.pt is saved")
+        self.progress_bar = QProgressBar()
+        self.progress_bar.setValue(0)
+        self.status = QLabel()
+        self.status.setWordWrap(True)
+        self.curves = TrainingCurves()
+        self.log = QPlainTextEdit()
+        self.log.setReadOnly(True)
+        self.log.setMaximumHeight(70)
+        self._summary_timer = QTimer(self)
+        self._summary_timer.setSingleShot(True)
+        self._summary_timer.setInterval(150)
+
+        self._build_layout()
+        self._connect()
+        self._on_source()
+        self._on_start_from()
+        self._on_architecture()
+        self._on_labels_layer()
+
+    # ---------------------------------------------------------------------------- layout
+    def _build_layout(self) -> None:
+        box_data = QGroupBox("Data")
+        form = QFormLayout(box_data)
+        row = QHBoxLayout()
+        row.addWidget(self.source_layers)
+        row.addWidget(self.source_folder)
+        form.addRow(row)
+        form.addRow("Image channels:", self.channels)
+        form.addRow("Labels:", self.labels)
+        row = QHBoxLayout()
+        row.addWidget(self.folder, 1)
+        row.addWidget(self.folder_button)
+        form.addRow("Folder:", row)
+
+        box_model = QGroupBox("Model")
+        form = QFormLayout(box_model)
+        form.addRow("Architecture:", self.architecture)
+        form.addRow("Configuration:", self.configuration)
+        form.addRow("Start:", self.start_from)
+        form.addRow("Checkpoint:", self.checkpoints)
+        form.addRow("Options:", self.model_kwargs)
+
+        box_set = QGroupBox("Settings")
+        form = QFormLayout(box_set)
+        form.addRow("Epochs:", self.epochs)
+        form.addRow("Iterations / epoch:", self.iterations)
+        form.addRow("Learning rate:", self.lr)
+        form.addRow("Batch size:", self.batch)
+        form.addRow("Patch size:", self.patch)
+        form.addRow("Device:", self.device)
+        form.addRow("Validation fraction:", self.val_fraction)
+        row = QHBoxLayout()
+        row.addWidget(self.output, 1)
+        row.addWidget(self.output_button)
+        form.addRow("Output folder:", row)
+
+        box_partial = QGroupBox("Which labels count")
+        form = QFormLayout(box_partial)
+        form.addRow("Mode:", self.partial_mode)
+        form.addRow(self.partial_summary)
+        form.addRow(self.partial_reset)
+
+        buttons = QHBoxLayout()
+        buttons.addWidget(self.train_button)
+        buttons.addWidget(self.stop_button)
+        buttons.addWidget(self.resume_button)
+
+        inner = QWidget()
+        layout = QVBoxLayout(inner)
+        for w in (box_data, box_model, box_set, box_partial):
+            layout.addWidget(w)
+        layout.addLayout(buttons)
+        layout.addWidget(self.progress_bar)
+        layout.addWidget(self.status)
+        layout.addWidget(self.curves)
+        layout.addWidget(self.log)
+        layout.addStretch(1)
+        scroll = QScrollArea()
+        scroll.setWidgetResizable(True)
+        scroll.setWidget(inner)
+        outer = QVBoxLayout(self)
+        outer.setContentsMargins(0, 0, 0, 0)
+        outer.addWidget(scroll)
+
+    def _connect(self) -> None:
+        self.source_layers.toggled.connect(self._on_source)
+        self.folder_button.clicked.connect(self._browse_folder)
+        self.output_button.clicked.connect(self._browse_output)
+        self.architecture.currentIndexChanged.connect(self._on_architecture)
+        self.start_from.currentIndexChanged.connect(self._on_start_from)
+        self.checkpoints.changed.connect(self._on_start_from)
+        self.labels.currentIndexChanged.connect(self._on_labels_layer)
+        self.partial_mode.currentIndexChanged.connect(self._update_summary)
+        self.partial_reset.clicked.connect(self._reset_edits)
+        self._summary_timer.timeout.connect(self._update_summary)
+        self.train_button.clicked.connect(lambda: self.start())
+        self.stop_button.clicked.connect(self.stop)
+        self.resume_button.clicked.connect(self.resume)
+
+    def showEvent(self, event) -> None:  # noqa: N802 - Qt API
+        self.checkpoints.refresh()
+        super().showEvent(event)
+
+    # ------------------------------------------------------------------------- reactions
+    def _on_source(self, *_args) -> None:
+        layers = self.source_layers.isChecked()
+        for w in (self.channels, self.labels, self.partial_mode, self.partial_reset):
+            w.setEnabled(layers)
+        for w in (self.folder, self.folder_button):
+            w.setEnabled(not layers)
+        if not layers:
+            self.partial_mode.setCurrentIndex(0)
+
+    def _on_start_from(self, *_args) -> None:
+        finetune = self.start_from.currentIndex() == 1
+        self.checkpoints.setEnabled(finetune)
+        info = self.checkpoints.current_info() if finetune else None
+        self.architecture.setEnabled(info is None)  # a checkpoint defines its architecture
+        if info is not None:
+            self.architecture.blockSignals(True)
+            self.architecture.set_model(info.model_name)
+            self.architecture.blockSignals(False)
+            self.configuration.setText(f"{info.configuration or '?'} (the checkpoint's plan)")
+        else:
+            self._on_architecture()
+
+    def _on_architecture(self, *_args) -> None:
+        if not self.architecture.isEnabled():
+            return
+        self.configuration.setText(
+            f"{self._configuration_for(self.architecture.model_name())} · patch and batch: planner's choice"
+        )
+
+    @staticmethod
+    def _configuration_for(model_name: str) -> str:
+        from napari_medseg.models import get_model_spec
+
+        spec = get_model_spec(model_name)
+        if spec.configuration:
+            return spec.configuration
+        return "2d" if spec.spatial_dims[0] == 2 else "3d_fullres"
+
+    def _on_labels_layer(self, *_args) -> None:
+        layer = self.labels.layer()
+        if layer is not None:
+            tracker = tracker_for(layer, self.viewer)
+            tracker.on_change(self._summary_timer.start)
+        self._update_summary()
+
+    def _reset_edits(self) -> None:
+        layer = self.labels.layer()
+        if layer is not None:
+            tracker_for(layer, self.viewer).reset()
+        self._update_summary()
+
+    def partial_key(self) -> str:
+        return self.partial_mode.currentData()
+
+    def _update_summary(self, *_args) -> None:
+        layer = self.labels.layer()
+        mode = self.partial_key()
+        if layer is None or not self.source_layers.isChecked():
+            self.partial_summary.setText(MODES[mode] + ".")
+            return
+        tracker = tracker_for(layer, self.viewer)
+        since = time.strftime("%H:%M:%S", time.localtime(tracker.started))
+        self.partial_summary.setText(
+            f"<b>{MODES[mode]}</b> · edits of {layer.name!r} since {since}: {tracker.summary(mode)}"
+        )
+
+    def _browse_folder(self) -> None:
+        path = QFileDialog.getExistingDirectory(self, "nnU-Net raw dataset folder")
+        if path:
+            self.folder.setText(path)
+
+    def _browse_output(self) -> None:
+        path = QFileDialog.getExistingDirectory(self, "Output folder")
+        if path:
+            self.output.setText(path)
+
+    # ------------------------------------------------------------------------- settings
+    def _parse_patch(self) -> tuple[int, ...] | None:
+        text = self.patch.text().strip().lower()
+        if not text or text == "auto":
+            return None
+        try:
+            patch = tuple(int(p) for p in text.replace("x", ",").split(",") if p.strip())
+        except ValueError as err:
+            raise InputError(f"Patch size {text!r}: write 'auto' or sizes like 64,128,128.") from err
+        if len(patch) not in (2, 3) or min(patch) < 4:
+            raise InputError(f"Patch size {text!r}: give 2 or 3 sizes of at least 4.")
+        return patch
+
+    def _parse_kwargs(self) -> dict:
+        text = self.model_kwargs.text().strip()
+        if not text:
+            return {}
+        try:
+            kwargs = json.loads(text)
+        except ValueError as err:
+            raise InputError(f"Architecture options must be JSON, e.g. {{\"base_width\": 16}}: {err}") from err
+        if not isinstance(kwargs, dict):
+            raise InputError("Architecture options must be a JSON object.")
+        return kwargs
+
+    def build_config(self):
+        """The ``TrainConfig`` the settings describe (no data yet).
+
+        Raises:
+            InputError: settings that cannot work, explained.
+        """
+        from napari_medseg.engine.catalog import medseg_home
+        from napari_medseg.engine.training import TrainConfig
+
+        kwargs = self._parse_kwargs()
+        info = self.checkpoints.current_info() if self.start_from.currentIndex() == 1 else None
+        if self.start_from.currentIndex() == 1 and info is None:
+            raise InputError("Choose the checkpoint to fine-tune (or start from scratch).")
+        model = info.model_name if info else self.architecture.model_name()
+        if not model:
+            raise InputError("Choose an architecture.")
+        extra: dict = {}
+        if info is not None:  # rebuild exactly the checkpoint's architecture
+            kwargs = {**{k: v for k, v in info.model_kwargs.items() if k not in _ARCH_KEYS_FROM_PLAN}, **kwargs}
+            # same heads as the checkpoint (factories default to no deep supervision)
+            extra["deep_supervision"] = bool(info.model_kwargs.get("deep_supervision", False))
+            names = {int(k): v for k, v in info.label_names.items()}
+            extra["label_names"] = {c: names.get(c, f"class_{c}") for c in range(info.num_classes)}
+        output = self.output.text().strip()
+        if not output:
+            output = str(medseg_home() / "runs" / f"{time.strftime('%Y%m%d-%H%M%S')}-{model}")
+        return TrainConfig(
+            output_dir=os.path.expanduser(output), model=model, model_kwargs=kwargs,
+            configuration=info.configuration if info and info.configuration else self._configuration_for(model),
+            epochs=int(self.epochs.value()), iterations_per_epoch=int(self.iterations.value()),
+            lr=float(self.lr.value()), batch_size=int(self.batch.value()) or None,
+            patch_size=self._parse_patch(), device=self.device.device(),
+            val_fraction=float(self.val_fraction.value()),
+            init_checkpoint=info.path if info else None, **extra,
+        )
+
+    def build_data(self, config):
+        """``(data for engine.train, description)``; may set ``config.ignore_label``.
+
+        Raises:
+            InputError: missing or inconsistent data.
+        """
+        import numpy as np
+
+        if self.source_folder.isChecked():
+            folder = self.folder.text().strip()
+            if not folder or not os.path.isdir(os.path.expanduser(folder)):
+                raise InputError("Choose an nnU-Net raw dataset folder (with imagesTr/, labelsTr/, dataset.json).")
+            self.last_training_labels = None
+            return os.path.expanduser(folder), f"dataset {os.path.basename(os.path.normpath(folder))}"
+        image = resolve_image_input(self.channels.layers())
+        layer = self.labels.layer()
+        if layer is None:
+            raise InputError("Choose a labels layer (paint one, or segment the image first).")
+        if tuple(layer.data.shape) != image.spatial_shape:
+            raise InputError(
+                f"Labels {layer.name!r} have shape {tuple(layer.data.shape)}; the image's is {image.spatial_shape}."
+            )
+        mode = self.partial_key()
+        if mode == "all":
+            labels = np.array(layer.data, dtype=np.int16, copy=True)
+            names = layer.metadata.get("medseg_label_names")
+            if names and config.label_names is None:
+                config.label_names = {int(k): v for k, v in names.items()}
+        else:
+            if config.init_checkpoint is None:
+                raise InputError(
+                    "Training on corrected voxels only needs a checkpoint to fine-tune: the classes "
+                    "come from it and every other voxel is ignored. Choose 'Fine-tune a checkpoint'."
+                )
+            ignore = len(config.label_names)  # TrainConfig.ignore_label = num_classes
+            tracker = tracker_for(layer, self.viewer)
+            labels, counted = tracker.training_labels(mode, ignore)
+            if not counted.any():
+                raise InputError("No painted voxels yet: correct some labels first (or count all voxels).")
+            config.ignore_label = ignore
+        self.last_training_labels = labels
+        desc = f"layers {', '.join(lay.name for lay in image.layers)} + {layer.name}"
+        if mode != "all":
+            desc += f" ({MODES[mode].lower()})"
+        return [(image, labels, image.spacing)], desc
+
+    # ------------------------------------------------------------------------------- run
+    @property
+    def running(self) -> bool:
+        return self.worker is not None
+
+    def start(self, resume_from: str | None = None) -> None:
+        """Build the config and data from the settings and start training in a worker."""
+        if self.running:
+            return
+        from napari_medseg.engine.training import TrainingError
+
+        try:
+            if resume_from and self._run:
+                config, data, desc = self._run["config"], self._run["data"], self._run["desc"]
+                config.resume = resume_from
+            else:
+                config = self.build_config()
+                data, desc = self.build_data(config)
+                self.curves.clear()
+        except (InputError, TrainingError, ValueError) as err:
+            show_status(self.status, f"Cannot train: {err}", error=True)
+            return
+        self._run = {"config": config, "data": data, "desc": desc}
+        self.last_config, self.last_data = config, data
+        self.events_seen = []
+        engine_data = [(item[0], item[1], item[2]) for item in data] if isinstance(data, list) else data
+
+        def make_gen():
+            from napari_medseg.engine.training import train
+
+            if isinstance(engine_data, list):  # read the image layers in the worker thread
+                arrays = [(img.array(), lab, sp) for img, lab, sp in engine_data]
+                return train(config, arrays)
+            return train(config, engine_data)
+
+        self._progress = ProgressRelay("Training")
+        self._epochs_done = 0 if not resume_from else self._epochs_done
+        self.progress_bar.setRange(0, config.epochs * config.iterations_per_epoch)
+        self.train_button.setEnabled(False)
+        self.resume_button.setEnabled(False)
+        self.stop_button.setEnabled(True)
+        show_status(self.status, f"{'Resuming' if resume_from else 'Training'} {config.model} on {desc} → {config.output_dir}")
+        self._log(f"Output: {config.output_dir}")
+        self.worker, self._stop = start_engine_worker(
+            make_gen, on_yield=self._on_event, on_return=self._on_result, on_error=self._on_error,
+            on_finish=self._on_finish,
+        )
+
+    def stop(self) -> None:
+        """Stop at the next iteration; the engine saves ``checkpoint_latest.pt``."""
+        if self.worker is not None:
+            self._stop.set()
+            show_status(self.status, "Stopping (saving checkpoint_latest.pt)...")
+
+    def resume(self) -> None:
+        """Continue the stopped run from its ``checkpoint_latest.pt``."""
+        if self._run is None:
+            return
+        latest = os.path.join(self._run["config"].output_dir, "checkpoint_latest.pt")
+        if not os.path.isfile(latest):
+            show_status(self.status, f"Nothing to resume: {latest} does not exist.", error=True)
+            return
+        self.start(resume_from=latest)
+
+    def _on_event(self, event) -> None:
+        from napari_medseg.engine.events import EpochEnd, Message, Progress
+
+        self.events_seen.append(event)
+        if isinstance(event, Progress):
+            if self._progress is not None:
+                self._progress.update(event.stage, event.current, event.total, event.message)
+            if event.stage == "train" and event.total:
+                self.progress_bar.setValue(self._epochs_done * event.total + event.current)
+                self.progress_bar.setFormat(event.message or "%p%")
+            else:
+                self.progress_bar.setFormat(f"{event.stage} {event.current}/{event.total} {event.message}")
+        elif isinstance(event, EpochEnd):
+            self._epochs_done = event.epoch + 1
+            self.last_epoch = event
+            self.curves.add_epoch(event)
+            dice = ", ".join(f"{k} {v:.3f}" for k, v in event.val_dice.items())
+            self._log(f"epoch {event.epoch + 1}/{event.epochs}: loss {event.train_loss:.4f}"
+                      + (f", Dice {dice}" if dice else ""))
+        elif isinstance(event, Message):
+            self._log(event.text)
+            if event.level in ("warning", "error"):
+                show_status(self.status, event.text, error=event.level == "error")
+
+    def _on_result(self, result) -> None:
+        config = self._run["config"]
+        if isinstance(result, Stopped):
+            latest = os.path.join(config.output_dir, "checkpoint_latest.pt")
+            if result.error or not os.path.isfile(latest):
+                show_status(self.status, f"Stopped; no checkpoint could be saved ({result.error}).", error=True)
+                return
+            self.last_checkpoint = latest
+            self._register(latest, stopped=True)
+            self.resume_button.setEnabled(True)
+            show_status(self.status, f"Stopped. Saved {latest}; Resume continues it.")
+            return
+        self.last_checkpoint = str(result)
+        self._register(self.last_checkpoint, stopped=False)
+        show_status(self.status, f"Done: {self.last_checkpoint} (listed in the Segment widget).")
+
+    def _register(self, path: str, stopped: bool) -> None:
+        from napari_medseg.engine.catalog import register_checkpoint
+
+        config, desc = self._run["config"], self._run["desc"]
+        start = f"fine-tuned from {os.path.basename(config.init_checkpoint)}" if config.init_checkpoint else "from scratch"
+        dice = dict(self.last_epoch.val_dice) if self.last_epoch is not None else None
+        epochs = self._epochs_done
+        name = f"{config.model} · {os.path.basename(config.output_dir)}" + (" (stopped)" if stopped else "")
+        try:
+            register_checkpoint(
+                path, name=name, training_data=desc, dice=dice,
+                description=f"Trained in napari {start}, {epochs} epoch(s) on {desc}.",
+            )
+        except Exception as err:  # noqa: BLE001 - the run itself succeeded
+            self._log(f"Could not register {path} in the catalogue: {err}")
+            return
+        catalog_events().changed.emit()
+
+    def _on_error(self, err: Exception) -> None:
+        show_status(self.status, f"Training failed: {err}", error=True)
+        self._log(f"Error: {err}")
+
+    def _on_finish(self) -> None:
+        if self._progress is not None:
+            self._progress.close()
+            self._progress = None
+        self.worker = None
+        self.train_button.setEnabled(True)
+        self.stop_button.setEnabled(False)
+
+    def _log(self, text: str) -> None:
+        self.log.appendPlainText(text)
+        logger.info(text)
+
+
+def _spin(lo: int, hi: int, value: int) -> QSpinBox:
+    spin = QSpinBox()
+    spin.setRange(lo, hi)
+    spin.setValue(value)
+    return spin

@@ -1,0 +1,372 @@
+"""Sliding-window inference, TTA, ensembling, postprocessing, and predict() with real models."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from napari_medseg.engine.checkpoint import CheckpointError, save_checkpoint
+from napari_medseg.engine.events import Progress
+from napari_medseg.engine.inference import (
+    InferenceError,
+    PredictionResult,
+    compute_tile_starts,
+    count_tiles,
+    gaussian_importance,
+    predict,
+    sliding_window,
+)
+from napari_medseg.engine.planning import Plan
+from napari_medseg.engine.postprocessing import keep_largest_component
+from napari_medseg.io.phantom import make_phantom
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors gain nothing from threads, and on a busy 2-core machine OpenMP spinning makes
+    them ~100x slower; run these tests single-threaded."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def run(gen):
+    """Drive an engine generator; return (events, result)."""
+    events = []
+    while True:
+        try:
+            events.append(next(gen))
+        except StopIteration as stop:
+            return events, stop.value
+
+
+def repeat_k(k):
+    return lambda x: x.repeat(1, k, *([1] * (x.ndim - 2)))
+
+
+# ------------------------------------------------------------------------------ building blocks
+@pytest.mark.parametrize("patch", [(8, 8), (7, 10), (4, 6, 5), (16, 16, 16)])
+def test_gaussian_max_one_symmetric_positive(patch):
+    w = gaussian_importance(patch)
+    assert w.shape == patch and w.dtype == torch.float32
+    assert w.max().item() == pytest.approx(1.0)
+    assert w.min().item() > 0
+    for d in range(len(patch)):
+        assert torch.allclose(w, w.flip(d))
+    # centre is the maximum, corners the minimum
+    assert w.min() == w[(0,) * len(patch)]
+
+
+def test_gaussian_zeros_replaced():
+    w = gaussian_importance((64, 64), sigma_scale=0.005)
+    assert w.min().item() > 0 and w.max().item() == 1.0
+
+
+def test_tile_starts_nnunet_rule():
+    assert compute_tile_starts((100,), (40,), 0.5) == [[0, 20, 40, 60]]
+    assert compute_tile_starts((50,), (40,), 0.5) == [[0, 10]]
+    assert compute_tile_starts((40, 30), (40, 40), 0.5) == [[0], [0]]
+    assert compute_tile_starts((81,), (40,), 1.0) == [[0, 20, 41]]
+    for size in range(40, 130, 7):
+        (starts,) = compute_tile_starts((size,), (40,), 0.5)
+        assert starts[0] == 0 and starts[-1] == size - 40
+        assert len(starts) == math.ceil((size - 40) / 20) + 1
+        assert all(b - a <= 20 for a, b in zip(starts, starts[1:]))
+    with pytest.raises(InferenceError):
+        compute_tile_starts((10,), (4,), 0)
+
+
+# ------------------------------------------------------------------------------ sliding window
+@pytest.mark.parametrize(
+    "shape,patch",
+    [((37, 29), (16, 16)), ((10, 7), (16, 16)), ((20, 23, 17), (8, 12, 8)), ((5, 30, 9), (8, 8, 8))],
+)
+@pytest.mark.parametrize("step", [0.5, 1.0])
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_identity_reconstruction(shape, patch, step, batch_size):
+    image = torch.randn(1, *shape)
+    events, out = run(sliding_window(repeat_k(3), image, patch, 3, step=step, batch_size=batch_size))
+    assert out.shape == (3, *shape) and out.dtype == torch.float32
+    assert torch.allclose(out, image.expand(3, *shape), atol=1e-5)
+    n = count_tiles(shape, patch, step)
+    assert n == math.prod(len(s) for s in compute_tile_starts([max(a, b) for a, b in zip(shape, patch)], patch, step))
+    assert len(events) == math.ceil(n / batch_size)
+    assert all(isinstance(e, Progress) and e.stage == "tiles" and e.total == n for e in events)
+    assert [e.current for e in events] == sorted(e.current for e in events) and events[-1].current == n
+
+
+@pytest.mark.parametrize("batch_size", [1, 4])
+def test_slicewise_2d_patch_on_volume(batch_size):
+    image = torch.randn(2, 9, 21, 18)
+    calls = []
+
+    def predictor(x):
+        calls.append(tuple(x.shape))
+        return torch.cat([x, x[:, :1] * 2], 1)
+
+    events, out = run(sliding_window(predictor, image, (16, 16), 3, batch_size=batch_size))
+    assert all(len(s) == 4 and s[2:] == (16, 16) for s in calls)  # 2D tiles
+    assert torch.allclose(out[:2], image, atol=1e-5) and torch.allclose(out[2], 2 * image[0], atol=1e-5)
+    n = 9 * 2 * 2
+    assert count_tiles((9, 21, 18), (16, 16)) == n
+    assert len(events) == math.ceil(n / batch_size) and events[-1].current == events[-1].total == n
+
+
+def test_mirroring_equivariant_equals_plain_and_non_equivariant_differs():
+    image = torch.randn(1, 12, 20, 17)
+
+    def equivariant(x):  # point-wise: commutes with flips
+        return torch.cat([x, -2 * x], 1)
+
+    _, plain = run(sliding_window(equivariant, image, (8, 8, 8), 2))
+    events, tta = run(sliding_window(equivariant, image, (8, 8, 8), 2, mirror_axes=(0, 1, 2)))
+    assert torch.allclose(plain, tta, atol=1e-5)
+    assert events[-1].total == count_tiles((12, 20, 17), (8, 8, 8)) * 8 == len(events)
+
+    ramp = torch.arange(8.0).reshape(1, 1, 1, 1, 8)
+
+    def biased(x):  # adds a ramp along the last axis: not flip-equivariant
+        return torch.cat([x + ramp, x], 1)
+
+    _, plain = run(sliding_window(biased, image, (8, 8, 8), 2))
+    _, tta = run(sliding_window(biased, image, (8, 8, 8), 2, mirror_axes=(2,)))
+    assert not torch.allclose(plain, tta, atol=1e-3)
+    # flipping the ramp back and averaging gives the constant 3.5 everywhere
+    assert torch.allclose(tta[0], image[0] + 3.5, atol=1e-5)
+    _, tta_other = run(sliding_window(biased, image, (8, 8, 8), 2, mirror_axes=(0,)))
+    assert torch.allclose(tta_other, plain, atol=1e-5)  # the ramp is symmetric under axis-0 flips
+
+
+def test_cancellation_stops_between_tiles():
+    calls = []
+
+    def predictor(x):
+        calls.append(1)
+        return x
+
+    gen = sliding_window(predictor, torch.randn(1, 40, 40), (8, 8), 1)
+    assert count_tiles((40, 40), (8, 8)) == 81
+    next(gen)
+    next(gen)
+    gen.close()
+    assert len(calls) == 2
+    with pytest.raises(StopIteration):
+        next(gen)
+    assert len(calls) == 2
+
+
+def test_predictor_list_deep_supervision_and_bad_output():
+    image = torch.randn(1, 10, 10)
+    _, out = run(sliding_window([lambda x: 2 * x, lambda x: 4 * x], image, (8, 8), 1))
+    assert torch.allclose(out, 3 * image, atol=1e-5)
+    _, out = run(sliding_window(lambda x: [x, x[..., ::2, ::2]], image, (8, 8), 1))
+    assert torch.allclose(out, image, atol=1e-5)
+    with pytest.raises(InferenceError, match="expected"):
+        run(sliding_window(lambda x: x, image, (8, 8), 2))
+    with pytest.raises(InferenceError):
+        run(sliding_window(lambda x: x, image, (8, 8, 8), 1))
+
+
+def test_uniform_weights_and_devices():
+    image = torch.randn(1, 19, 13)
+    _, out = run(sliding_window(repeat_k(2), image, (8, 8), 2, gaussian=False, device="cpu",
+                                accumulate_device="cpu", batch_size=5))
+    assert torch.allclose(out, image.expand(2, 19, 13), atol=1e-5)
+
+
+# ------------------------------------------------------------------------------ postprocessing
+def test_largest_component_removes_island():
+    labels = np.zeros((10, 20, 20), np.uint8)
+    labels[2:8, 2:10, 2:10] = 1   # big
+    labels[5, 15, 15] = 1         # island of class 1
+    labels[1:3, 15:18, 2:4] = 2   # class 2, one component
+    out = keep_largest_component(labels)
+    assert out[5, 15, 15] == 0
+    assert (out[2:8, 2:10, 2:10] == 1).all() and (out == 2).sum() == (labels == 2).sum()
+    assert out.dtype == labels.dtype and labels[5, 15, 15] == 1  # input untouched
+    only2 = keep_largest_component(labels, classes=[2])
+    assert only2[5, 15, 15] == 1
+    with pytest.raises(ValueError):
+        keep_largest_component(labels.astype(float))
+
+
+# ------------------------------------------------------------------------------ predict
+KW3 = {"pool_kernels": [[1, 2, 2], [2, 2, 2]], "conv_kernels": [[1, 3, 3], [3, 3, 3], [3, 3, 3]],
+       "base_width": 4}
+KW2 = {"pool_kernels": [[2, 2], [2, 2]], "conv_kernels": [[3, 3], [3, 3], [3, 3]], "base_width": 4}
+
+
+def _plan(config="3d_fullres", spacing=(2.0, 1.0, 1.0), patch=(8, 16, 16), channels=1, classes=2):
+    kw = KW3 if len(patch) == 3 else KW2
+    return Plan(configuration=config, spacing=spacing, patch_size=patch, batch_size=2,
+                pool_kernels=kw["pool_kernels"], conv_kernels=kw["conv_kernels"],
+                normalization=["zscore"] * channels, num_channels=channels, num_classes=classes,
+                use_mask_for_norm=[False] * channels)
+
+
+def _ckpt(tmp_path, name, plan, seed=0, channels=1, classes=2):
+    from napari_medseg.models import create_model
+
+    model_name = "unet-3d-fullres" if plan.spatial_dims == 3 else "unet-2d"
+    kw = KW3 if plan.spatial_dims == 3 else KW2
+    torch.manual_seed(seed)
+    model = create_model(model_name, channels, classes, plan.spatial_dims, **kw)
+    return save_checkpoint(tmp_path / name, model, model_name=model_name, model_kwargs=kw,
+                           in_channels=channels, num_classes=classes, spatial_dims=plan.spatial_dims,
+                           plan=plan, label_names={0: "background", 1: "ellipsoid"})
+
+
+@pytest.fixture(scope="module")
+def phantom():
+    image, labels = make_phantom((12, 26, 21), num_classes=2, seed=3)
+    return image, labels
+
+
+def test_predict_3d_source_shape_any_spacing(tmp_path, phantom):
+    image, _ = phantom
+    path = _ckpt(tmp_path, "a.pt", _plan())
+    events, res = run(predict(image, (2.0, 1.0, 1.0), [path], device="cpu", mirror=True,
+                              return_probabilities=True, return_uncertainty=True))
+    assert isinstance(res, PredictionResult)
+    assert res.labels.shape == image.shape and res.labels.dtype == np.uint8
+    assert res.probabilities.shape == (2, *image.shape) and res.probabilities.dtype == np.float32
+    assert np.allclose(res.probabilities.sum(0), 1, atol=1e-4)
+    assert np.array_equal(res.labels, res.probabilities.argmax(0))
+    assert res.uncertainty.shape == image.shape
+    assert res.uncertainty.min() >= 0 and res.uncertainty.max() <= 1
+    assert res.label_names == {0: "background", 1: "ellipsoid"}
+    stages = [e.stage for e in events]
+    assert stages[0] == "preprocess" and stages[-1] == "postprocess" and "tiles" in stages
+    tiles = [e for e in events if e.stage == "tiles"]
+    assert len({e.total for e in tiles}) == 1 and tiles[-1].current == tiles[-1].total
+    assert tiles[-1].total % 8 == 0  # 8 mirror combinations per tile
+
+    _, res2 = run(predict(image, (3.0, 0.8, 0.7), [path], device="cpu", mirror=False))
+    assert res2.labels.shape == image.shape
+    assert res2.probabilities is None and res2.uncertainty is None
+
+
+def test_predict_ensemble_averages_softmax(tmp_path, phantom):
+    image, _ = phantom
+    a = _ckpt(tmp_path, "a.pt", _plan(), seed=0)
+    b = _ckpt(tmp_path, "b.pt", _plan(spacing=(2.5, 1.3, 1.2)), seed=1)
+    kw = dict(device="cpu", mirror=False, return_probabilities=True, return_uncertainty=True)
+    _, ra = run(predict(image, (2.0, 1.0, 1.0), [a], **kw))
+    _, rb = run(predict(image, (2.0, 1.0, 1.0), [b], **kw))
+    events, rab = run(predict(image, (2.0, 1.0, 1.0), [a, b], **kw))
+    manual = (ra.probabilities + rb.probabilities) / 2
+    assert np.allclose(rab.probabilities, manual, atol=1e-5)
+    assert not np.allclose(ra.probabilities, rb.probabilities, atol=1e-3)
+    assert np.array_equal(rab.labels, manual.argmax(0))
+    entropy = -(manual * np.log(np.clip(manual, 1e-12, 1))).sum(0) / math.log(2)
+    assert np.allclose(rab.uncertainty, entropy, atol=1e-4)
+    tiles = [e for e in events if e.stage == "tiles"]
+    assert tiles[-1].current == tiles[-1].total == sum(
+        e.total for e in [[x for x in run(predict(image, (2.0, 1.0, 1.0), [c], **kw))[0]
+                           if x.stage == "tiles"][-1] for c in (a, b)])
+
+
+def test_ensemble_sharing_a_plan_preprocesses_once(tmp_path, phantom, monkeypatch):
+    from napari_medseg.engine import preprocessing
+
+    image, _ = phantom
+    plan = _plan()
+    paths = [_ckpt(tmp_path, f"f{i}.pt", plan, seed=i) for i in range(2)]
+    calls = []
+    real = preprocessing.preprocess_case
+    monkeypatch.setattr(preprocessing, "preprocess_case", lambda *a, **k: calls.append(1) or real(*a, **k))
+    _, res = run(predict(image, (2.0, 1.0, 1.0), paths, device="cpu", mirror=False))
+    assert len(calls) == 1 and res.labels.shape == image.shape
+
+
+def test_predict_2d_model_on_volume_and_on_2d_image(tmp_path, phantom):
+    image, _ = phantom
+    path = _ckpt(tmp_path, "2d.pt", _plan("2d", patch=(16, 16)))
+    events, res = run(predict(image, (2.0, 1.0, 1.0), [path], device="cpu", mirror=True, batch_size=4))
+    assert res.labels.shape == image.shape
+    tiles = [e for e in events if e.stage == "tiles"]
+    assert tiles[-1].current == tiles[-1].total and tiles[-1].total % 4 == 0  # 4 flips in 2D
+    _, res2 = run(predict(image[7], (1.0, 1.0), [path], device="cpu", mirror=False))
+    assert res2.labels.shape == image.shape[1:]
+
+
+def test_largest_component_in_predict(tmp_path, phantom):
+    image, _ = phantom
+    path = _ckpt(tmp_path, "a.pt", _plan())
+    _, res = run(predict(image, (2.0, 1.0, 1.0), [path], device="cpu", mirror=False,
+                         largest_component=True))
+    from scipy import ndimage
+
+    for c in (1,):
+        assert ndimage.label(res.labels == c)[1] <= 1
+
+
+def test_mismatch_is_caught_before_compute(tmp_path, phantom, monkeypatch):
+    from napari_medseg.engine import preprocessing
+
+    image, _ = phantom
+    path = _ckpt(tmp_path, "a.pt", _plan())
+    monkeypatch.setattr(preprocessing, "preprocess_case",
+                        lambda *a, **k: pytest.fail("preprocessing ran before the check"))
+    two_channels = np.stack([image, image])
+    with pytest.raises(CheckpointError, match=r"expects 1 input channel\(s\); the image has 2"):
+        next(predict(two_channels, (2.0, 1.0, 1.0), [path], device="cpu"))
+    with pytest.raises(CheckpointError, match="3D model; the image is 2D"):
+        next(predict(image[0], (1.0, 1.0), [path], device="cpu"))
+    with pytest.raises(InferenceError, match="spatial axes"):
+        next(predict(image[None, None], (2.0, 1.0, 1.0), [path], device="cpu"))
+    with pytest.raises(InferenceError, match="No checkpoint"):
+        next(predict(image, (2.0, 1.0, 1.0), [], device="cpu"))
+    other = _ckpt(tmp_path, "b.pt", _plan(classes=3), classes=3)
+    with pytest.raises(CheckpointError, match="same classes"):
+        next(predict(image, (2.0, 1.0, 1.0), [path, other], device="cpu"))
+
+
+def test_predict_cancellation(tmp_path, phantom):
+    image, _ = phantom
+    path = _ckpt(tmp_path, "a.pt", _plan())
+    gen = predict(image, (2.0, 1.0, 1.0), [path], device="cpu", mirror=True)
+    seen = []
+    for event in gen:
+        seen.append(event)
+        if event.stage == "tiles" and event.current == 3:
+            break
+    gen.close()
+    assert seen[-1].current == 3 and seen[-1].total > 3
+    with pytest.raises(StopIteration):
+        next(gen)
+
+
+def test_predict_file_writes_labels_in_source_geometry(tmp_path, phantom):
+    from napari_medseg.engine.inference import predict_file
+    from napari_medseg.io import read_nifti, write_nifti
+
+    image, _ = phantom
+    src = write_nifti(tmp_path / "case_0000.nii.gz", image, spacing=(2.0, 1.0, 1.0),
+                      translate=(-5.0, 3.0, 10.0))
+    path = _ckpt(tmp_path, "a.pt", _plan())
+    out = tmp_path / "out" / "case.nii.gz"
+    events, res = run(predict_file(src, out, [path], device="cpu", mirror=False))
+    assert events[-1].stage == "postprocess"
+    written, source = read_nifti(out), read_nifti(src)
+    assert written.data.shape == image.shape and np.array_equal(written.data, res.labels)
+    assert np.allclose(written.affine, source.affine) and written.spacing == source.spacing
+
+    # nnU-Net style: one file per channel
+    src2 = write_nifti(tmp_path / "case_0001.nii.gz", image * 2, geometry=source)
+    two = _ckpt(tmp_path, "two.pt", _plan(channels=2), channels=2)
+    _, res2 = run(predict_file([src, src2], tmp_path / "two.nii.gz", [two], device="cpu", mirror=False,
+                               save_probabilities=True))
+    assert res2.labels.shape == image.shape
+    with np.load(tmp_path / "two.npz") as npz:
+        assert np.array_equal(npz["probabilities"], res2.probabilities)
+        assert npz["probabilities"].shape == (2, *image.shape)
+    assert sorted(p.name for p in tmp_path.glob("two*")) == ["two.nii.gz", "two.npz", "two.pt"]
+    with pytest.raises(CheckpointError, match="the image has 2"):
+        run(predict_file([src, src2], tmp_path / "x.nii.gz", [path], device="cpu"))
+    with pytest.raises(InferenceError, match="must end with"):
+        next(predict_file(src, tmp_path / "x.png", [path], device="cpu"))

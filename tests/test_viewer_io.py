@@ -1,0 +1,176 @@
+"""The reader, writers and sample data inside a real napari viewer (run under Xvfb)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from napari_medseg.io import NiftiError
+
+pytestmark = pytest.mark.gui
+PLUGIN = "napari-medseg"
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+
+# an oblique, LPS-like affine with anisotropic voxels (NIfTI (i, j, k) -> world)
+OBLIQUE = np.array([
+    [-0.78, 0.05, 0.10, 101.5],
+    [-0.04, -0.79, 0.20, 88.0],
+    [0.02, 0.03, 2.99, -40.25],
+    [0.0, 0.0, 0.0, 1.0],
+])
+
+
+def save(path: Path, data_ijk: np.ndarray, affine: np.ndarray, qcode: int = 1, scode: int = 1) -> str:
+    hdr = nib.Nifti1Header()
+    hdr.set_data_shape(data_ijk.shape)
+    hdr.set_data_dtype(data_ijk.dtype)
+    hdr.set_qform(affine, code=qcode)
+    hdr.set_sform(affine, code=scode)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(data_ijk, None, header=hdr), str(path))
+    return str(path)
+
+
+@pytest.fixture
+def scan(tmp_path):
+    data = np.random.default_rng(0).normal(100, 10, (24, 20, 12)).astype(np.float32)
+    return save(tmp_path / "scan.nii.gz", data, OBLIQUE, qcode=1, scode=2)
+
+
+@pytest.fixture
+def label_file(tmp_path):
+    lab = np.zeros((24, 20, 12), np.uint8)
+    lab[5:15, 4:12, 3:9] = 1
+    lab[16:20, 12:18, 2:5] = 3
+    return save(tmp_path / "labelsTr" / "case_000.nii.gz", lab, OBLIQUE, qcode=1, scode=2)
+
+
+def test_open_image_scale_translate(make_napari_viewer, scan):
+    viewer = make_napari_viewer()
+    layers = viewer.open(scan, plugin=PLUGIN)
+    assert len(layers) == 1
+    layer = layers[0]
+    assert type(layer).__name__ == "Image" and layer.name == "scan"
+    zooms = nib.load(scan).header.get_zooms()
+    np.testing.assert_allclose(layer.scale, zooms[::-1], rtol=1e-6)
+    np.testing.assert_allclose(layer.translate, OBLIQUE[:3, 3][::-1], atol=1e-5)
+    assert layer.data.shape == (12, 20, 24)
+    assert layer.metadata["medseg_source"] == scan
+    np.testing.assert_allclose(layer.metadata["medseg_geometry"]["affine"], nib.load(scan).affine)
+
+
+def test_open_labels_and_save_back(make_napari_viewer, scan, label_file, tmp_path):
+    viewer = make_napari_viewer()
+    viewer.open(scan, plugin=PLUGIN)
+    (labels,) = viewer.open(label_file, plugin=PLUGIN)
+    assert type(labels).__name__ == "Labels"
+    assert np.issubdtype(labels.data.dtype, np.integer)
+    labels.data[0, 0, 0] = 2  # edit, then save through napari and the plugin writer
+    out = str(tmp_path / "edited.nii.gz")
+    written = labels.save(out, plugin=PLUGIN)
+    assert written == [out]
+    src, dst = nib.load(label_file), nib.load(out)
+    np.testing.assert_allclose(dst.affine, src.affine, atol=1e-6)
+    np.testing.assert_allclose(dst.header.get_qform(), src.header.get_qform(), atol=1e-6)
+    np.testing.assert_allclose(dst.header.get_sform(), src.header.get_sform(), atol=1e-6)
+    assert (int(dst.header["qform_code"]), int(dst.header["sform_code"])) == (1, 2)
+    np.testing.assert_allclose(dst.header.get_zooms(), src.header.get_zooms())
+    assert dst.header.get_data_dtype() == np.uint8
+    saved = np.asanyarray(dst.dataobj).T
+    assert saved[0, 0, 0] == 2
+    np.testing.assert_array_equal(saved, labels.data)
+    # the image writer takes the same route
+    image_out = str(tmp_path / "scan_copy.nii")
+    assert viewer.layers["scan"].save(image_out, plugin=PLUGIN) == [image_out]
+    np.testing.assert_allclose(nib.load(image_out).affine, OBLIQUE, atol=1e-5)
+
+
+def test_new_labels_layer_saved_from_scale_translate(make_napari_viewer, tmp_path):
+    viewer = make_napari_viewer()
+    data = np.zeros((6, 7, 8), np.uint16)
+    data[2, 3, 4] = 300
+    layer = viewer.add_labels(data, scale=(2.0, 0.5, 0.25), translate=(10.0, 20.0, 30.0))
+    out = str(tmp_path / "new.nii.gz")
+    layer.save(out, plugin=PLUGIN)
+    img = nib.load(out)
+    expected = np.array([[0.25, 0, 0, 30.0], [0, 0.5, 0, 20.0], [0, 0, 2.0, 10.0], [0, 0, 0, 1]])
+    np.testing.assert_allclose(img.affine, expected, atol=1e-6)
+    assert img.header.get_data_dtype() == np.uint16
+
+
+def test_multichannel_opens_one_layer_per_channel(make_napari_viewer, tmp_path):
+    data = np.random.default_rng(1).normal(size=(10, 9, 8, 2)).astype(np.float32)
+    path = save(tmp_path / "two_channels.nii.gz", data, OBLIQUE)
+    viewer = make_napari_viewer()
+    layers = viewer.open(path, plugin=PLUGIN)
+    assert len(layers) == 2
+    for c, layer in enumerate(layers):
+        assert layer.data.shape == (8, 9, 10)
+        np.testing.assert_array_equal(layer.data, data[..., c].T)
+        np.testing.assert_allclose(layer.scale, nib.load(path).header.get_zooms()[:3][::-1], rtol=1e-6)
+
+
+def test_corrupt_file_gives_readable_error_and_keeps_layers(make_napari_viewer, scan, tmp_path):
+    viewer = make_napari_viewer()
+    viewer.open(scan, plugin=PLUGIN)
+    before = [(layer.name, id(layer.data)) for layer in viewer.layers]
+    blob = Path(scan).read_bytes()
+    broken = tmp_path / "broken.nii.gz"
+    broken.write_bytes(blob[: len(blob) // 2])
+    with pytest.raises(Exception) as err:
+        viewer.open(str(broken), plugin=PLUGIN)
+    chain, exc = [], err.value
+    while exc is not None:
+        chain.append(exc)
+        exc = exc.__cause__
+    nifti = [e for e in chain if isinstance(e, NiftiError)]
+    assert nifti, chain
+    assert "broken.nii.gz" in str(nifti[0]) and "truncated or corrupt" in str(nifti[0])
+    assert [(layer.name, id(layer.data)) for layer in viewer.layers] == before
+
+
+def test_sample_data(make_napari_viewer):
+    viewer = make_napari_viewer()
+    layers = viewer.open_sample(PLUGIN, "colin27_deepgm")
+    kinds = sorted(type(layer).__name__ for layer in layers)
+    assert kinds == ["Image", "Labels"]
+    image, labels = viewer.layers["Colin27 T1"], viewer.layers["Colin27 deep GM labels"]
+    assert image.data.shape == labels.data.shape
+    np.testing.assert_allclose(image.scale, (1, 1, 1))
+    np.testing.assert_allclose(image.translate, labels.translate)
+    assert set(np.unique(labels.data)) == {0, 1, 2, 3, 4, 5, 6}
+    assert labels.metadata["medseg_label_names"][3] == "caudate"
+    # the labels cover grey matter of both hemispheres: voxels on both sides of x = 0 mm
+    xs = np.nonzero(labels.data)[2] * labels.scale[2] + labels.translate[2]
+    assert (xs < -5).sum() > 1000 and (xs > 5).sum() > 1000
+    phantom = viewer.open_sample(PLUGIN, "phantom")
+    assert sorted(type(layer).__name__ for layer in phantom) == ["Image", "Labels"]
+
+
+def test_screenshot_with_colin27_overlay(make_napari_viewer, tmp_path):
+    viewer = make_napari_viewer(show=True)  # a hidden canvas renders nothing under Xvfb
+    viewer.window.resize(1200, 800)
+    viewer.open_sample(PLUGIN, "colin27_deepgm")
+    labels = viewer.layers["Colin27 deep GM labels"]
+    viewer.dims.ndisplay = 2
+    z = int(np.argmax((labels.data > 0).sum(axis=(1, 2))))  # the axial slice with most labels
+    viewer.dims.set_point(0, z * labels.scale[0] + labels.translate[0])
+    viewer.camera.orientation2d = ("up", "right")  # anterior up, as radiology viewers show it
+    viewer.reset_view()
+    labels.visible = True
+    labels.opacity = 0.5
+    with_labels = viewer.screenshot(canvas_only=True, flash=False)
+    labels.visible = False
+    without = viewer.screenshot(canvas_only=True, flash=False)
+    labels.visible = True
+    changed = np.any(with_labels[..., :3] != without[..., :3], axis=-1)
+    assert changed.mean() > 0.02  # the overlay is drawn on the scan
+    gray = without[..., :3].astype(int)
+    assert (np.abs(gray[..., 0] - gray[..., 1]) < 3).mean() > 0.95  # the T1 alone is greyscale
+    if os.environ.get("MEDSEG_SCREENSHOTS") == "1":
+        DOCS.mkdir(exist_ok=True)
+        viewer.screenshot(path=str(DOCS / "screenshot_io.png"), canvas_only=False, flash=False)

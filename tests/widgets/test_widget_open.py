@@ -1,0 +1,67 @@
+"""Each widget opens through the npe2 manifest; the model library fills its tables."""
+
+from __future__ import annotations
+
+import pytest
+
+pytestmark = pytest.mark.gui
+
+WIDGETS = {
+    "Segment": "SegmentWidget",
+    "Train / Fine-tune": "TrainWidget",
+    "Model library": "ModelLibraryWidget",
+}
+
+
+@pytest.mark.parametrize("name", list(WIDGETS))
+def test_widget_opens_from_the_manifest(make_napari_viewer, qtbot, name):
+    viewer = make_napari_viewer()
+    dock, widget = viewer.window.add_plugin_dock_widget("napari-medseg", name)
+    assert type(widget).__name__ == WIDGETS[name]
+    assert widget.window() is viewer.window._qt_window  # docked in this viewer
+    if hasattr(widget, "_param_worker"):  # let the library's worker finish before the viewer closes
+        qtbot.waitUntil(lambda: widget._param_worker is None, timeout=60_000)
+
+
+def test_model_library_lists_models_and_checkpoints(make_napari_viewer, qtbot, tiny_checkpoint):
+    from napari_medseg.models import list_models
+    from napari_medseg.widgets._library import CKPT_COLUMNS, MODEL_COLUMNS, ModelLibraryWidget
+
+    tiny_checkpoint("library_test", num_classes=3)
+    viewer = make_napari_viewer()
+    widget = ModelLibraryWidget(viewer)
+    viewer.window.add_dock_widget(widget, name="Model library")
+    table = widget.models_table
+    names = [table.item(r, 0).text() for r in range(table.rowCount())]
+    assert names == list_models()
+    params = MODEL_COLUMNS.index("Parameters")
+    qtbot.waitUntil(lambda: all(table.item(r, params).text().endswith(" M") for r in range(table.rowCount())),
+                    timeout=60_000)
+    row = names.index("unet-3d-fullres")
+    assert table.item(row, MODEL_COLUMNS.index("Family")).text() == "nnunet"
+    assert table.item(row, MODEL_COLUMNS.index("Dims")).text() == "3D"
+    assert "10.1038" in table.item(row, MODEL_COLUMNS.index("Citation")).text()
+
+    ckpts = widget.ckpt_table
+    rows = [ckpts.item(r, 0).text() for r in range(ckpts.rowCount())]
+    assert "library_test" in rows
+    r = rows.index("library_test")
+    assert ckpts.item(r, CKPT_COLUMNS.index("Segments")).text() == "organ_1, organ_2"
+    assert ckpts.item(r, CKPT_COLUMNS.index("Source")).text() == "user"
+
+
+def test_model_library_measures_cpu_time(make_napari_viewer, qtbot, monkeypatch):
+    from napari_medseg.engine import catalog
+    from napari_medseg.widgets._library import MODEL_COLUMNS, ModelLibraryWidget
+
+    monkeypatch.setattr(catalog, "default_patch", lambda name, model=None: (16, 16, 16)
+                        if "3d" in name else (32, 32))  # keep the test fast
+    viewer = make_napari_viewer()
+    widget = ModelLibraryWidget(viewer)
+    qtbot.waitUntil(lambda: widget._param_worker is None, timeout=60_000)
+    widget.measure_button.click()
+    qtbot.waitUntil(lambda: widget._time_worker is None, timeout=120_000)
+    col = MODEL_COLUMNS.index("CPU s / patch")
+    texts = [widget.models_table.item(r, col).text() for r in range(widget.models_table.rowCount())]
+    assert all("(" in t and "error" not in t for t in texts), texts
+    assert catalog.cached_cpu_time("unet-3d-fullres")[1] == (16, 16, 16)

@@ -1,0 +1,160 @@
+"""Train / Fine-tune widget: real tiny trainings in a worker, curves, catalogue, partial labels."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+pytestmark = pytest.mark.gui
+
+
+def _train_widget(viewer):
+    from napari_medseg.widgets._train import TrainWidget
+
+    widget = TrainWidget(viewer)
+    viewer.window.add_dock_widget(widget, name="Train")
+    return widget
+
+
+def _tiny_settings(widget, tmp_path, epochs=2, iterations=2):
+    widget.epochs.setValue(epochs)
+    widget.iterations.setValue(iterations)
+    widget.batch.setValue(1)
+    widget.patch.setText("16,16,16")
+    widget.model_kwargs.setText('{"base_width": 4}')
+    widget.device.setCurrentText("cpu")
+    widget.output.setText(str(tmp_path / "run"))
+
+
+def test_train_on_layers_emits_a_listed_checkpoint(make_napari_viewer, qtbot, phantom, tmp_path):
+    from napari_medseg.engine.catalog import list_checkpoints
+    from napari_medseg.widgets._segment import SegmentWidget
+
+    viewer = make_napari_viewer()
+    image, labels = phantom
+    viewer.add_image(image, name="scan", scale=(2.0, 1.0, 1.0))
+    viewer.add_labels(labels, name="truth", scale=(2.0, 1.0, 1.0))
+    segment = SegmentWidget(viewer)  # already open: must list the new checkpoint by itself
+    widget = _train_widget(viewer)
+    assert widget.partial_key() == "all"
+    assert widget.labels.layer().name == "truth"
+    _tiny_settings(widget, tmp_path)
+    widget.train_button.click()
+    assert widget.running, widget.status.text()
+    qtbot.waitUntil(lambda: not widget.running, timeout=120_000)
+    assert widget.last_checkpoint and os.path.isfile(widget.last_checkpoint), widget.status.text()
+    assert widget.last_checkpoint.endswith("checkpoint_final.pt")
+
+    xs = widget.curves.loss_line.get_xdata()
+    ys = widget.curves.loss_line.get_ydata()
+    assert list(xs) == [1, 2] and np.all(np.isfinite(ys))
+    assert widget.curves.dice_lines and all(len(line.get_ydata()) == 2 for line in widget.curves.dice_lines.values())
+
+    real = os.path.realpath(widget.last_checkpoint)
+    assert any(i.path == real for i in list_checkpoints())
+    assert segment.checkpoints.combo.findData(real) >= 0
+    assert widget.last_config.model_kwargs == {"base_width": 4}
+    assert widget.last_config.patch_size == (16, 16, 16)
+
+
+def test_stop_saves_and_resume_continues(make_napari_viewer, qtbot, phantom, tmp_path):
+    from napari_medseg.engine.checkpoint import load_checkpoint
+    from napari_medseg.engine.events import EpochEnd, Progress
+
+    viewer = make_napari_viewer()
+    image, labels = phantom
+    viewer.add_image(image, name="scan")
+    viewer.add_labels(labels, name="truth")
+    widget = _train_widget(viewer)
+    _tiny_settings(widget, tmp_path, epochs=3, iterations=4)
+
+    def in_second_epoch():
+        seen = widget.events_seen
+        ends = [e for e in seen if isinstance(e, EpochEnd)]
+        return bool(ends) and isinstance(seen[-1], Progress) and seen[-1].stage == "train"
+
+    widget.train_button.click()
+    qtbot.waitUntil(in_second_epoch, timeout=120_000)
+    widget.stop_button.click()
+    qtbot.waitUntil(lambda: not widget.running, timeout=30_000)
+    latest = tmp_path / "run" / "checkpoint_latest.pt"
+    assert latest.is_file(), widget.status.text()
+    assert "Stopped" in widget.status.text()
+    assert widget.resume_button.isEnabled()
+    assert load_checkpoint(latest).epoch == 0
+
+    widget.resume_button.click()
+    qtbot.waitUntil(lambda: not widget.running, timeout=120_000)
+    assert widget.last_checkpoint.endswith("checkpoint_final.pt"), widget.status.text()
+    assert list(widget.curves.loss_line.get_xdata()) == [1, 2, 3]
+    assert load_checkpoint(widget.last_checkpoint).epoch == 2
+
+
+def test_partial_labels_only_painted_voxels_count(make_napari_viewer, qtbot, phantom, tiny_checkpoint, tmp_path):
+    from napari_medseg.engine.checkpoint import load_checkpoint
+    from napari_medseg.widgets._partial import tracker_for
+
+    viewer = make_napari_viewer()
+    image, truth = phantom
+    viewer.add_image(image, name="scan")
+    predicted = viewer.add_labels(np.zeros_like(truth), name="scan segmentation")  # "the model found nothing"
+    init = tiny_checkpoint("start")
+    widget = _train_widget(viewer)
+    widget.labels.set_layer(predicted)
+    tracker = tracker_for(predicted, viewer)
+
+    # The user corrects slice 8: paints label 1 with a big brush in the 2D view.
+    z = int(np.argmax(truth.reshape(truth.shape[0], -1).sum(1)))
+    viewer.dims.set_point(0, z)
+    predicted.brush_size = 9
+    predicted.paint((z, 16, 16), 1)
+    painted = np.argwhere(predicted.data == 1)
+    assert len(painted) > 10 and set(painted[:, 0]) == {z}
+    assert tracker.painted_slices() == {0: [z]}
+
+    widget.start_from.setCurrentIndex(1)
+    idx = widget.checkpoints.combo.findData(os.path.realpath(init))
+    widget.checkpoints.combo.setCurrentIndex(idx)
+    assert not widget.architecture.isEnabled()  # the checkpoint defines the architecture
+    widget.partial_mode.setCurrentIndex(widget.partial_mode.findData("voxels"))
+    qtbot.waitUntil(lambda: "painted voxels" in widget.partial_summary.text(), timeout=2000)
+    assert f"{len(painted):,} painted voxels on 1 slice" in widget.partial_summary.text()
+    _tiny_settings(widget, tmp_path, epochs=1, iterations=3)
+    widget.model_kwargs.setText("")
+    widget.train_button.click()
+    assert widget.running, widget.status.text()
+
+    sent = widget.last_training_labels
+    ignore = 2  # num_classes of the checkpoint
+    assert widget.last_config.ignore_label == ignore
+    assert widget.last_config.init_checkpoint == os.path.realpath(init)
+    counted = sent != ignore
+    np.testing.assert_array_equal(counted, predicted.data == 1)
+    assert np.all(sent[counted] == 1)
+
+    qtbot.waitUntil(lambda: not widget.running, timeout=120_000)
+    assert widget.last_checkpoint and widget.last_checkpoint.endswith("checkpoint_final.pt"), widget.status.text()
+    before, after = load_checkpoint(init).state_dict, load_checkpoint(widget.last_checkpoint).state_dict
+    assert before.keys() == after.keys()  # the checkpoint's architecture, rebuilt exactly
+    assert any(not torch.equal(before[k], after[k]) for k in before if before[k].is_floating_point())
+
+    # "painted slices": the whole corrected slice counts, nothing else.
+    labels, counted = tracker.training_labels("slices", ignore)
+    assert counted[z].all() and not counted[np.arange(truth.shape[0]) != z].any()
+    assert set(np.unique(labels[z])) == {0, 1}
+
+
+def test_partial_mode_needs_a_checkpoint(make_napari_viewer, phantom, tmp_path):
+    viewer = make_napari_viewer()
+    viewer.add_image(phantom[0], name="scan")
+    layer = viewer.add_labels(np.zeros_like(phantom[1]), name="edits")
+    widget = _train_widget(viewer)
+    widget.labels.set_layer(layer)
+    widget.partial_mode.setCurrentIndex(widget.partial_mode.findData("slices"))
+    _tiny_settings(widget, tmp_path)
+    widget.train_button.click()
+    assert not widget.running
+    assert "checkpoint to fine-tune" in widget.status.text()
