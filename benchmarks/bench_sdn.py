@@ -8,7 +8,8 @@ Run on demand (not a test)::
    swept line for all batch items and all positions on the line, the hidden-state terms of every
    position in one matmul up front) against a straightforward loop over lines and positions
    (one cell call per position, batch items stacked), on batch 4, S = 150, 32x32. Both use the same
-   weights; the outputs are checked equal before timing. Prints the speed-up.
+   weights; the outputs are checked equal before timing. Prints the speed-up (and the same for
+   S = 16, where per-call overhead rather than arithmetic dominates).
 2. CPU forward time (eval, no grad, batch 1) of each model at its default configuration on a
    typical input: rkseg-l / rkseg-r on the MSD Hippocampus plans (2D 56x40, 3 pools of (2, 2);
    3D 40x56x40, 3 pools of (2, 2, 2)), sdn-unet / sdn-unetpp on 128x128.
@@ -41,14 +42,20 @@ def loop_sweep(states: torch.Tensor, sweep: SDNSweep) -> torch.Tensor:
     for line in lines:
         prev = cells[line - 1] if forward else cells[line + 1]
         for pos in range(n_pos):
-            x3 = torch.cat([prev[pos - 1] if pos > 0 else zero, prev[pos],
-                            prev[pos + 1] if pos + 1 < n_pos else zero], dim=1)
+            x3 = torch.cat(
+                [
+                    prev[pos - 1] if pos > 0 else zero,
+                    prev[pos],
+                    prev[pos + 1] if pos + 1 < n_pos else zero,
+                ],
+                dim=1,
+            )
             h = cells[line][pos]
             gi = torch.addmm(sweep.bias_ih, x3, sweep.weight_ih.t())
             gh = torch.addmm(sweep.bias_hh, h, sweep.weight_hh.t())
             r = torch.sigmoid(gi[:, :s] + gh[:, :s])
-            z = torch.sigmoid(gi[:, s:2 * s] + gh[:, s:2 * s])
-            n = torch.tanh(gi[:, 2 * s:] + r * gh[:, 2 * s:])
+            z = torch.sigmoid(gi[:, s : 2 * s] + gh[:, s : 2 * s])
+            n = torch.tanh(gi[:, 2 * s :] + r * gh[:, 2 * s :])
             cells[line][pos] = z * n + (1 - z) * h
     out = torch.stack([torch.stack(line, dim=1) for line in cells])  # (L, B, N, S)
     return out.permute(1, 3, 2, 0) if columns else out.permute(1, 3, 0, 2)
@@ -64,9 +71,9 @@ def _time(fn: Callable[[], object], repeats: int) -> float:
     return statistics.median(times)
 
 
-def bench_sweep(repeats: int) -> None:
+def bench_sweep(repeats: int, state_size: int = 150, with_layer: bool = True) -> None:
     torch.manual_seed(0)
-    layer = SDN(32, 32, state_size=150, directions=(0, 2)).eval()
+    layer = SDN(32, 32, state_size=state_size, directions=(0, 2)).eval()
     x = torch.randn(4, 32, 32, 32)
     with torch.no_grad():
         h = torch.tanh(layer.project_in(x))
@@ -86,9 +93,11 @@ def bench_sweep(repeats: int) -> None:
         diff = (fast() - slow()).abs().max().item()
         t_fast, t_slow = _time(fast, repeats), _time(slow, max(1, repeats // 2))
         t_layer = _time(lambda: layer(x), repeats)
-    print(f"SDN sweeps [0, 2], batch 4, S 150, 32x32 (max |diff| {diff:.1e}):")
+    print(f"SDN sweeps [0, 2], batch 4, S {state_size}, 32x32 (max |diff| {diff:.1e}):")
     print(f"  per-position loop  {t_slow * 1e3:9.1f} ms")
     print(f"  vectorised         {t_fast * 1e3:9.1f} ms   speed-up x{t_slow / t_fast:.1f}")
+    if not with_layer:
+        return
     print(f"  whole SDN layer (project in, 2 sweeps, project out) {t_layer * 1e3:.1f} ms")
     xg = x.clone()
     t_fb = _time(lambda: layer(xg).sum().backward(), repeats)
@@ -116,8 +125,10 @@ def bench_models(repeats: int) -> None:
         with torch.no_grad():
             t = _time(lambda model=model, x=x: model(x), repeats)
         size = "x".join(map(str, shape))
-        print(f"  {name:11s} {dims}D {size:9s} {note:20s} {count_parameters(model):>11,d} params"
-              f"  {t * 1e3:9.1f} ms")
+        print(
+            f"  {name:11s} {dims}D {size:9s} {note:20s} {count_parameters(model):>11,d} params"
+            f"  {t * 1e3:9.1f} ms"
+        )
 
 
 def main() -> None:
@@ -129,6 +140,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     bench_sweep(args.repeats)
+    bench_sweep(args.repeats, state_size=16, with_layer=False)  # overhead-bound regime
     bench_models(args.repeats)
 
 

@@ -347,11 +347,16 @@ def cached_cpu_time(model_name: str) -> tuple[float, tuple[int, ...]] | None:
     return None
 
 
-def measure_cpu_time(model_name: str, repeats: int = 1) -> tuple[float, tuple[int, ...]]:
+def measure_cpu_time(model_name: str, repeats: int = 1, warmup: bool = False) -> tuple[float, tuple[int, ...]]:
     """Time one forward pass over the default patch on the CPU; cache it in the user folder.
 
+    Args:
+        model_name: Registry name.
+        repeats: Timed passes; the best is kept.
+        warmup: Run one untimed pass first (a 128^3 pass takes tens of seconds on a small CPU).
+
     Returns:
-        ``(seconds, patch)``: the best of ``repeats`` runs after one warm-up.
+        ``(seconds, patch)``.
     """
     import torch
 
@@ -364,7 +369,8 @@ def measure_cpu_time(model_name: str, repeats: int = 1) -> tuple[float, tuple[in
     x = torch.randn(1, spec.network_in_channels(1, 2), *patch)
     best = float("inf")
     with torch.inference_mode():
-        model(x)
+        if warmup:
+            model(x)
         for _ in range(max(1, repeats)):
             t0 = time.perf_counter()
             model(x)

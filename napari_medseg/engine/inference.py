@@ -443,6 +443,8 @@ def predict(
                 probs = torch.softmax(logits, dim=0)
                 group_sum = probs if group_sum is None else group_sum.add_(probs)
             del model, logits, probs
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
         with torch.inference_mode():
             group_mean = (group_sum / len(members)).cpu().numpy()
         del group_sum, tensor

@@ -110,10 +110,19 @@ def _architecture_kwargs(model_name: str, plan: Plan, config: TrainConfig) -> di
     spec = get_model_spec(model_name)
     accepted = set(accepted_kwargs(model_name))
     kwargs: dict[str, Any] = {}
-    if spec.configurable_by_plan:
+    source = config.resume or config.init_checkpoint
+    if source:
+        # Resuming or fine-tuning keeps the checkpoint's architecture; the user's kwargs still win.
+        ckpt = load_checkpoint(source)
+        if ckpt.model_name != model_name:
+            raise TrainingError(
+                f"The checkpoint {source} holds a {ckpt.model_name!r} model; the run asks for {model_name!r}."
+            )
+        kwargs.update(ckpt.model_kwargs)
+    elif spec.configurable_by_plan:
         kwargs["pool_kernels"] = [list(k) for k in plan.pool_kernels]
         kwargs["conv_kernels"] = [list(k) for k in plan.conv_kernels]
-    if "deep_supervision" in accepted:
+    if "deep_supervision" in accepted and not config.resume:
         kwargs["deep_supervision"] = bool(config.deep_supervision)
     kwargs.update(config.model_kwargs)
     return kwargs
@@ -417,10 +426,6 @@ class Trainer:
             self.messages.append(f"Resumed from {cfg.resume} at epoch {self.start_epoch}.")
         elif cfg.init_checkpoint:
             ckpt = load_checkpoint(cfg.init_checkpoint, map_location="cpu")
-            if ckpt.model_name != cfg.model:
-                raise TrainingError(
-                    f"The checkpoint holds a {ckpt.model_name!r} model; the run asks for {cfg.model!r}."
-                )
             skipped = load_weights_for_finetune(self.model, ckpt)
             msg = f"Fine-tuning from {cfg.init_checkpoint}"
             if skipped:

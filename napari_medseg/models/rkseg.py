@@ -35,10 +35,11 @@ def _two_convs(cin: int, cout: int, dims: int, kernel: Sequence[int]) -> nn.Sequ
 class RKSeg(nn.Module):
     """RKSeg-L / RKSeg-R with one width ``C`` at every stage (Zhu et al., Bioengineering 2023).
 
-    Every conv unit is conv (plan kernel, same padding, bias) -> InstanceNorm (affine, eps 1e-5) ->
-    LeakyReLU(0.01); downsampling is max-pooling with the plan's per-axis kernels, upsampling is
-    parameter-free (bi/tri)linear interpolation with ``align_corners=False``, and the head is a 1x1
-    conv ``C -> num_classes`` without bias. No dropout, no deep supervision. He init (a = 0.01).
+    Every conv unit is conv (plan kernel, padding ``k // 2``: 1 for kernel 3, 0 for 1, bias) ->
+    InstanceNorm (affine, eps 1e-5) -> LeakyReLU(0.01); downsampling is max-pooling with the
+    plan's per-axis kernels, upsampling is parameter-free (bi/tri)linear interpolation with
+    ``align_corners=False``, and the head is a 1x1 conv ``C -> num_classes`` without bias. No
+    dropout, no deep supervision. He init (a = 0.01).
 
     * ``variant="L"`` (RK stages in the encoder): stage 0 is 2 convs ``in -> C``. Stage ``k``
       (``k = 1..n``, stage ``n`` being the bottleneck) takes the concatenation, in the order
@@ -46,9 +47,9 @@ class RKSeg(nn.Module):
       down to level ``k`` (``k*C`` channels) and applies 2 convs ``k*C -> C -> C``. Every stage
       ``k >= 1`` is interpolated to full resolution in one step and summed with stage 0; 2 convs
       ``C -> C -> C`` and the head follow.
-    * ``variant="R"`` (RK stages in the decoder): stage 0 (``y0``) is 2 convs ``in -> C``, max-pooled
-      ``n`` times without convs; a 2-conv bottleneck at the lowest level. Decoder step ``u``
-      (``u = 0..n-1``) upsamples the previous output one level and concatenates
+    * ``variant="R"`` (RK stages in the decoder): stage 0 (``y0``) is 2 convs ``in -> C``,
+      max-pooled ``n`` times without convs; a 2-conv bottleneck at the lowest level. Decoder step
+      ``u`` (``u = 0..n-1``) upsamples the previous output one level and concatenates
       ``[upsampled output, y0 at this level, earlier decoder inputs (bottleneck first), each
       re-upsampled one level at a time]`` (``C*(u+2)`` channels) before 2 convs ``-> C -> C``; the
       final, full-resolution step sums these tensors instead (``C`` channels).
@@ -58,9 +59,9 @@ class RKSeg(nn.Module):
 
     Kernels: each conv uses the plan kernel of the resolution it runs at (stage ``k``:
     ``conv_kernels[k]``; the full-resolution output convs of RKSeg-L: ``conv_kernels[0]``; decoder
-    step ``u`` of RKSeg-R: ``conv_kernels[n-1-u]``), as the nnU-Net U-Nets here do. The authors' code
-    inherits nnU-Net v1's indexing (kernel of the level one deeper) for those decoder/output convs;
-    this differs only for anisotropic plans whose kernels change between levels.
+    step ``u`` of RKSeg-R: ``conv_kernels[n-1-u]``), as the nnU-Net U-Nets here do. The authors'
+    code inherits nnU-Net v1's indexing (kernel of the level one deeper) for those decoder/output
+    convs; this differs only for anisotropic plans whose kernels change between levels.
 
     Args:
         in_channels: Input channels.

@@ -8,7 +8,6 @@ from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 from qtpy.QtCore import QObject, Qt, Signal
 from qtpy.QtGui import QStandardItem, QStandardItemModel
 from qtpy.QtWidgets import (
@@ -17,8 +16,8 @@ from qtpy.QtWidgets import (
     QHBoxLayout,
     QLabel,
     QPushButton,
+    QSizePolicy,
     QToolButton,
-    QVBoxLayout,
     QWidget,
 )
 
@@ -48,6 +47,24 @@ def catalog_events() -> _CatalogEvents:
 
 
 # ---------------------------------------------------------------------------------- messages
+def status_label() -> QLabel:
+    """A word-wrapping label that never forces its dock wider (long paths are clipped)."""
+    label = QLabel()
+    label.setWordWrap(True)
+    label.setSizePolicy(QSizePolicy.Ignored, QSizePolicy.Preferred)
+    label.setMinimumWidth(50)
+    label.setTextInteractionFlags(Qt.TextSelectableByMouse)
+    return label
+
+
+def short_path(path: str | None, parts: int = 2) -> str:
+    """The last ``parts`` components of a path (status lines), ``…/`` in front when cut."""
+    if not path:
+        return ""
+    pieces = str(path).replace("\\", "/").rstrip("/").split("/")
+    return ("…/" if len(pieces) > parts else "") + "/".join(pieces[-parts:])
+
+
 def show_status(label: QLabel, text: str, error: bool = False) -> None:
     """Put ``text`` in a status label, red for errors; errors also go to napari's notifications."""
     label.setText(text)
@@ -346,202 +363,3 @@ class CheckpointPicker(QWidget):
 
     def infos(self) -> list:
         return list(self._infos.values())
-
-
-# ------------------------------------------------------------------------------------- layers
-class LayerCombo(QComboBox):
-    """The viewer's layers of one type, kept in sync with the layer list."""
-
-    def __init__(self, viewer, layer_type: type, parent: QWidget | None = None, optional: bool = False):
-        super().__init__(parent)
-        self._viewer = viewer
-        self._type = layer_type
-        self._optional = optional
-        self.setSizeAdjustPolicy(QComboBox.AdjustToMinimumContentsLengthWithIcon)
-        self.setMinimumContentsLength(14)
-        for ev in (viewer.layers.events.inserted, viewer.layers.events.removed,
-                   viewer.layers.events.moved):
-            ev.connect(self.refresh)
-        viewer.layers.events.inserted.connect(self._watch_name)
-        for layer in viewer.layers:
-            layer.events.name.connect(self.refresh)
-        self.refresh()
-
-    def _watch_name(self, event) -> None:
-        event.value.events.name.connect(self.refresh)
-
-    def refresh(self, *_args) -> None:
-        current = self.layer()
-        self.blockSignals(True)
-        self.clear()
-        if self._optional:
-            self.addItem("(none)", None)
-        for layer in self._viewer.layers:
-            if isinstance(layer, self._type):
-                self.addItem(layer.name, layer)
-        idx = self.findData(current) if current is not None else -1
-        if idx < 0 and not self._optional and self.count():
-            idx = self.count() - 1  # the newest layer
-        self.setCurrentIndex(max(idx, 0))
-        self.blockSignals(False)
-        self.currentIndexChanged.emit(self.currentIndex())
-
-    def layer(self):
-        return self.currentData() if self.count() else None
-
-    def set_layer(self, layer) -> None:
-        idx = self.findData(layer)
-        if idx >= 0:
-            self.setCurrentIndex(idx)
-
-
-class ChannelPicker(QWidget):
-    """One image layer per channel ("+" adds a channel), or one stacked ``(C, z, y, x)`` layer.
-
-    napari opens a multi-channel scan as one layer per channel: pick them here in channel order.
-    A 4-D image layer counts as channels-first ``(C, z, y, x)``.
-    """
-
-    changed = Signal()
-
-    def __init__(self, viewer, parent: QWidget | None = None):
-        super().__init__(parent)
-        from napari.layers import Image
-
-        self._viewer = viewer
-        self._image_type = Image
-        self._rows: list[LayerCombo] = []
-        self._box = QVBoxLayout()
-        self._box.setContentsMargins(0, 0, 0, 0)
-        self._box.setSpacing(2)
-        self.add_button = QToolButton()
-        self.add_button.setText("+")
-        self.add_button.setToolTip("Add a channel: pick one image layer per channel, in the model's order")
-        self.remove_button = QToolButton()
-        self.remove_button.setText("−")
-        self.remove_button.setToolTip("Remove the last channel")
-        buttons = QHBoxLayout()
-        buttons.setContentsMargins(0, 0, 0, 0)
-        buttons.addWidget(self.add_button)
-        buttons.addWidget(self.remove_button)
-        buttons.addStretch(1)
-        outer = QVBoxLayout(self)
-        outer.setContentsMargins(0, 0, 0, 0)
-        outer.setSpacing(2)
-        outer.addLayout(self._box)
-        outer.addLayout(buttons)
-        self.add_button.clicked.connect(self.add_channel)
-        self.remove_button.clicked.connect(self.remove_channel)
-        self.add_channel()
-
-    def add_channel(self) -> LayerCombo:
-        combo = LayerCombo(self._viewer, self._image_type)
-        combo.currentIndexChanged.connect(lambda _i: self.changed.emit())
-        self._rows.append(combo)
-        self._box.addWidget(combo)
-        self.remove_button.setEnabled(len(self._rows) > 1)
-        self.changed.emit()
-        return combo
-
-    def remove_channel(self) -> None:
-        if len(self._rows) > 1:
-            combo = self._rows.pop()
-            combo.setParent(None)
-            combo.deleteLater()
-        self.remove_button.setEnabled(len(self._rows) > 1)
-        self.changed.emit()
-
-    @property
-    def combos(self) -> list[LayerCombo]:
-        return list(self._rows)
-
-    def layers(self) -> list:
-        return [c.layer() for c in self._rows if c.layer() is not None]
-
-    def set_layers(self, layers: list) -> None:
-        while len(self._rows) < len(layers):
-            self.add_channel()
-        while len(self._rows) > len(layers) > 0:
-            self.remove_channel()
-        for combo, layer in zip(self._rows, layers):
-            combo.set_layer(layer)
-
-
-@dataclass
-class ImageInput:
-    """Image layers resolved to what the engine takes.
-
-    Attributes:
-        layers: The chosen layers (the first gives the geometry).
-        num_channels: Channels.
-        spatial_shape: Spatial shape, napari order.
-        spacing: Voxel size per spatial axis (the layer's scale), napari order.
-    """
-
-    layers: list
-    num_channels: int
-    spatial_shape: tuple[int, ...]
-    spacing: tuple[float, ...]
-
-    @property
-    def reference(self):
-        return self.layers[0]
-
-    @property
-    def spatial_dims(self) -> int:
-        return len(self.spatial_shape)
-
-    @property
-    def stacked(self) -> bool:
-        return len(self.layers) == 1 and self.layers[0].ndim == 4
-
-    def array(self) -> np.ndarray:
-        """``(C, *spatial)`` float32 (reads the layer data: call it in the worker)."""
-        if self.stacked:
-            return np.asarray(self.layers[0].data, dtype=np.float32)
-        return np.stack([np.asarray(layer.data, dtype=np.float32) for layer in self.layers])
-
-    def spatial_transform(self) -> dict:
-        """``scale``, ``translate`` and ``affine`` of the spatial axes, for result layers."""
-        ref = self.reference
-        n = self.spatial_dims
-        matrix = np.asarray(ref.affine.affine_matrix)[-(n + 1):, -(n + 1):]
-        return {
-            "scale": tuple(float(s) for s in ref.scale[-n:]),
-            "translate": tuple(float(t) for t in ref.translate[-n:]),
-            "affine": matrix,
-        }
-
-
-class InputError(ValueError):
-    """The chosen layers cannot be used (shown to the user as is)."""
-
-
-def resolve_image_input(layers: list) -> ImageInput:
-    """Check the chosen image layers and describe them.
-
-    Raises:
-        InputError: no layer, RGB, mismatched shapes, or not 2D/3D.
-    """
-    if not layers:
-        raise InputError("Choose an image layer (open a scan or a sample first).")
-    for layer in layers:
-        if getattr(layer, "rgb", False):
-            raise InputError(f"Layer {layer.name!r} is RGB; medical scans must be greyscale layers.")
-        if getattr(layer, "multiscale", False):
-            raise InputError(f"Layer {layer.name!r} is multiscale; use a single-resolution layer.")
-    ref = layers[0]
-    if len(layers) == 1 and ref.ndim == 4:
-        channels, shape = int(ref.data.shape[0]), tuple(int(s) for s in ref.data.shape[1:])
-    else:
-        shapes = {tuple(int(s) for s in layer.data.shape) for layer in layers}
-        if len(shapes) > 1:
-            raise InputError(f"The channel layers differ in shape: {sorted(shapes)}.")
-        shape = shapes.pop()
-        channels = len(layers)
-        if len(shape) == 4:
-            raise InputError("A 4-D layer must be the only channel entry (it is read as C, z, y, x).")
-    if len(shape) not in (2, 3):
-        raise InputError(f"Layer {ref.name!r} has {len(shape)} spatial axes; images must be 2D or 3D.")
-    spacing = tuple(abs(float(s)) for s in ref.scale[-len(shape):])
-    return ImageInput(list(layers), channels, shape, spacing)

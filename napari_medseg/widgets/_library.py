@@ -56,7 +56,6 @@ class ModelLibraryWidget(QWidget):
         self.ckpt_table.setHorizontalHeaderLabels(CKPT_COLUMNS)
         for table in (self.models_table, self.ckpt_table):
             table.setSelectionBehavior(QAbstractItemView.SelectRows)
-            table.setAlternatingRowColors(True)
             table.verticalHeader().setVisible(False)
             table.setWordWrap(False)
             header = table.horizontalHeader()

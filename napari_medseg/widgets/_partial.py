@@ -73,8 +73,9 @@ class EditTracker:
         return self._layer_ref()
 
     def on_change(self, callback: Callable[[], None]) -> None:
-        """Call ``callback()`` after every recorded edit or reset."""
-        self._callbacks.append(callback)
+        """Call ``callback()`` after every recorded edit or reset (once per callback)."""
+        if callback not in self._callbacks:
+            self._callbacks.append(callback)
 
     def _notify(self) -> None:
         for cb in list(getattr(self, "_callbacks", [])):
@@ -191,7 +192,7 @@ class EditTracker:
         )
 
 
-_TRACKERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_TRACKERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def tracker_for(layer, viewer=None, create: bool = True) -> EditTracker | None:

@@ -6,6 +6,7 @@ import math
 
 from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 _DARK = "#262930"  # napari's dark theme background
 _FG = "#d6d6d6"
@@ -24,7 +25,7 @@ class TrainingCurves(FigureCanvasQTAgg):
         self.figure = Figure(figsize=(4.0, 3.2), dpi=90, facecolor=_DARK, layout="constrained")
         super().__init__(self.figure)
         self.setParent(parent)
-        self.setMinimumHeight(260)
+        self.setMinimumHeight(300)
         self.ax_loss = self.figure.add_subplot(2, 1, 1)
         self.ax_dice = self.figure.add_subplot(2, 1, 2, sharex=self.ax_loss)
         for ax, title in ((self.ax_loss, "loss"), (self.ax_dice, "validation Dice")):
@@ -35,6 +36,7 @@ class TrainingCurves(FigureCanvasQTAgg):
             for spine in ax.spines.values():
                 spine.set_color("#5a5f6b")
         self.ax_dice.set_xlabel("epoch", color=_FG, fontsize=8)
+        self.ax_dice.xaxis.set_major_locator(MaxNLocator(integer=True))
         self.ax_dice.set_ylim(0, 1)
         (self.loss_line,) = self.ax_loss.plot([], [], "-o", ms=3, color="#4fc3f7", label="train")
         (self.val_loss_line,) = self.ax_loss.plot([], [], "-o", ms=3, color="#ffb74d", label="validation")

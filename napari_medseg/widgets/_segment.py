@@ -20,7 +20,6 @@ from qtpy.QtWidgets import (
     QFormLayout,
     QGroupBox,
     QHBoxLayout,
-    QLabel,
     QProgressBar,
     QPushButton,
     QSpinBox,
@@ -30,18 +29,17 @@ from qtpy.QtWidgets import (
 
 from ._common import (
     CheckpointPicker,
-    ChannelPicker,
     DeviceCombo,
-    InputError,
-    LayerCombo,
     ModelCombo,
     ProgressRelay,
     Stopped,
     describe_checkpoint,
-    resolve_image_input,
+    short_path,
     show_status,
     start_engine_worker,
+    status_label,
 )
+from ._layers import ChannelPicker, InputError, LayerCombo, resolve_image_input
 
 logger = logging.getLogger(__name__)
 
@@ -74,8 +72,7 @@ class SegmentWidget(QWidget):
         self.architecture = ModelCombo(any_text="All architectures")
         self.architecture.setToolTip("Filters the checkpoint list; a checkpoint defines its architecture.")
         self.checkpoints = CheckpointPicker()
-        self.model_info = QLabel()
-        self.model_info.setWordWrap(True)
+        self.model_info = status_label()
         # --- options
         self.device = DeviceCombo()
         self.mirror = QCheckBox("Mirroring test-time augmentation")
@@ -99,11 +96,9 @@ class SegmentWidget(QWidget):
         self.progress_bar = QProgressBar()
         self.progress_bar.setFormat("%v / %m tiles")
         self.progress_bar.setValue(0)
-        self.status = QLabel("")
-        self.status.setWordWrap(True)
+        self.status = status_label()
         # --- result
-        self.legend = QLabel()
-        self.legend.setWordWrap(True)
+        self.legend = status_label()
         self.save_layer = LayerCombo(self.viewer, Labels)
         self.save_button = QPushButton("Save...")
         self.save_button.setToolTip("Save the labels as NIfTI with the source scan's geometry")
@@ -364,5 +359,6 @@ class SegmentWidget(QWidget):
         except Exception as err:  # noqa: BLE001 - shown to the user
             show_status(self.status, f"Could not save {path}: {err}", error=True)
             return []
-        show_status(self.status, f"Saved {layer.name!r} to {written[0]}")
+        show_status(self.status, f"Saved {layer.name!r} to {short_path(written[0], 3)}")
+        self.status.setToolTip(written[0])
         return written

@@ -14,7 +14,7 @@ import logging
 import os
 import time
 
-from qtpy.QtCore import QTimer
+from qtpy.QtCore import Qt, QTimer
 from qtpy.QtWidgets import (
     QButtonGroup,
     QComboBox,
@@ -23,7 +23,6 @@ from qtpy.QtWidgets import (
     QFormLayout,
     QGroupBox,
     QHBoxLayout,
-    QLabel,
     QLineEdit,
     QPlainTextEdit,
     QProgressBar,
@@ -37,18 +36,17 @@ from qtpy.QtWidgets import (
 
 from ._common import (
     CheckpointPicker,
-    ChannelPicker,
     DeviceCombo,
-    InputError,
-    LayerCombo,
     ModelCombo,
     ProgressRelay,
     Stopped,
     catalog_events,
-    resolve_image_input,
+    short_path,
     show_status,
     start_engine_worker,
+    status_label,
 )
+from ._layers import ChannelPicker, InputError, LayerCombo, resolve_image_input
 from ._partial import MODES, tracker_for
 from ._plots import TrainingCurves
 
@@ -94,7 +92,7 @@ class TrainWidget(QWidget):
         self.folder_button = QPushButton("Browse...")
         # --- model
         self.architecture = ModelCombo()
-        self.configuration = QLabel()
+        self.configuration = status_label()
         self.start_from = QComboBox()
         self.start_from.addItems(["From scratch", "Fine-tune a checkpoint"])
         self.checkpoints = CheckpointPicker()
@@ -125,8 +123,7 @@ class TrainWidget(QWidget):
         self.partial_mode = QComboBox()
         for key, text in MODES.items():
             self.partial_mode.addItem(text, key)
-        self.partial_summary = QLabel()
-        self.partial_summary.setWordWrap(True)
+        self.partial_summary = status_label()
         self.partial_reset = QPushButton("Forget edits (new baseline)")
         # --- run
         self.train_button = QPushButton("Train")
@@ -137,8 +134,7 @@ class TrainWidget(QWidget):
         self.stop_button.setToolTip("Stop within one iteration; checkpoint_latest.pt is saved")
         self.progress_bar = QProgressBar()
         self.progress_bar.setValue(0)
-        self.status = QLabel()
-        self.status.setWordWrap(True)
+        self.status = status_label()
         self.curves = TrainingCurves()
         self.log = QPlainTextEdit()
         self.log.setReadOnly(True)
@@ -212,12 +208,13 @@ class TrainWidget(QWidget):
         layout.addWidget(self.curves)
         layout.addWidget(self.log)
         layout.addStretch(1)
-        scroll = QScrollArea()
-        scroll.setWidgetResizable(True)
-        scroll.setWidget(inner)
+        self.scroll = QScrollArea()
+        self.scroll.setWidgetResizable(True)
+        self.scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarAlwaysOff)
+        self.scroll.setWidget(inner)
         outer = QVBoxLayout(self)
         outer.setContentsMargins(0, 0, 0, 0)
-        outer.addWidget(scroll)
+        outer.addWidget(self.scroll)
 
     def _connect(self) -> None:
         self.source_layers.toggled.connect(self._on_source)
@@ -463,7 +460,9 @@ class TrainWidget(QWidget):
         self.train_button.setEnabled(False)
         self.resume_button.setEnabled(False)
         self.stop_button.setEnabled(True)
-        show_status(self.status, f"{'Resuming' if resume_from else 'Training'} {config.model} on {desc} → {config.output_dir}")
+        show_status(self.status, f"{'Resuming' if resume_from else 'Training'} {config.model} on {desc} → "
+                    f"{short_path(config.output_dir, 1)}")
+        self.status.setToolTip(config.output_dir)
         self._log(f"Output: {config.output_dir}")
         self.worker, self._stop = start_engine_worker(
             make_gen, on_yield=self._on_event, on_return=self._on_result, on_error=self._on_error,
@@ -520,11 +519,11 @@ class TrainWidget(QWidget):
             self.last_checkpoint = latest
             self._register(latest, stopped=True)
             self.resume_button.setEnabled(True)
-            show_status(self.status, f"Stopped. Saved {latest}; Resume continues it.")
+            show_status(self.status, f"Stopped. Saved {short_path(latest)}; Resume continues it.")
             return
         self.last_checkpoint = str(result)
         self._register(self.last_checkpoint, stopped=False)
-        show_status(self.status, f"Done: {self.last_checkpoint} (listed in the Segment widget).")
+        show_status(self.status, f"Done: {short_path(self.last_checkpoint)} (listed in the Segment widget).")
 
     def _register(self, path: str, stopped: bool) -> None:
         from napari_medseg.engine.catalog import register_checkpoint

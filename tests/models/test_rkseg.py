@@ -15,9 +15,20 @@ from napari_medseg.models.rkseg import RKSeg
 NAMES = ["rkseg-l", "rkseg-r"]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one intra-op thread is faster and immune to a busy CI machine."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 def spec_formula(cin: int, c: int, k: int, n: int, classes: int) -> int:
     """ARCHITECTURES.md section 2 (one kernel volume ``k`` in every stage)."""
-    return cin * c * k + c * c * k * (n * (n - 1) // 2 + 2 * n + 3) + 3 * c * (2 * n + 4) + c * classes
+    return (
+        cin * c * k + c * c * k * (n * (n - 1) // 2 + 2 * n + 3) + 3 * c * (2 * n + 4) + c * classes
+    )
 
 
 def per_conv_count(variant: str, cin: int, c: int, convs: list[list[int]], classes: int) -> int:
@@ -60,7 +71,9 @@ def test_parameter_count_equals_the_spec_formula(name, dims, pools, convs, k, ci
 
 @pytest.mark.parametrize("name", NAMES)
 def test_parameter_count_other_width_and_mixed_kernel_volumes(name):
-    net = create_model(name, 2, 3, 2, pool_kernels=[[2, 2]] * 4, conv_kernels=[[3, 3]] * 5, width=16)
+    net = create_model(
+        name, 2, 3, 2, pool_kernels=[[2, 2]] * 4, conv_kernels=[[3, 3]] * 5, width=16
+    )
     assert count_parameters(net) == spec_formula(2, 16, 9, 4, 3)
     # A real nnU-Net 3D plan mixes kernel volumes (9 and 27): the spec's single-k formula does not
     # apply, the conv-by-conv count (kernel of the level each conv runs at) does.
@@ -76,10 +89,13 @@ def test_default_configurations():
 
 
 @pytest.mark.parametrize("name", NAMES)
-@pytest.mark.parametrize("dims, pools, shape", [
-    (2, [[2, 2], [2, 1], [1, 2]], (12, 8)),
-    (3, [[1, 2, 2], [2, 2, 2]], (4, 8, 12)),
-])
+@pytest.mark.parametrize(
+    "dims, pools, shape",
+    [
+        (2, [[2, 2], [2, 1], [1, 2]], (12, 8)),
+        (3, [[1, 2, 2], [2, 2, 2]], (4, 8, 12)),
+    ],
+)
 def test_shapes_and_gradients(name, dims, pools, shape):
     convs = [[3] * dims for _ in range(len(pools) + 1)]
     net = create_model(name, 3, 4, dims, pool_kernels=pools, conv_kernels=convs, width=4).train()
@@ -100,7 +116,9 @@ def test_layers_init_and_no_learned_resampling(variant):
     kinds = {type(m) for m in net.modules()}
     assert not kinds & {nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Upsample, nn.Dropout3d}
     assert net.head.bias is None and net.head.kernel_size == (1, 1, 1)
-    assert all(m.affine and m.eps == 1e-5 for m in net.modules() if isinstance(m, nn.InstanceNorm3d))
+    assert all(
+        m.affine and m.eps == 1e-5 for m in net.modules() if isinstance(m, nn.InstanceNorm3d)
+    )
     assert all(m.negative_slope == 0.01 for m in net.modules() if isinstance(m, nn.LeakyReLU))
     assert all(isinstance(p, nn.MaxPool3d) for p in net.pools)
     convs = [m for m in net.modules() if isinstance(m, nn.Conv3d) and m is not net.head]
@@ -112,7 +130,9 @@ def _capture(modules):
     """Forward hooks recording each module's (input, output)."""
     seen = {}
     for key, m in modules.items():
-        m.register_forward_hook(lambda mod, args, out, key=key: seen.__setitem__(key, (args[0], out)))
+        m.register_forward_hook(
+            lambda mod, args, out, key=key: seen.__setitem__(key, (args[0], out))
+        )
     return seen
 
 
@@ -121,8 +141,13 @@ def test_rkseg_l_concatenation_order_and_sum():
     c = 4
     net = RKSeg(2, 3, 2, "L", pools, width=c).eval()
     assert [s[0][0].in_channels for s in net.stages] == [c, 2 * c, 3 * c]
-    seen = _capture({"stem": net.stem, "out": net.out_convs,
-                     **{f"s{k + 1}": s for k, s in enumerate(net.stages)}})
+    seen = _capture(
+        {
+            "stem": net.stem,
+            "out": net.out_convs,
+            **{f"s{k + 1}": s for k, s in enumerate(net.stages)},
+        }
+    )
     x = torch.randn(1, 2, 16, 16)
     with torch.no_grad():
         net(x)
@@ -137,7 +162,8 @@ def test_rkseg_l_concatenation_order_and_sum():
         expected = [pooled(outs[k - 1], k - 1, k)] + [pooled(outs[j], j, k) for j in range(k - 1)]
         assert torch.equal(seen[f"s{k}"][0], torch.cat(expected, dim=1)), k
     total = outs[0] + sum(
-        F.interpolate(outs[k], size=(16, 16), mode="bilinear", align_corners=False) for k in range(1, 4)
+        F.interpolate(outs[k], size=(16, 16), mode="bilinear", align_corners=False)
+        for k in range(1, 4)
     )
     torch.testing.assert_close(seen["out"][0], total)
 
@@ -148,8 +174,13 @@ def test_rkseg_r_structure_step_by_step_upsampling_and_final_sum():
     net = RKSeg(1, 2, 2, "R", pools, width=c).eval()
     assert [d[0][0].in_channels for d in net.decoder] == [2 * c, 3 * c, c]
     assert net.bottleneck[0][0].in_channels == c
-    seen = _capture({"stem": net.stem, "bottleneck": net.bottleneck,
-                     **{f"d{u}": d for u, d in enumerate(net.decoder)}})
+    seen = _capture(
+        {
+            "stem": net.stem,
+            "bottleneck": net.bottleneck,
+            **{f"d{u}": d for u, d in enumerate(net.decoder)},
+        }
+    )
     x = torch.randn(1, 1, 16, 16)
     with torch.no_grad():
         net(x)
@@ -196,7 +227,11 @@ def test_input_and_config_validation():
 def test_specs(name):
     spec = get_model_spec(name)
     assert spec.family == "rkseg" and set(spec.spatial_dims) == {2, 3}
-    assert spec.configurable_by_plan and "Zhu" in spec.paper and spec.citation.startswith("https://doi")
+    assert (
+        spec.configurable_by_plan
+        and "Zhu" in spec.paper
+        and spec.citation.startswith("https://doi")
+    )
     assert spec.training["epochs"] == 150 and spec.training["deep_supervision"] is False
     assert spec.training["optimizer"] == "sgd" and spec.training["lr"] == 1e-2
     assert spec.training["loss"] == "dice_ce"

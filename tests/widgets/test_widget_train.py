@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 
 import numpy as np
 import pytest
@@ -61,8 +62,10 @@ def test_train_on_layers_emits_a_listed_checkpoint(make_napari_viewer, qtbot, ph
 
 
 def test_stop_saves_and_resume_continues(make_napari_viewer, qtbot, phantom, tmp_path):
+    from qtpy.QtCore import Qt
+
     from napari_medseg.engine.checkpoint import load_checkpoint
-    from napari_medseg.engine.events import EpochEnd, Progress
+    from napari_medseg.engine.events import Progress
 
     viewer = make_napari_viewer()
     image, labels = phantom
@@ -71,15 +74,20 @@ def test_stop_saves_and_resume_continues(make_napari_viewer, qtbot, phantom, tmp
     widget = _train_widget(viewer)
     _tiny_settings(widget, tmp_path, epochs=3, iterations=4)
 
-    def in_second_epoch():
-        seen = widget.events_seen
-        ends = [e for e in seen if isinstance(e, EpochEnd)]
-        return bool(ends) and isinstance(seen[-1], Progress) and seen[-1].stage == "train"
+    reached, released = threading.Event(), threading.Event()
+
+    def hold_in_second_epoch(event):  # runs in the worker thread, before the engine goes on
+        if isinstance(event, Progress) and event.stage == "train" and event.message.startswith("epoch 2/"):
+            if not reached.is_set():
+                reached.set()
+                released.wait(30)
 
     widget.train_button.click()
-    qtbot.waitUntil(in_second_epoch, timeout=120_000)
-    widget.stop_button.click()
-    qtbot.waitUntil(lambda: not widget.running, timeout=30_000)
+    widget.worker.yielded.connect(hold_in_second_epoch, Qt.DirectConnection)
+    qtbot.waitUntil(reached.is_set, timeout=120_000)
+    widget.stop_button.click()  # while the engine waits in epoch 2
+    released.set()
+    qtbot.waitUntil(lambda: not widget.running, timeout=60_000)
     latest = tmp_path / "run" / "checkpoint_latest.pt"
     assert latest.is_file(), widget.status.text()
     assert "Stopped" in widget.status.text()

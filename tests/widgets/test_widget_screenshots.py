@@ -1,0 +1,96 @@
+"""Screenshots for the docs, after real runs: ``MEDSEG_SCREENSHOTS=1 pytest tests/widgets -k screenshot``.
+
+Trains a small model on the Colin27 sample in the Train widget (a few CPU minutes), segments the
+sample with it in the Segment widget (or with ``MEDSEG_SCREENSHOT_CHECKPOINT`` when set, e.g. the
+shipped model), opens the Model library, and writes ``docs/screenshot_{train,segment,library}.png``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+pytestmark = [
+    pytest.mark.gui,
+    pytest.mark.slow,
+    pytest.mark.skipif(os.environ.get("MEDSEG_SCREENSHOTS") != "1", reason="set MEDSEG_SCREENSHOTS=1"),
+]
+
+DOCS = Path(__file__).resolve().parents[2] / "docs"
+SIZE = (1400, 900)
+
+
+def _dock(viewer, widget, name, width=430):
+    from qtpy.QtCore import Qt
+
+    dock = viewer.window.add_dock_widget(widget, name=name, area="right")
+    viewer.window._qt_window.resizeDocks([dock], [width], Qt.Horizontal)
+    return dock
+
+
+def _shot(viewer, qtbot, name):
+    qtbot.wait(300)
+    viewer.reset_view()
+    qtbot.wait(500)
+    path = DOCS / name
+    viewer.screenshot(str(path), canvas_only=False, flash=False)
+    assert path.is_file() and path.stat().st_size > 10_000
+    return path
+
+
+def test_screenshots(make_napari_viewer, qtbot, tmp_path):
+    from napari_medseg.widgets._library import ModelLibraryWidget
+    from napari_medseg.widgets._segment import SegmentWidget
+    from napari_medseg.widgets._train import TrainWidget
+
+    viewer = make_napari_viewer(show=True)
+    viewer.window._qt_window.resize(*SIZE)
+    viewer.open_sample("napari-medseg", "colin27_deepgm")
+    image = viewer.layers["Colin27 T1"]
+    truth = viewer.layers["Colin27 deep GM labels"]
+    viewer.dims.set_point(0, image.translate[0] + 30 * image.scale[0])
+
+    # ---- Train: a small model on the sample, curves after a few epochs
+    train = TrainWidget(viewer)
+    train_dock = _dock(viewer, train, "Train / Fine-tune")
+    train.labels.set_layer(truth)
+    train.channels.set_layers([image])
+    train.epochs.setValue(int(os.environ.get("MEDSEG_SCREENSHOT_EPOCHS", 8)))
+    train.iterations.setValue(int(os.environ.get("MEDSEG_SCREENSHOT_ITERATIONS", 15)))
+    train.batch.setValue(2)
+    train.patch.setText("32,48,48")
+    train.model_kwargs.setText('{"base_width": 8}')
+    train.device.setCurrentText("cpu")
+    train.output.setText(str(tmp_path / "colin27_run"))
+    train.train_button.click()
+    assert train.running, train.status.text()
+    qtbot.waitUntil(lambda: not train.running, timeout=1_800_000)
+    assert train.last_checkpoint, train.status.text()
+    train.scroll.verticalScrollBar().setValue(train.scroll.verticalScrollBar().maximum())
+    truth.visible = True
+    _shot(viewer, qtbot, "screenshot_train.png")
+    viewer.window.remove_dock_widget(train_dock)
+
+    # ---- Segment: the trained (or given) checkpoint on the sample, overlay on top
+    segment = SegmentWidget(viewer)
+    _dock(viewer, segment, "Segment")
+    checkpoint = os.environ.get("MEDSEG_SCREENSHOT_CHECKPOINT") or train.last_checkpoint
+    segment.checkpoints.add_path(checkpoint)
+    segment.mirror.setChecked(False)
+    segment.device.setCurrentText("cpu")
+    segment.run_button.click()
+    qtbot.waitUntil(lambda: not segment.running, timeout=600_000)
+    assert segment.result_layer is not None, segment.status.text()
+    truth.visible = False
+    segment.result_layer.opacity = 0.6
+    viewer.layers.selection.active = segment.result_layer
+    _shot(viewer, qtbot, "screenshot_segment.png")
+    viewer.window.remove_dock_widget("all")
+
+    # ---- Model library
+    library = ModelLibraryWidget(viewer)
+    _dock(viewer, library, "Model library", width=760)
+    qtbot.waitUntil(lambda: library._param_worker is None, timeout=120_000)
+    _shot(viewer, qtbot, "screenshot_library.png")
