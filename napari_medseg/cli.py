@@ -163,6 +163,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         "init_checkpoint": args.init_checkpoint,
         "resume": args.resume,
         "ignore_label": args.ignore_label,
+        "loss": args.loss,
+        "early_stopping_patience": args.early_stopping,
         "num_threads": args.threads,
     }
     for key, value in overrides.items():
@@ -345,13 +347,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-o", "--output", help="run folder for checkpoints and run.json (default: medseg_run)")
     s.add_argument("--config", help="a JSON file of TrainConfig fields; flags override it")
     s.add_argument("-m", "--model", help="registered model name (see `napari-medseg models`)")
-    s.add_argument("-c", "--configuration", help="planner configuration: 2d, 3d_fullres, 3d_lowres")
+    s.add_argument("-c", "--configuration", help="planner configuration: 2d, 3d_fullres, 3d_lowres (default: the model's)")
     s.add_argument("--model-kwargs", help="JSON object of architecture kwargs, e.g. '{\"base_width\": 16}'")
     s.add_argument("--epochs", type=int)
     s.add_argument("--iterations", type=int, help="iterations per epoch (nnU-Net: 250)")
     s.add_argument("--val-batches", type=int, help="validation batches per epoch")
     s.add_argument("--val-fraction", type=float, help="fraction of cases held out for validation")
-    s.add_argument("--lr", type=float, help="initial learning rate (SGD: 1e-2)")
+    s.add_argument("--lr", type=float, help="initial learning rate (default: the model's recipe; nnU-Net 1e-2)")
     s.add_argument("--optimizer", choices=["sgd", "adam"])
     s.add_argument("--batch-size", type=int, help="override the plan's batch size")
     s.add_argument("--patch-size", help="override the plan's patch size, e.g. 32x64x64")
@@ -360,6 +362,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--init-checkpoint", help="fine-tune from this checkpoint (its plan is kept)")
     s.add_argument("--resume", help="continue this checkpoint (model, optimiser, epoch)")
     s.add_argument("--ignore-label", type=int, help="label value that contributes nothing to the loss")
+    s.add_argument("--loss", choices=["dice_ce", "soft_dice", "ce"], help="default: the model's recipe")
+    s.add_argument("--early-stopping", type=int, metavar="PATIENCE",
+                   help="stop after PATIENCE epochs without a lower validation loss")
     s.add_argument("--threads", type=int, help="CPU threads for torch")
     s.add_argument("--no-augment", action="store_true", help="turn data augmentation off")
     s.add_argument("--no-deep-supervision", action="store_true")

@@ -18,7 +18,7 @@ import math
 import os
 import time
 from collections.abc import Generator, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 import numpy as np
@@ -41,22 +41,28 @@ class TrainingError(ValueError):
 class TrainConfig:
     """Everything that defines a training run; shared by the GUI and the CLI (convention 9).
 
-    ``None`` for ``patch_size``, ``batch_size`` or ``batch_dice`` means "as the plan says".
+    ``None`` for ``patch_size``, ``batch_size`` or ``batch_dice`` means "as the plan says"; ``None``
+    for ``optimizer``, ``lr``, ``weight_decay``, ``lr_schedule``, ``loss`` or
+    ``early_stopping_patience`` means "as the model's default training recipe says"
+    (``ModelSpec.training``: nnU-Net's SGD + poly for the U-Nets and RKSeg, Adam 1e-4 with early
+    stopping for the SDN networks).
     """
 
     output_dir: str = "medseg_run"
     model: str = "unet-3d-fullres"
     model_kwargs: dict = field(default_factory=dict)
-    configuration: str = "3d_fullres"
+    configuration: str | None = None  # None: the model's (unet-2d -> "2d", 3D models -> "3d_fullres")
     epochs: int = 50
     iterations_per_epoch: int = 250
     val_batches: int = 10
     val_fraction: float = 0.2
-    optimizer: str = "sgd"  # "sgd" (nnU-Net) | "adam"
-    lr: float = 1e-2
+    optimizer: str | None = None  # "sgd" (nnU-Net) | "adam"
+    lr: float | None = None
     momentum: float = 0.99
-    weight_decay: float = 3e-5
-    lr_schedule: str = "poly"  # "poly" | "constant"
+    weight_decay: float | None = None
+    lr_schedule: str | None = None  # "poly" | "constant"
+    loss: str | None = None  # "dice_ce" | "soft_dice" | "ce"
+    early_stopping_patience: int | None = None  # epochs without a lower validation loss
     batch_size: int | None = None
     patch_size: tuple[int, ...] | None = None
     deep_supervision: bool = True
@@ -139,6 +145,7 @@ def prepare_data(config: TrainConfig, data: Any) -> Generator[Progress, None, Tr
     The plan comes from, in this order: the resumed checkpoint, the fine-tuning checkpoint (so that
     preprocessing matches the weights), or the automatic planner on this data's fingerprint.
     """
+    config = resolve_recipe(config)
     from .data import RawDataset, case_from_arrays, load_case, load_raw_dataset, read_raw_case
     from .planning import compute_fingerprint, plan_from_fingerprint
 
@@ -259,6 +266,31 @@ def _plan_from_checkpoints(config: TrainConfig) -> Plan | None:
     return None
 
 
+_RECIPE_DEFAULTS = {
+    "optimizer": "sgd", "lr": 1e-2, "weight_decay": 3e-5, "lr_schedule": "poly", "loss": "dice_ce",
+    "early_stopping_patience": None,
+}
+
+
+def resolve_recipe(config: TrainConfig) -> TrainConfig:
+    """A copy of ``config`` whose unset (``None``) optimisation settings come from the model's recipe."""
+    from ..models import get_model_spec
+
+    spec = get_model_spec(config.model)
+    recipe = spec.training
+    values: dict[str, Any] = {}
+    if config.configuration is None:
+        values["configuration"] = spec.configuration or ("2d" if spec.spatial_dims[0] == 2 else "3d_fullres")
+    for key, default in _RECIPE_DEFAULTS.items():
+        if getattr(config, key) is not None:
+            continue
+        if key == "early_stopping_patience":
+            values[key] = recipe.get("early_stopping_patience") if recipe.get("early_stopping") else None
+        else:
+            values[key] = recipe.get(key, default)
+    return replace(config, **values) if values else config
+
+
 class Trainer:
     """The training loop as a handful of hooks; variants override one hook (convention 8).
 
@@ -267,7 +299,7 @@ class Trainer:
     """
 
     def __init__(self, config: TrainConfig, data: TrainingData):
-        self.config = config
+        self.config = config = resolve_recipe(config)
         self.data = data
         self.plan = data.plan
         self.device = resolve_device(config.device)
@@ -316,7 +348,16 @@ class Trainer:
         batch_dice = self.config.batch_dice
         if batch_dice is None:
             batch_dice = bool(getattr(self.plan, "batch_dice", self.spatial_dims == 2))
-        base = DiceCELoss(batch_dice=batch_dice, ignore_label=self.config.ignore_label)
+        loss = self.config.loss
+        if loss == "soft_dice" and self.num_classes > 2:
+            loss = "ce"  # the SDN recipe: soft Dice on binary tasks, CE on multi-class ones
+        weights = {"dice_ce": (1.0, 1.0), "soft_dice": (0.0, 1.0), "ce": (1.0, 0.0)}
+        if loss not in weights:
+            raise TrainingError(f"Unknown loss {loss!r}; use one of {sorted(weights)}.")
+        w_ce, w_dice = weights[loss]
+        base = DiceCELoss(
+            batch_dice=batch_dice, ignore_label=self.config.ignore_label, weight_ce=w_ce, weight_dice=w_dice
+        )
         self._ds = bool(self.model_kwargs.get("deep_supervision", False))
         if not self._ds:
             return base
@@ -410,6 +451,13 @@ class Trainer:
 
     def on_epoch_end(self, event: EpochEnd) -> None:
         self.history.append(asdict(event))
+
+    def _should_stop_early(self) -> bool:
+        patience = self.config.early_stopping_patience
+        losses = [h.get("val_loss") for h in self.history if h.get("val_loss") is not None]
+        if not patience or len(losses) <= patience:
+            return False
+        return min(losses[-patience:]) >= min(losses[:-patience])
 
     # ------------------------------------------------------------ machinery
     def _load_initial_weights(self) -> None:
@@ -509,13 +557,18 @@ class Trainer:
                 self.save("checkpoint_latest.pt", epoch)
                 yield event
                 epoch += 1
+                if self._should_stop_early():
+                    yield Message(
+                        f"Early stopping: no lower validation loss for {cfg.early_stopping_patience} epochs."
+                    )
+                    break
         except GeneratorExit:
             # Stopped by the consumer within this iteration: keep what was learnt. The checkpoint
             # records the last *completed* epoch, so resuming re-runs the interrupted one.
             path = self.save("checkpoint_latest.pt", epoch - 1)
             logger.info("Training stopped during epoch %d; saved %s", epoch, path)
             raise
-        final = self.save("checkpoint_final.pt", cfg.epochs - 1)
+        final = self.save("checkpoint_final.pt", epoch - 1)
         return final
 
 
@@ -542,6 +595,7 @@ def train(config: TrainConfig, data: Any, trainer_cls: type[Trainer] = Trainer) 
     Yields:
         ``Progress`` (planning, preprocessing, each iteration), ``Message`` and ``EpochEnd``.
     """
+    config = resolve_recipe(config)
     prepared = yield from prepare_data(config, data)
     trainer = trainer_cls(config, prepared)
     return (yield from trainer.run())

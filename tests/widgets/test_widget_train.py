@@ -166,3 +166,23 @@ def test_partial_mode_needs_a_checkpoint(make_napari_viewer, phantom, tmp_path):
     widget.train_button.click()
     assert not widget.running
     assert "checkpoint to fine-tune" in widget.status.text()
+
+
+def test_tracker_sees_history_edits_and_direct_writes():
+    from napari.layers import Labels
+
+    from napari_medseg.widgets._partial import EditTracker, mask_labels
+
+    layer = Labels(np.zeros((6, 10, 10), np.uint8))
+    tracker = EditTracker(layer)
+    layer.data_setitem((np.array([2, 2]), np.array([3, 4]), np.array([5, 5])), 1)  # a history atom
+    layer.data[4, 0, 0] = 1  # a script writing directly: no event, found by the snapshot diff
+    painted = tracker.painted_voxels()
+    assert painted.sum() == 3 and painted[2, 3, 5] and painted[4, 0, 0]
+    assert tracker.painted_slices() == {0: [2, 4]}
+    counted = tracker.counted("slices")
+    assert counted[2].all() and counted[4].all() and counted.sum() == 200
+    out = mask_labels(layer.data, tracker.counted("voxels"), 9)
+    assert out.dtype == np.int16 and (out == 9).sum() == 600 - 3
+    tracker.reset()
+    assert not tracker.painted_voxels().any() and tracker.painted_slices() == {}
