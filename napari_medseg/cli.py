@@ -164,6 +164,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         "resume": args.resume,
         "ignore_label": args.ignore_label,
         "loss": args.loss,
+        "previous_stage": args.previous_stage,
         "early_stopping_patience": args.early_stopping,
         "num_threads": args.threads,
     }
@@ -361,6 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int)
     s.add_argument("--init-checkpoint", help="fine-tune from this checkpoint (its plan is kept)")
     s.add_argument("--resume", help="continue this checkpoint (model, optimiser, epoch)")
+    s.add_argument("--previous-stage", help="for -c 3d_cascade_fullres: the trained 3d_lowres checkpoint")
     s.add_argument("--ignore-label", type=int, help="label value that contributes nothing to the loss")
     s.add_argument("--loss", choices=["dice_ce", "soft_dice", "ce"], help="default: the model's recipe")
     s.add_argument("--early-stopping", type=int, metavar="PATIENCE",

@@ -342,11 +342,6 @@ def _plan_of(ckpt: Checkpoint) -> Plan:
         plan = Plan.from_dict(ckpt.plan)
     except (TypeError, ValueError) as err:
         raise CheckpointError(f"The checkpoint's preprocessing plan is invalid: {err}") from err
-    if plan.previous_stage:
-        raise CheckpointError(
-            f"This checkpoint is a cascade stage (it needs the {plan.previous_stage} prediction as "
-            "input); predict() runs single-stage models only."
-        )
     if len(plan.patch_size) != ckpt.spatial_dims:
         raise CheckpointError(
             f"The checkpoint's plan has a {len(plan.patch_size)}D patch but its model is {ckpt.spatial_dims}D."
@@ -407,12 +402,24 @@ def predict(
 
     groups: dict[str, list[int]] = {}  # checkpoints sharing a plan share the preprocessing
     for i, plan in enumerate(plans):
-        groups.setdefault(json.dumps(plan.to_dict(), sort_keys=True), []).append(i)
+        key = json.dumps(plan.to_dict(), sort_keys=True)
+        if plan.previous_stage:  # a cascade's input depends on its own previous stage too
+            key += str(ckpts[i].path or i)
+        groups.setdefault(key, []).append(i)
     prepared = []
     yield Progress("preprocess", 0, len(groups))
     for g, members in enumerate(groups.values()):
         plan = plans[members[0]]
-        pre, _, props = preprocess_case(data, spacing, plan)  # a 2D image becomes one slice
+        if plan.previous_stage:  # the cascade: the low-res stage first, its one-hot as extra channels
+            from .cascade import cascade_input, previous_stage_checkpoint, previous_stage_labels
+
+            prev = yield from previous_stage_labels(
+                data, spacing, previous_stage_checkpoint(ckpts[members[0]]), device=device, mirror=mirror,
+                step=step, batch_size=batch_size,
+            )
+            pre, _, props = cascade_input(data, spacing, plan, prev)
+        else:
+            pre, _, props = preprocess_case(data, spacing, plan)  # a 2D image becomes one slice
         prepared.append((plan, members, pre, props))
         yield Progress("preprocess", g + 1, len(groups))
 

@@ -76,6 +76,7 @@ class TrainConfig:
     init_checkpoint: str | None = None
     resume: str | None = None
     label_names: dict | None = None
+    previous_stage: str | None = None  # the 3d_lowres checkpoint a cascade builds on
     grad_clip: float = 12.0
     num_threads: int | None = None
 
@@ -182,6 +183,13 @@ def prepare_data(config: TrainConfig, data: Any) -> Generator[Progress, None, Tr
             fingerprint = compute_fingerprint((img, sp, lab) for img, lab, sp in arrays)
         num_classes = max(len(label_names), int(fingerprint.get("num_classes") or 2))
         plans = plan_from_fingerprint(fingerprint, modality=modality, num_classes=num_classes)
+        if config.configuration == "3d_cascade_fullres" and config.configuration not in plans and "3d_fullres" in plans:
+            # Small data gets no low-res stage from the planner; a user who asks for the cascade
+            # anyway (with a previous stage) gets it on the full-res plan.
+            plans[config.configuration] = replace(
+                plans["3d_fullres"], configuration="3d_cascade_fullres", previous_stage="3d_lowres"
+            )
+            yield Message("The planner made no low-res stage for this data; the cascade uses the 3d_fullres plan.")
         if config.configuration not in plans:
             raise TrainingError(
                 f"Configuration {config.configuration!r} does not apply to this data; "
@@ -204,8 +212,32 @@ def prepare_data(config: TrainConfig, data: Any) -> Generator[Progress, None, Tr
 
     cases = []
     n = len(raw_cases) if loader == "raw" else len(arrays)
+    previous = None
+    if plan.previous_stage:
+        if not config.previous_stage:
+            raise TrainingError(
+                "This is a cascade stage: give the trained 3d_lowres checkpoint as previous_stage "
+                "(--previous-stage)."
+            )
+        previous = load_checkpoint(config.previous_stage)
     for i in range(n):
-        if loader == "raw":
+        if previous is not None:
+            from .cascade import previous_stage_labels
+            from .preprocessing import preprocess_case
+
+            if loader == "raw":
+                img, sp, lab = read_raw_case(raw_cases[i])
+                name = raw_cases[i].name
+            else:
+                (img, lab, sp), name = arrays[i], f"case_{i}"
+            prev = yield from previous_stage_labels(img, sp, previous, device=config.device, mirror=False)
+            case = case_from_arrays(img, lab, sp, plan, name=name)
+            _, prev_grid, _ = preprocess_case(img, sp, plan, label=prev)
+            # The previous stage's labels ride along as an extra image channel, so that patches and
+            # spatial augmentation treat them like the image; the trainer one-hot encodes them.
+            case.image = np.concatenate([case.image, prev_grid[None].astype(np.float32)])
+            cases.append(case)
+        elif loader == "raw":
             cases.append(load_case(raw_cases[i], plan))
         else:
             img, lab, sp = arrays[i]
@@ -375,6 +407,16 @@ class Trainer:
             return torch.optim.Adam(params, lr=self.config.lr, weight_decay=self.config.weight_decay)
         raise TrainingError(f"Unknown optimizer {self.config.optimizer!r}; use 'sgd' or 'adam'.")
 
+    def prepare_batch(
+        self, images: torch.Tensor, labels: torch.Tensor, train: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Move a sampled batch to the device and augment it (training only)."""
+        images = images.to(self.device, non_blocking=True)
+        labels = labels.to(self.device, non_blocking=True)
+        if train and self.augmenter is not None:
+            images, labels = self.augmenter(images, labels)
+        return images, labels
+
     def lr_at(self, epoch: int) -> float:
         if self.config.lr_schedule == "constant":
             return self.config.lr
@@ -425,8 +467,7 @@ class Trainer:
         fn = torch.zeros_like(tp)
         losses = []
         for _ in range(self.config.val_batches):
-            images, labels = sampler.sample()
-            images, labels = images.to(self.device), labels.to(self.device)
+            images, labels = self.prepare_batch(*sampler.sample(), train=False)
             with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
                 out = self.model(images)
                 if isinstance(out, (list, tuple)):
@@ -537,11 +578,7 @@ class Trainer:
                     group["lr"] = lr
                 losses = []
                 for it in range(iters):
-                    images, labels = self.sampler.sample()
-                    images = images.to(self.device, non_blocking=True)
-                    labels = labels.to(self.device, non_blocking=True)
-                    if self.augmenter is not None:
-                        images, labels = self.augmenter(images, labels)
+                    images, labels = self.prepare_batch(*self.sampler.sample())
                     losses.append(self.train_step(images, labels))
                     yield Progress("train", it + 1, iters, f"epoch {epoch + 1}/{cfg.epochs} loss {losses[-1]:.4f}")
                 val_loss, val_dice = self.validate()
@@ -597,6 +634,10 @@ def train(config: TrainConfig, data: Any, trainer_cls: type[Trainer] = Trainer) 
     """
     config = resolve_recipe(config)
     prepared = yield from prepare_data(config, data)
+    if prepared.plan.previous_stage and trainer_cls is Trainer:
+        from .cascade_training import CascadeTrainer
+
+        trainer_cls = CascadeTrainer
     trainer = trainer_cls(config, prepared)
     return (yield from trainer.run())
 
