@@ -1,6 +1,6 @@
 """Layer factories shared by the architecture families: 2D/3D is an argument, not a copied file.
 
-``conv_nd(3)`` is ``nn.Conv3d``, ``norm_nd("instance", 2)`` is ``nn.InstanceNorm2d`` and so on
+``conv_nd(3)`` is ``nn.Conv3d`` (with a faster CPU backward), ``norm_nd("instance", 2)`` is ``nn.InstanceNorm2d`` and so on
 (the MONAI layer-factory idea), so one class serves both dimensionalities.
 """
 
@@ -10,7 +10,10 @@ from collections.abc import Sequence
 
 from torch import nn
 
-_CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+from napari_medseg.models.fastconv import Conv3d
+
+# Conv3d is nn.Conv3d with a ~10x faster CPU weight gradient (models/fastconv.py); same state dict.
+_CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: Conv3d}
 _CONV_T = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
 _MAXPOOL = {1: nn.MaxPool1d, 2: nn.MaxPool2d, 3: nn.MaxPool3d}
 _AVGPOOL = {1: nn.AvgPool1d, 2: nn.AvgPool2d, 3: nn.AvgPool3d}

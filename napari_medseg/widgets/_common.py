@@ -269,7 +269,7 @@ class CheckpointPicker(QWidget):
         super().__init__(parent)
         self.combo = QComboBox()
         self.combo.setSizeAdjustPolicy(QComboBox.AdjustToMinimumContentsLengthWithIcon)
-        self.combo.setMinimumContentsLength(18)
+        self.combo.setMinimumContentsLength(8)
         self.browse_button = QPushButton("Browse...")
         self.refresh_button = QToolButton()
         self.refresh_button.setText("⟳")

@@ -269,6 +269,7 @@ class SegmentWidget(QWidget):
             show_status(self.status, f"Could not add the result: {err}", error=True)
             return
         self.last_result = result
+        self.progress_bar.setFormat("done: %v / %m tiles")
         counts = np.bincount(result.labels.ravel(), minlength=len(result.label_names))
         found = [f"{result.label_names.get(k, k)}: {int(n):,} voxels" for k, n in enumerate(counts) if k and n]
         show_status(self.status, f"Done: added {self.result_layer.name!r}. " + ("; ".join(found) or "No foreground found."))
