@@ -90,6 +90,12 @@ def _ints(text: str | None) -> tuple[int, ...] | None:
         raise SystemExit(f"error: expected sizes like 64x64x64, got {text!r}") from None
 
 
+def _mirror_axes(text: str | None) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    return () if text.strip().lower() == "none" else _ints(text)
+
+
 def _write_json(path: str, obj: Any) -> None:
     tmp = f"{path}.tmp"
     with open(tmp, "w") as fh:
@@ -165,6 +171,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         "ignore_label": args.ignore_label,
         "loss": args.loss,
         "previous_stage": args.previous_stage,
+        "mirror_axes": _mirror_axes(args.mirror_axes),
         "early_stopping_patience": args.early_stopping,
         "num_threads": args.threads,
     }
@@ -369,6 +376,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop after PATIENCE epochs without a lower validation loss")
     s.add_argument("--threads", type=int, help="CPU threads for torch")
     s.add_argument("--no-augment", action="store_true", help="turn data augmentation off")
+    s.add_argument("--mirror-axes", help="patch axes to mirror in training and test-time augmentation, "
+                   "e.g. 2 (left-right only for brain anatomy) or none; default all")
     s.add_argument("--no-deep-supervision", action="store_true")
     s.add_argument("--no-amp", action="store_true", help="no mixed precision on CUDA")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bars")

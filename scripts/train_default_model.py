@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 import time
 
@@ -91,7 +90,7 @@ def main() -> int:
         "train", ds, "-o", run, "-m", "unet-3d-fullres", "--model-kwargs", json.dumps(MODEL_KWARGS),
         "--epochs", str(args.epochs), "--iterations", str(args.iterations), "--val-batches", "4",
         "--patch-size", args.patch_size, "--batch-size", str(args.batch_size), "--device", args.device,
-        "--seed", "0",
+        "--seed", "0", "--mirror-axes", "2",  # left-right only: anatomy is not symmetric front-back
     ])
     train_s = time.perf_counter() - t0
     if rc:
@@ -113,7 +112,17 @@ def main() -> int:
     if args.no_ship:
         return 0
     os.makedirs(SHIPPED, exist_ok=True)
-    shutil.copyfile(ckpt, os.path.join(SHIPPED, NAME))
+    # Ship the weights and the recipe, not the optimiser's momentum buffers (half the file).
+    from napari_medseg.engine.checkpoint import load_checkpoint, save_checkpoint
+
+    trained = load_checkpoint(ckpt)
+    save_checkpoint(
+        os.path.join(SHIPPED, NAME), trained.state_dict, model_name=trained.model_name,
+        model_kwargs=trained.model_kwargs, in_channels=trained.in_channels, num_classes=trained.num_classes,
+        spatial_dims=trained.spatial_dims, plan=trained.plan, label_names=trained.label_names,
+        train_config=trained.train_config, epoch=trained.epoch, history=trained.history,
+        extra={"heldout_dice": dice, "heldout_mean_dice": mean},
+    )
     catalog_path = os.path.join(SHIPPED, "catalog.json")
     with open(catalog_path) as fh:
         catalog = json.load(fh)

@@ -423,14 +423,19 @@ def predict(
         prepared.append((plan, members, pre, props))
         yield Progress("preprocess", g + 1, len(groups))
 
-    def axes(plan: Plan) -> tuple[int, ...]:
-        return tuple(range(len(plan.patch_size))) if mirror else ()
+    def axes(i: int) -> tuple[int, ...]:
+        # Mirror over the axes the model was trained to see mirrored (nnU-Net's rule); all by default.
+        if not mirror:
+            return ()
+        trained = ckpts[i].train_config.get("mirror_axes")
+        return tuple(range(ckpts[i].spatial_dims)) if trained is None else tuple(int(a) for a in trained)
 
     counts = {
-        g: count_tiles(pre.shape[1:], plan.patch_size, step, axes(plan))
-        for g, (plan, _, pre, _) in enumerate(prepared)
+        i: count_tiles(pre.shape[1:], plan.patch_size, step, axes(i))
+        for plan, members, pre, _ in prepared
+        for i in members
     }
-    total = sum(counts[g] * len(members) for g, (_, members, _, _) in enumerate(prepared))
+    total = sum(counts.values())
     done = 0
     mean: np.ndarray | None = None
     for g, (plan, members, pre, props) in enumerate(prepared):
@@ -442,10 +447,10 @@ def predict(
             model = build_model(ckpts[i], dev)
             window = sliding_window(
                 model, tensor, plan.patch_size, num_classes, step=step, batch_size=batch_size,
-                mirror_axes=axes(plan), device=dev, accumulate_device=acc_dev,
+                mirror_axes=axes(i), device=dev, accumulate_device=acc_dev,
             )
             logits = yield from _relay(window, done, total)
-            done += counts[g]
+            done += counts[i]
             with torch.inference_mode():
                 probs = torch.softmax(logits, dim=0)
                 group_sum = probs if group_sum is None else group_sum.add_(probs)

@@ -69,6 +69,7 @@ class TrainConfig:
     batch_dice: bool | None = None
     oversample_foreground: float = 0.33
     augment: bool = True
+    mirror_axes: tuple[int, ...] | None = None  # patch axes mirrored in training and TTA; None: all
     ignore_label: int | None = None
     device: str = "auto"
     amp: bool = True
@@ -82,8 +83,9 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        if d["patch_size"] is not None:
-            d["patch_size"] = list(d["patch_size"])
+        for key in ("patch_size", "mirror_axes"):
+            if d[key] is not None:
+                d[key] = list(d[key])
         return d
 
     @classmethod
@@ -93,8 +95,9 @@ class TrainConfig:
         if unknown:
             raise TrainingError(f"Unknown training settings {sorted(unknown)}; known: {sorted(known)}")
         d = dict(d)
-        if d.get("patch_size") is not None:
-            d["patch_size"] = tuple(d["patch_size"])
+        for key in ("patch_size", "mirror_axes"):
+            if d.get(key) is not None:
+                d[key] = tuple(d[key])
         return cls(**d)
 
 
@@ -181,7 +184,10 @@ def prepare_data(config: TrainConfig, data: Any) -> Generator[Progress, None, Tr
             )
         else:
             fingerprint = compute_fingerprint((img, sp, lab) for img, lab, sp in arrays)
-        num_classes = max(len(label_names), int(fingerprint.get("num_classes") or 2))
+        num_classes = int(fingerprint.get("num_classes") or 2)
+        if config.ignore_label is not None and config.ignore_label == num_classes - 1:
+            num_classes -= 1  # the ignore label is not a class (partially annotated data)
+        num_classes = max(num_classes, max(label_names, default=0) + 1, 2)
         plans = plan_from_fingerprint(fingerprint, modality=modality, num_classes=num_classes)
         if config.configuration == "3d_cascade_fullres" and config.configuration not in plans and "3d_fullres" in plans:
             # Small data gets no low-res stage from the planner; a user who asks for the cascade
@@ -206,7 +212,19 @@ def prepare_data(config: TrainConfig, data: Any) -> Generator[Progress, None, Tr
                 f"patch_size {tuple(config.patch_size)} has {len(config.patch_size)} axes; this "
                 f"configuration needs {len(plan.patch_size)}."
             )
-        plan.patch_size = tuple(int(p) for p in config.patch_size)
+        patch = tuple(int(p) for p in config.patch_size)
+        if patch != tuple(plan.patch_size) and not (config.resume or config.init_checkpoint):
+            # As nnU-Net: the pooling and kernels follow the patch (a checkpoint's stay fixed).
+            from .planning import get_pool_and_conv_props
+
+            _, pools, convs, padded, _ = get_pool_and_conv_props(plan.spacing[-len(patch):], patch)
+            if tuple(padded) != patch:
+                raise TrainingError(
+                    f"patch_size {patch} does not fit the network's pooling; use {tuple(padded)} "
+                    "(each axis a multiple of 2 to the number of poolings along it)."
+                )
+            plan.pool_kernels, plan.conv_kernels = pools, convs
+        plan.patch_size = patch
     if config.batch_size is not None:
         plan.batch_size = int(config.batch_size)
 
@@ -243,7 +261,7 @@ def prepare_data(config: TrainConfig, data: Any) -> Generator[Progress, None, Tr
             img, lab, sp = arrays[i]
             cases.append(case_from_arrays(img, lab, sp, plan, name=f"case_{i}"))
         yield Progress("preprocess", i + 1, n, cases[-1].name)
-    _check_labels(cases, label_names, config.ignore_label)
+    _check_labels(cases, label_names, config.ignore_label, need_foreground=not config.init_checkpoint)
 
     rng = np.random.default_rng(config.seed)
     order = rng.permutation(len(cases))
@@ -272,9 +290,11 @@ def _as_case_arrays(item) -> tuple[np.ndarray, np.ndarray | None, tuple]:
     return image, label, spacing
 
 
-def _check_labels(cases, label_names: dict[int, str], ignore_label: int | None) -> None:
+def _check_labels(
+    cases, label_names: dict[int, str], ignore_label: int | None, need_foreground: bool = True
+) -> None:
     allowed = set(label_names) | ({ignore_label} if ignore_label is not None else set())
-    any_fg = False
+    any_fg = any_labelled = False
     for case in cases:
         if case.label is None:
             raise TrainingError(f"Case {case.name!r} has no labels; training needs labels.")
@@ -286,8 +306,13 @@ def _check_labels(cases, label_names: dict[int, str], ignore_label: int | None) 
                 f"classes {sorted(label_names)}" + (f" or the ignore label {ignore_label}" if ignore_label is not None else "")
                 + "."
             )
-        any_fg |= bool(values - {0} - ({ignore_label} if ignore_label is not None else set()))
-    if not any_fg:
+        labelled = values - ({ignore_label} if ignore_label is not None else set())
+        any_labelled |= bool(labelled)
+        any_fg |= bool(labelled - {0})
+    if not any_labelled:
+        raise TrainingError("No voxel is labelled: every voxel carries the ignore label.")
+    if need_foreground and not any_fg:
+        # Fine-tuning may learn from background-only corrections (erased false positives).
         raise TrainingError("The labels are empty: no case has any foreground voxel to learn from.")
 
 
@@ -364,7 +389,10 @@ class Trainer:
             ignore_label=config.ignore_label, final_patch_size=patch,
         )
         self.val_sampler_seed = config.seed + 12345
-        self.augmenter = Augmenter(self.spatial_dims, patch_size=patch, seed=config.seed) if config.augment else None
+        self.augmenter = (
+            Augmenter(self.spatial_dims, patch_size=patch, mirror_axes=config.mirror_axes, seed=config.seed)
+            if config.augment else None
+        )
 
     # ----------------------------------------------------------------- hooks
     def build_model(self) -> torch.nn.Module:
@@ -570,6 +598,7 @@ class Trainer:
             yield Message("Only one case: validation Dice is measured on the training case.", "warning")
         t0 = time.perf_counter()
         epoch = self.start_epoch
+        completed = self.start_epoch - 1  # index of the last finished epoch (-1: none yet)
         iters = cfg.iterations_per_epoch
         try:
             while epoch < cfg.epochs:
@@ -592,6 +621,7 @@ class Trainer:
                     self.best_dice = mean
                     self.save("checkpoint_best.pt", epoch)
                 self.save("checkpoint_latest.pt", epoch)
+                completed = epoch
                 yield event
                 epoch += 1
                 if self._should_stop_early():
@@ -602,7 +632,7 @@ class Trainer:
         except GeneratorExit:
             # Stopped by the consumer within this iteration: keep what was learnt. The checkpoint
             # records the last *completed* epoch, so resuming re-runs the interrupted one.
-            path = self.save("checkpoint_latest.pt", epoch - 1)
+            path = self.save("checkpoint_latest.pt", completed)
             logger.info("Training stopped during epoch %d; saved %s", epoch, path)
             raise
         final = self.save("checkpoint_final.pt", epoch - 1)

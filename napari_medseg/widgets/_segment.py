@@ -61,6 +61,7 @@ class SegmentWidget(QWidget):
         self._progress: ProgressRelay | None = None
         self.last_result = None
         self.result_layer = None
+        self._succeeded = False
 
         # --- input
         self.channels = ChannelPicker(self.viewer)
@@ -210,6 +211,7 @@ class SegmentWidget(QWidget):
         )
         path = info.path
         self._job = (image, info)
+        self._succeeded = False
         self._progress = ProgressRelay(f"Segmenting {image.reference.name}")
         self.progress_bar.setRange(0, 0)
         show_status(self.status, f"Segmenting {image.reference.name} with {info.name}...")
@@ -232,16 +234,17 @@ class SegmentWidget(QWidget):
 
     def _on_event(self, event) -> None:
         stage = getattr(event, "stage", None)
-        if stage is None:
+        if stage is None or self.worker is None:  # late event of a finished run
             return
-        if self._progress is not None:
-            self._progress.update(stage, event.current, event.total, event.message)
         if stage == "tiles" and event.total:
             self.progress_bar.setRange(0, int(event.total))
             self.progress_bar.setValue(int(event.current))
             self.progress_bar.setFormat("%v / %m tiles")
         elif stage != "tiles":
             self.progress_bar.setFormat(stage)
+        # Last: napari's progress widgets may process pending events (even this run's end).
+        if self._progress is not None:
+            self._progress.update(stage, event.current, event.total, event.message)
 
     def _on_error(self, err: Exception) -> None:
         show_status(self.status, f"Segmentation failed: {err}", error=True)
@@ -255,6 +258,9 @@ class SegmentWidget(QWidget):
                 show_status(self.status, "Cancelled: no layer was added.")
         self.worker = None
         self.progress_bar.setRange(0, max(self.progress_bar.maximum(), 1))
+        if self._succeeded:
+            self.progress_bar.setValue(self.progress_bar.maximum())
+            self.progress_bar.setFormat("done: %v / %m tiles")
         self.run_button.setEnabled(True)
         self.cancel_button.setEnabled(False)
 
@@ -269,7 +275,7 @@ class SegmentWidget(QWidget):
             show_status(self.status, f"Could not add the result: {err}", error=True)
             return
         self.last_result = result
-        self.progress_bar.setFormat("done: %v / %m tiles")
+        self._succeeded = True
         counts = np.bincount(result.labels.ravel(), minlength=len(result.label_names))
         found = [f"{result.label_names.get(k, k)}: {int(n):,} voxels" for k, n in enumerate(counts) if k and n]
         show_status(self.status, f"Done: added {self.result_layer.name!r}. " + ("; ".join(found) or "No foreground found."))

@@ -103,9 +103,11 @@ class TrainWidget(QWidget):
         self.iterations = _spin(1, 100000, 250)
         self.lr = QDoubleSpinBox()
         self.lr.setDecimals(5)
-        self.lr.setRange(1e-5, 1.0)
+        self.lr.setRange(0.0, 1.0)
         self.lr.setSingleStep(1e-3)
-        self.lr.setValue(1e-2)
+        self.lr.setSpecialValueText("auto (the model's recipe)")
+        self.lr.setValue(0.0)
+        self.lr.setToolTip("auto: the architecture's default recipe (nnU-Net: SGD 1e-2, poly decay)")
         self.batch = _spin(0, 512, 0)
         self.batch.setSpecialValueText("auto")
         self.batch.setToolTip("auto: the planner's choice for this data and memory")
@@ -261,18 +263,10 @@ class TrainWidget(QWidget):
     def _on_architecture(self, *_args) -> None:
         if not self.architecture.isEnabled():
             return
+        name = self.architecture.model_name()
         self.configuration.setText(
-            f"{self._configuration_for(self.architecture.model_name())} · patch and batch: planner's choice"
+            f"{_model_configuration(name) or 'the model default'} · {_recipe(name)} · patch and batch: planner's choice"
         )
-
-    @staticmethod
-    def _configuration_for(model_name: str) -> str:
-        from napari_medseg.models import get_model_spec
-
-        spec = get_model_spec(model_name)
-        if spec.configuration:
-            return spec.configuration
-        return "2d" if spec.spatial_dims[0] == 2 else "3d_fullres"
 
     def _on_labels_layer(self, *_args) -> None:
         layer = self.labels.layer()
@@ -365,9 +359,9 @@ class TrainWidget(QWidget):
             output = str(medseg_home() / "runs" / f"{time.strftime('%Y%m%d-%H%M%S')}-{model}")
         return TrainConfig(
             output_dir=os.path.expanduser(output), model=model, model_kwargs=kwargs,
-            configuration=info.configuration if info and info.configuration else self._configuration_for(model),
+            configuration=info.configuration if info and info.configuration else _model_configuration(model),
             epochs=int(self.epochs.value()), iterations_per_epoch=int(self.iterations.value()),
-            lr=float(self.lr.value()), batch_size=int(self.batch.value()) or None,
+            lr=float(self.lr.value()) or None, batch_size=int(self.batch.value()) or None,
             patch_size=self._parse_patch(), device=self.device.device(),
             val_fraction=float(self.val_fraction.value()),
             init_checkpoint=info.path if info else None, **extra,
@@ -490,13 +484,16 @@ class TrainWidget(QWidget):
 
         self.events_seen.append(event)
         if isinstance(event, Progress):
-            if self._progress is not None:
-                self._progress.update(event.stage, event.current, event.total, event.message)
+            if self.worker is None:  # late event of a finished run
+                return
             if event.stage == "train" and event.total:
                 self.progress_bar.setValue(self._epochs_done * event.total + event.current)
                 self.progress_bar.setFormat(event.message or "%p%")
             else:
                 self.progress_bar.setFormat(f"{event.stage} {event.current}/{event.total} {event.message}")
+            # Last: napari's progress widgets may process pending events (even this run's end).
+            if self._progress is not None:
+                self._progress.update(event.stage, event.current, event.total, event.message)
         elif isinstance(event, EpochEnd):
             self._epochs_done = event.epoch + 1
             self.last_epoch = event
@@ -558,6 +555,22 @@ class TrainWidget(QWidget):
     def _log(self, text: str) -> None:
         self.log.appendPlainText(text)
         logger.info(text)
+
+
+def _model_configuration(model_name: str) -> str | None:
+    """The planner configuration a model serves (``None``: let the engine choose)."""
+    from napari_medseg.models import get_model_spec
+
+    return get_model_spec(model_name).configuration
+
+
+def _recipe(model_name: str) -> str:
+    """The model's default optimiser and learning rate, in a few words."""
+    from napari_medseg.models import get_model_spec
+
+    training = get_model_spec(model_name).training or {}
+    opt, lr = training.get("optimizer"), training.get("lr")
+    return f"{opt or 'sgd'} lr {lr:g}" if lr else str(opt or "default recipe")
 
 
 def _spin(lo: int, hi: int, value: int) -> QSpinBox:

@@ -40,24 +40,14 @@ def _shot(viewer, qtbot, name):
     return path
 
 
-def test_screenshots(make_napari_viewer, qtbot, tmp_path):
-    from napari_medseg.widgets._library import ModelLibraryWidget
-    from napari_medseg.widgets._segment import SegmentWidget
+def _train(viewer, qtbot, image, truth, epochs, tmp_path) -> str:
     from napari_medseg.widgets._train import TrainWidget
 
-    viewer = make_napari_viewer(show=True)
-    viewer.window._qt_window.resize(*SIZE)
-    viewer.open_sample("napari-medseg", "colin27_deepgm")
-    image = viewer.layers["Colin27 T1"]
-    truth = viewer.layers["Colin27 deep GM labels"]
-    viewer.dims.set_point(0, image.translate[0] + 30 * image.scale[0])
-
-    # ---- Train: a small model on the sample, curves after a few epochs
     train = TrainWidget(viewer)
     train_dock = _dock(viewer, train, "Train / Fine-tune")
     train.labels.set_layer(truth)
     train.channels.set_layers([image])
-    train.epochs.setValue(int(os.environ.get("MEDSEG_SCREENSHOT_EPOCHS", 8)))
+    train.epochs.setValue(epochs)
     train.iterations.setValue(int(os.environ.get("MEDSEG_SCREENSHOT_ITERATIONS", 15)))
     train.batch.setValue(2)
     train.patch.setText("32,48,48")
@@ -66,17 +56,36 @@ def test_screenshots(make_napari_viewer, qtbot, tmp_path):
     train.output.setText(str(tmp_path / "colin27_run"))
     train.train_button.click()
     assert train.running, train.status.text()
-    qtbot.waitUntil(lambda: not train.running, timeout=1_800_000)
+    qtbot.waitUntil(lambda: not train.running, timeout=3_600_000)
     assert train.last_checkpoint, train.status.text()
     train.scroll.verticalScrollBar().setValue(train.scroll.verticalScrollBar().maximum())
     truth.visible = True
     _shot(viewer, qtbot, "screenshot_train.png")
     viewer.window.remove_dock_widget(train_dock)
+    return train.last_checkpoint
+
+
+def test_screenshots(make_napari_viewer, qtbot, tmp_path):
+    from napari_medseg.widgets._library import ModelLibraryWidget
+    from napari_medseg.widgets._segment import SegmentWidget
+
+    viewer = make_napari_viewer(show=True)
+    viewer.window._qt_window.resize(*SIZE)
+    viewer.open_sample("napari-medseg", "colin27_deepgm")
+    image = viewer.layers["Colin27 T1"]
+    truth = viewer.layers["Colin27 deep GM labels"]
+    viewer.dims.set_point(0, image.translate[0] + 30 * image.scale[0])
+
+    # ---- Train: a small model on the sample, curves after a few epochs (MEDSEG_SCREENSHOT_EPOCHS=0
+    # skips it and keeps the existing screenshot_train.png)
+    epochs = int(os.environ.get("MEDSEG_SCREENSHOT_EPOCHS", 8))
+    trained = _train(viewer, qtbot, image, truth, epochs, tmp_path) if epochs > 0 else None
 
     # ---- Segment: the trained (or given) checkpoint on the sample, overlay on top
     segment = SegmentWidget(viewer)
     _dock(viewer, segment, "Segment")
-    checkpoint = os.environ.get("MEDSEG_SCREENSHOT_CHECKPOINT") or train.last_checkpoint
+    checkpoint = os.environ.get("MEDSEG_SCREENSHOT_CHECKPOINT") or trained
+    assert checkpoint, "set MEDSEG_SCREENSHOT_CHECKPOINT when MEDSEG_SCREENSHOT_EPOCHS=0"
     segment.checkpoints.add_path(checkpoint)
     segment.mirror.setChecked(False)
     segment.device.setCurrentText("cpu")

@@ -62,6 +62,7 @@ def test_segment_adds_labels_on_the_image_grid(make_napari_viewer, qtbot, phanto
     assert "scan uncertainty" in viewer.layers and "scan p(organ_1)" in viewer.layers
     np.testing.assert_allclose(viewer.layers["scan uncertainty"].translate, image.translate)
     assert widget.progress_bar.value() == widget.progress_bar.maximum() > 0
+    assert widget.progress_bar.format().startswith("done"), widget.progress_bar.format()
 
     written = widget.save_labels(str(tmp_path / "seg.nii.gz"))
     vol = read_nifti(written[0])
