@@ -26,13 +26,29 @@ def dock_all_widgets(viewer) -> list:
     return docks
 
 
+def prefer_medseg_reader() -> None:
+    """Make napari open ``.nii``/``.nii.gz`` with this plugin without asking (unless the user chose another).
+
+    napari's builtin reader claims every file name, so a dropped NIfTI file would otherwise open a
+    "choose a reader" dialog; this records the choice a user would make there.
+    """
+    from napari.settings import get_settings
+
+    readers = get_settings().plugins.extension2reader
+    for pattern in ("*.nii", "*.nii.gz"):
+        if pattern not in readers:
+            readers[pattern] = PLUGIN
+    get_settings().plugins.extension2reader = dict(readers)
+
+
 def launch_viewer(files: Sequence[str] = (), *, sample: bool = False, run: bool = True):
     """Create a viewer, open ``files`` (and the sample volume), dock the widgets, run the event loop."""
     import napari
 
+    prefer_medseg_reader()
     viewer = napari.Viewer(title="napari-medseg")
     if sample:
-        viewer.open_sample(PLUGIN, "colin27")
+        viewer.open_sample(PLUGIN, "colin27_deepgm")
     for path in files:
         viewer.open(path, plugin=PLUGIN)
     dock_all_widgets(viewer)

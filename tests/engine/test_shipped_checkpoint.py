@@ -1,0 +1,46 @@
+"""The shipped default checkpoint works out of the box on the shipped sample volume, offline.
+
+It must segment the whole sample (both hemispheres) at least as well as the held-out Dice that the
+README and the Model library report (measured on the right hemisphere, which it never saw).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+import napari_medseg
+from napari_medseg.engine.catalog import list_checkpoints
+from napari_medseg.engine.inference import predict
+from napari_medseg.engine.metrics import dice_per_class
+from napari_medseg.engine.training import run_to_completion
+from napari_medseg.io import read_nifti
+
+PKG = os.path.dirname(napari_medseg.__file__)
+NAME = "colin27_deepgm_unet3d.pt"
+
+pytestmark = pytest.mark.slow
+
+
+def test_shipped_checkpoint_is_catalogued_and_small():
+    shipped = [c for c in list_checkpoints() if c.shipped]
+    assert any(os.path.basename(c.path) == NAME for c in shipped)
+    assert os.path.getsize(os.path.join(PKG, "checkpoints", NAME)) < 10 * 1024 * 1024
+
+
+def test_shipped_checkpoint_segments_the_sample_above_reported_dice():
+    with open(os.path.join(PKG, "checkpoints", "catalog.json")) as fh:
+        reported = json.load(fh)[NAME]["mean_dice"]
+    image = read_nifti(os.path.join(PKG, "data", "colin27_t1_deepgm.nii.gz"))
+    labels = read_nifti(os.path.join(PKG, "data", "colin27_deepgm_labels.nii.gz")).data
+    result = run_to_completion(
+        predict(image.data, image.spacing, [os.path.join(PKG, "checkpoints", NAME)], device="cpu")
+    )
+    assert result.labels.shape == labels.shape
+    assert result.label_names[3] == "caudate"
+    scores = dice_per_class(result.labels, labels, range(1, 7))
+    mean = float(np.mean(list(scores.values())))
+    assert mean >= reported, (mean, reported, scores)
