@@ -34,6 +34,7 @@ def test_model_library_lists_models_and_checkpoints(make_napari_viewer, qtbot, t
     table = widget.models_table
     names = [table.item(r, 0).text() for r in range(table.rowCount())]
     assert names == list_models()
+    assert {"rkseg-l", "rkseg-r", "sdn-unet", "sdn-unetpp"} <= set(names)
     params = MODEL_COLUMNS.index("Parameters")
     qtbot.waitUntil(lambda: all(table.item(r, params).text().endswith(" M") for r in range(table.rowCount())),
                     timeout=60_000)
