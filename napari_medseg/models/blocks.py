@@ -12,7 +12,7 @@ from torch import nn
 
 from napari_medseg.models.fastconv import Conv3d
 
-# Conv3d is nn.Conv3d with a ~10x faster CPU weight gradient (models/fastconv.py); same state dict.
+# Conv3d is nn.Conv3d with a faster CPU weight gradient (models/fastconv.py); same state dict.
 _CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: Conv3d}
 _CONV_T = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
 _MAXPOOL = {1: nn.MaxPool1d, 2: nn.MaxPool2d, 3: nn.MaxPool3d}

@@ -1,15 +1,17 @@
 """A ``Conv3d`` whose CPU backward pass computes the weight gradient as one forward convolution.
 
-On the CPU, PyTorch (2.13, oneDNN) computes the weight gradient of a 3D convolution about 20x slower
-than the forward pass: for a 2 x 16 x 48 x 64 x 40 input, the forward takes 0.08 s and the weight
-gradient 1.6 s (``benchmarks/bench_conv3d_backward.py``), which makes 3D training on a laptop
-impractical. The weight gradient is itself a correlation of the input with the output gradient,
+On the CPU, PyTorch (2.13, oneDNN) computes the weight gradient of a 3D convolution with a kernel
+that degrades badly when the cores are shared: on this project's 2-core machine, busy with other
+work, it took 1.55 s for a 2 x 16 x 48 x 64 x 40 input against 0.15 s for the formulation below. On
+a quiet machine the difference is smaller: forward + backward of one layer 0.69-0.91x, one nnU-Net
+training step 0.88x the stock time (``benchmarks/bench_conv3d_backward.py``). The weight gradient is
+itself a correlation of the input with the output gradient,
 
     dW[o, i, a] = sum_{b, d} g[b, o, d] * x_pad[b, i, s * d + delta * a],
 
 so it equals a forward ``conv3d`` with batch and channels swapped (input ``x_pad`` as ``(I, B, ...)``,
 "kernel" ``g`` as ``(O, B, ...)``, ``dilation = stride``, ``stride = dilation``), which oneDNN runs
-about 10x faster. :class:`Conv3d` is a drop-in ``nn.Conv3d`` (same parameters, same state dict) that
+faster. :class:`Conv3d` is a drop-in ``nn.Conv3d`` (same parameters, same state dict) that
 uses this on CPU tensors during training; everywhere else (GPU, inference, groups, non-zero
 padding modes) it is exactly ``nn.Conv3d``.
 """
