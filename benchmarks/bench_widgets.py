@@ -13,7 +13,6 @@ the sample's layers. Widget open times are compared with docking a plain QLabel 
 from __future__ import annotations
 
 import os
-import statistics
 import tempfile
 import time
 

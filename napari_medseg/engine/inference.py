@@ -438,7 +438,7 @@ def predict(
     total = sum(counts.values())
     done = 0
     mean: np.ndarray | None = None
-    for g, (plan, members, pre, props) in enumerate(prepared):
+    for plan, members, pre, props in prepared:
         nbytes = (num_classes * 2 + 1 + pre.shape[0]) * int(np.prod(pre.shape[1:])) * 4
         acc_dev = _accumulation_device(dev, nbytes)
         tensor = torch.from_numpy(np.ascontiguousarray(pre, dtype=np.float32)).to(acc_dev)

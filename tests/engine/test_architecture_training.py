@@ -12,7 +12,13 @@ import torch
 from napari_medseg.engine.checkpoint import build_model, load_checkpoint
 from napari_medseg.engine.events import EpochEnd
 from napari_medseg.engine.inference import predict
-from napari_medseg.engine.training import TrainConfig, Trainer, prepare_data, run_to_completion, train
+from napari_medseg.engine.training import (
+    TrainConfig,
+    Trainer,
+    prepare_data,
+    run_to_completion,
+    train,
+)
 from napari_medseg.io.phantom import make_phantom
 
 # (model, spatial shape of the phantoms, patch, tiny architecture kwargs, lr for a quick descent)

@@ -10,7 +10,14 @@ import torch
 
 from napari_medseg.engine.checkpoint import load_checkpoint
 from napari_medseg.engine.events import EpochEnd, Progress
-from napari_medseg.engine.training import TrainConfig, Trainer, TrainingError, prepare_data, run_to_completion, train
+from napari_medseg.engine.training import (
+    TrainConfig,
+    Trainer,
+    TrainingError,
+    prepare_data,
+    run_to_completion,
+    train,
+)
 from napari_medseg.io.phantom import make_phantom
 
 TINY = {"base_width": 4, "max_width": 16}
