@@ -105,6 +105,7 @@ def _write_json(path: str, obj: Any) -> None:
 
 # --------------------------------------------------------------------------- commands
 def cmd_plan(args: argparse.Namespace) -> int:
+    from .engine.checkpoint import to_plain
     from .engine.data import load_raw_dataset
     from .engine.planning import compute_fingerprint, plan_from_fingerprint, plans_to_json
     from .io import read_nifti
@@ -128,7 +129,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     )
     out = args.output or os.path.join(args.dataset, "plans.json")
     plans_to_json(plans, out)
-    _write_json(os.path.join(os.path.dirname(os.path.abspath(out)), "fingerprint.json"), _jsonable(fingerprint))
+    _write_json(os.path.join(os.path.dirname(os.path.abspath(out)), "fingerprint.json"), to_plain(fingerprint))
     for name, plan in plans.items():
         print(
             f"{name:20s} patch {'x'.join(map(str, plan.patch_size)):>12s}  batch {plan.batch_size:4d}  "
@@ -136,12 +137,6 @@ def cmd_plan(args: argparse.Namespace) -> int:
         )
     print(f"wrote {out}")
     return 0
-
-
-def _jsonable(obj):
-    from .engine.training import _jsonable as conv
-
-    return conv(obj)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -261,6 +256,7 @@ def _label_names(args: argparse.Namespace, ref_dir: str) -> dict[int, str]:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .engine.checkpoint import to_plain
     from .engine.metrics import evaluate_folder, format_table
 
     labels = _label_names(args, args.reference)
@@ -278,7 +274,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     result = evaluate_folder(args.predictions, args.reference, labels)
     print(format_table(result))
     out = args.json or os.path.join(args.predictions, "summary.json")
-    _write_json(out, _jsonable(result))
+    _write_json(out, to_plain(result))
     print(f"wrote {out}")
     return 0
 

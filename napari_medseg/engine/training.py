@@ -25,7 +25,13 @@ import numpy as np
 import torch
 
 from .. import __version__
-from .checkpoint import Checkpoint, load_checkpoint, load_weights_for_finetune, save_checkpoint
+from .checkpoint import (
+    Checkpoint,
+    load_checkpoint,
+    load_weights_for_finetune,
+    save_checkpoint,
+    to_plain,
+)
 from .devices import resolve_device
 from .events import EpochEnd, Message, Progress
 from .planning import Plan
@@ -573,7 +579,7 @@ class Trainer:
             "config": self.config.to_dict(),
             "plan": self.plan.to_dict(),
             "label_names": {str(k): v for k, v in self.data.label_names.items()},
-            "fingerprint": _jsonable(self.data.fingerprint),
+            "fingerprint": to_plain(self.data.fingerprint, "fingerprint"),
             "versions": {"napari_medseg": __version__, "torch": torch.__version__},
             "device": str(self.device),
             "num_train_cases": len(self.data.train_cases),
@@ -637,18 +643,6 @@ class Trainer:
             raise
         final = self.save("checkpoint_final.pt", epoch - 1)
         return final
-
-
-def _jsonable(obj):
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    return obj
 
 
 def train(config: TrainConfig, data: Any, trainer_cls: type[Trainer] = Trainer) -> Generator[Any, None, str]:
