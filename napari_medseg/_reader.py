@@ -130,6 +130,23 @@ def _as_label_array(data: np.ndarray) -> np.ndarray:
     return data.astype(np.int64)
 
 
+def _warn_oblique(vol: Volume) -> None:
+    """Warn when the affine has shear (non-orthogonal axes): napari shows the grid axis-aligned (scale and
+    translate only), while files written back keep the original affine."""
+    m = np.asarray(vol.affine, dtype=np.float64)[:3, :3]
+    cols = np.linalg.norm(m, axis=0)
+    if not np.all(cols > 0):
+        return
+    gram = (m / cols).T @ (m / cols)
+    shear = float(np.max(np.abs(gram - np.eye(3))))
+    if shear > 1e-3:
+        logger.warning(
+            "%s: the affine has shear (largest off-diagonal of the direction cosines' Gram matrix %.3g); "
+            "napari shows the voxel grid without it, and label files saved from it keep the original affine",
+            vol.path, shear,
+        )
+
+
 def volume_to_layer_data(vol: Volume, *, as_labels: bool | None = None, name: str | None = None) -> list[LayerData]:
     """Turn a :class:`Volume` into napari layer data tuples (image or labels).
 
@@ -140,6 +157,7 @@ def volume_to_layer_data(vol: Volume, *, as_labels: bool | None = None, name: st
     """
     path = vol.path or ""
     name = name or (layer_name(path) if path else "volume")
+    _warn_oblique(vol)
     labels = is_label_volume(vol) if as_labels is None else as_labels
     meta = {"medseg_geometry": geometry_from_volume(vol), "medseg_source": path}
     kwargs: dict[str, Any] = {

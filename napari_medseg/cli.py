@@ -183,8 +183,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         config.amp = False
     if args.resume and not args.output:
         config.output_dir = os.path.dirname(os.path.abspath(args.resume))
-    path = drive(train(config, args.dataset), quiet=args.quiet)
-    print(f"checkpoint: {path}")
+    from .engine.distributed import distributed_session, is_main_process
+
+    # Under torchrun: one process per GPU (NCCL) or per CPU share (gloo); only rank 0 prints.
+    with distributed_session(config.device, backend=args.dist_backend):
+        main_rank = is_main_process()
+        path = drive(train(config, args.dataset), quiet=args.quiet or not main_rank)
+    if main_rank:
+        print(f"checkpoint: {path}")
     return 0
 
 
@@ -346,7 +352,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-o", "--output", help="where to write plans.json (default: DATASET/plans.json)")
     s.set_defaults(func=cmd_plan)
 
-    s = sub.add_parser("train", help="train or fine-tune a model on a dataset folder")
+    s = sub.add_parser(
+        "train", help="train or fine-tune a model on a dataset folder",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="distributed training: start the same command under torchrun, one process per GPU:\n"
+        "  torchrun --standalone --nproc_per_node=4 -m napari_medseg.cli train DATASET -o RUN\n"
+        "Each process trains on its own batches of --batch-size patches (global batch = N x batch\n"
+        "size, as nnU-Net v2), gradients are averaged by DistributedDataParallel (NCCL on GPUs, gloo\n"
+        "on CPU), validation is pooled over processes, and only rank 0 prints and writes checkpoints.",
+    )
     s.add_argument("dataset", help="dataset folder in the nnU-Net raw format")
     s.add_argument("-o", "--output", help="run folder for checkpoints and run.json (default: medseg_run)")
     s.add_argument("--config", help="a JSON file of TrainConfig fields; flags override it")
@@ -358,7 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--val-batches", type=int, help="validation batches per epoch")
     s.add_argument("--val-fraction", type=float, help="fraction of cases held out for validation")
     s.add_argument("--lr", type=float, help="initial learning rate (default: the model's recipe; nnU-Net 1e-2)")
-    s.add_argument("--optimizer", choices=["sgd", "adam"])
+    s.add_argument("--optimizer", choices=["sgd", "adam", "lookahead_nadam"])
     s.add_argument("--batch-size", type=int, help="override the plan's batch size")
     s.add_argument("--patch-size", help="override the plan's patch size, e.g. 32x64x64")
     s.add_argument("--device", help="auto, cpu, cuda, cuda:N or mps")
@@ -376,6 +390,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "e.g. 2 (left-right only for brain anatomy) or none; default all")
     s.add_argument("--no-deep-supervision", action="store_true")
     s.add_argument("--no-amp", action="store_true", help="no mixed precision on CUDA")
+    s.add_argument("--dist-backend", choices=["auto", "nccl", "gloo"], default="auto",
+                   help="under torchrun: process-group backend (auto: nccl on CUDA, gloo on CPU)")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     s.set_defaults(func=cmd_train)
 

@@ -22,7 +22,9 @@ class CascadeTrainer(Trainer):
 
     def __init__(self, config, data):
         super().__init__(config, data)
-        self._gen = torch.Generator().manual_seed(self.config.seed + 777)
+        self._gen = torch.Generator().manual_seed(self.config.seed + 777 + self.rank)
+        if self.rank != 0:  # under torchrun only rank 0 writes into the run folder
+            return
         os.makedirs(self.config.output_dir, exist_ok=True)
         target = os.path.join(self.config.output_dir, PREVIOUS_STAGE_FILE)
         if os.path.abspath(self.config.previous_stage) != os.path.abspath(target):

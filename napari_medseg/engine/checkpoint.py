@@ -18,6 +18,7 @@ import os
 import pickle
 import platform
 import tempfile
+import zipfile
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from enum import Enum
@@ -36,6 +37,8 @@ FORMAT_VERSION = 1
 MAX_TENSORS = 50_000
 #: Refuse checkpoints whose tensors hold more elements than this in total (about 16 GB of float32).
 MAX_TOTAL_ELEMENTS = 4_000_000_000
+#: Refuse checkpoint files larger than this many bytes (64 GiB) before reading them.
+MAX_FILE_BYTES = 64 * 2**30
 #: Refuse metadata nested deeper than this.
 MAX_DEPTH = 32
 
@@ -294,6 +297,16 @@ def save_checkpoint(
     return path
 
 
+def _test_delay() -> None:
+    """Sleep ``MEDSEG_TEST_SAVE_DELAY`` seconds between writing and renaming (tests widen the
+    window in which a killed process leaves only the temporary file)."""
+    delay = os.environ.get("MEDSEG_TEST_SAVE_DELAY")
+    if delay:
+        import time
+
+        time.sleep(float(delay))
+
+
 def _atomic_torch_save(payload: dict, path: str) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
@@ -303,6 +316,7 @@ def _atomic_torch_save(payload: dict, path: str) -> None:
             torch.save(payload, fh)
             fh.flush()
             os.fsync(fh.fileno())
+        _test_delay()
         os.replace(tmp, path)
     except BaseException as err:
         try:
@@ -400,6 +414,33 @@ def _from_payload(payload: dict, path: str | None) -> Checkpoint:
     )
 
 
+def _precheck_file(path: str) -> None:
+    """Refuse files that are empty, absurdly large, or zip archives that would inflate far beyond
+    their size on disk (a zip bomb), before ``torch.load`` reads anything."""
+    size = os.path.getsize(path)
+    if size == 0:
+        raise CheckpointError(f"{path} is empty (0 bytes): not a checkpoint. Was the copy interrupted?")
+    if size > MAX_FILE_BYTES:
+        raise CheckpointError(
+            f"Refusing {path}: {size} bytes is more than the {MAX_FILE_BYTES} a checkpoint may have."
+        )
+    if not zipfile.is_zipfile(path):
+        return  # legacy (non-zip) torch format: weights_only still applies
+    try:
+        with zipfile.ZipFile(path) as zf:
+            infos = zf.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError) as err:
+        raise CheckpointError(f"Could not read checkpoint {path}: damaged archive ({err}).") from None
+    if len(infos) > 2 * MAX_TENSORS + 100:
+        raise CheckpointError(f"Refusing {path}: its archive has {len(infos)} entries (at most {2 * MAX_TENSORS + 100}).")
+    unpacked = sum(max(i.file_size, 0) for i in infos)
+    if unpacked > 4 * size + 2**20:
+        raise CheckpointError(
+            f"Refusing {path}: its archive would unpack to {unpacked} bytes from {size} on disk; torch "
+            "checkpoints are stored uncompressed, so this file is damaged or crafted."
+        )
+
+
 def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> Checkpoint:
     """Read and validate a checkpoint without unpickling arbitrary objects.
 
@@ -414,6 +455,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> Check
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise CheckpointError(f"No checkpoint file at {path}.")
+    _precheck_file(path)
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
@@ -500,6 +542,9 @@ def _describe_mismatch(ckpt: Checkpoint, model: torch.nn.Module) -> str | None:
     return f"{len(bad)} weight shape(s) differ ({details}); another architecture or settings?"
 
 
+_WEIGHT_INITIALISERS = {"pretrained": False, "init_2d": None}
+
+
 def build_model(ckpt: Checkpoint | str | os.PathLike, device: Any = "cpu", **override_kwargs: Any):
     """Rebuild the model a checkpoint describes and load its weights strictly.
 
@@ -518,6 +563,11 @@ def build_model(ckpt: Checkpoint | str | os.PathLike, device: Any = "cpu", **ove
 
     ckpt = _as_checkpoint(ckpt)
     kwargs = {**ckpt.model_kwargs, **override_kwargs}
+    # The weights come from the checkpoint: initialisers that fetch other weights (timm's
+    # pretrained ones, a 2D state dict to inflate) would only be overwritten, and may not exist here.
+    for key, neutral in _WEIGHT_INITIALISERS.items():
+        if key in kwargs and key not in override_kwargs:
+            kwargs[key] = neutral
     try:
         model = create_model(
             ckpt.model_name, ckpt.in_channels, ckpt.num_classes, ckpt.spatial_dims, **kwargs
@@ -531,6 +581,13 @@ def build_model(ckpt: Checkpoint | str | os.PathLike, device: Any = "cpu", **ove
     if problem:
         where = f"Checkpoint {ckpt.path}" if ckpt.path else "The checkpoint"
         raise CheckpointError(f"{where} does not fit: {problem}.")
+    for k, v in ckpt.state_dict.items():
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            where = f"Checkpoint {ckpt.path}" if ckpt.path else "The checkpoint"
+            raise CheckpointError(
+                f"{where} has NaN or infinite weights (in {k!r}): the file is damaged or its training "
+                "diverged. Use an earlier checkpoint (e.g. checkpoint_best.pt)."
+            )
     model.load_state_dict(ckpt.state_dict, strict=True)
     model.to(device)
     model.eval()

@@ -35,6 +35,7 @@ from napari_medseg.engine.checkpoint import (
 )
 from napari_medseg.engine.devices import resolve_device
 from napari_medseg.engine.events import Progress
+from napari_medseg.engine.oom import sliding_window_with_fallback
 from napari_medseg.engine.planning import Plan
 from napari_medseg.engine.postprocessing import keep_largest_component
 
@@ -66,14 +67,7 @@ def gaussian_importance(
         raise InferenceError(f"Patch size must be positive integers, got {tuple(patch_size)}.")
     if not sigma_scale > 0:
         raise InferenceError(f"sigma_scale must be positive, got {sigma_scale}.")
-    weight = torch.ones((), dtype=torch.float64)
-    for axis, p in enumerate(patch):
-        x = torch.arange(p, dtype=torch.float64)
-        g = torch.exp(-0.5 * ((x - (p - 1) / 2) / (p * sigma_scale)) ** 2)
-        shape = [1] * len(patch)
-        shape[axis] = p
-        weight = weight * g.reshape(shape)
-    weight = (weight / weight.max()).to(torch.float32)
+    weight = _outer(_axis_weights(patch, True, sigma_scale)).to(torch.float32)
     nonzero = weight[weight > 0]
     if nonzero.numel() < weight.numel():
         weight[weight == 0] = nonzero.min()
@@ -149,6 +143,58 @@ def _full_patch(spatial: Sequence[int], patch_size: Sequence[int]) -> tuple[tupl
     return spatial, patch
 
 
+def _axis_weights(patch: Sequence[int], gaussian: bool, sigma_scale: float = 1 / 8) -> list[torch.Tensor]:
+    """Per-axis float64 factors of the tile weight (each with maximum 1); their outer product is
+    :func:`gaussian_importance` before its underflow guard (or all ones without ``gaussian``)."""
+    out = []
+    for p in patch:
+        if not gaussian:
+            out.append(torch.ones(p, dtype=torch.float64))
+            continue
+        x = torch.arange(p, dtype=torch.float64)
+        g = torch.exp(-0.5 * ((x - (p - 1) / 2) / (p * sigma_scale)) ** 2)
+        out.append(g / g.max())
+    return out
+
+
+def _outer(factors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Outer product of 1D tensors: shape ``tuple(len(f) for f in factors)``."""
+    out = factors[0]
+    for f in factors[1:]:
+        out = out[..., None] * f
+    return out
+
+
+def optimize_predictor(model: torch.nn.Module, *, channels_last: bool = False, compile: bool = False,
+                       compile_mode: str | None = None, compile_backend: str = "inductor") -> Any:
+    """Apply the optional speed levers of :func:`sliding_window` to a model (eval mode).
+
+    Args:
+        model: A ``torch.nn.Module``; converted *in place* when ``channels_last``.
+        channels_last: Store the weights channels-last (``channels_last_3d`` for 3D convolutions);
+            pair with ``sliding_window(..., channels_last=True)``. Results are unchanged up to
+            float rounding.
+        compile: Wrap the model in ``torch.compile`` (the first call compiles: tens of seconds to
+            minutes; needs a C++ compiler on the CPU). Results are unchanged up to float rounding.
+            Inductor's *freezing* is on: the weights become constants (folded and pre-packed for
+            oneDNN on the CPU), so the compiled predictor must not be trained further. Each new tile
+            batch shape compiles again (a smaller last batch does).
+        compile_mode: ``torch.compile``'s ``mode`` (e.g. ``"max-autotune"``).
+        compile_backend: ``torch.compile``'s ``backend``.
+
+    Returns:
+        The predictor to pass to :func:`sliding_window` (the model, or its compiled wrapper).
+    """
+    model.eval()
+    if channels_last:
+        has_3d = any(p.ndim == 5 for p in model.parameters())
+        model.to(memory_format=torch.channels_last_3d if has_3d else torch.channels_last)
+    if compile:
+        options = {"freezing": True} if compile_backend == "inductor" and compile_mode is None else None
+        return torch.compile(model, mode=compile_mode, backend=compile_backend, dynamic=False, options=options)
+    return model
+
+
 def sliding_window(
     predictor: Predictor | Sequence[Predictor],
     image: torch.Tensor,
@@ -161,8 +207,17 @@ def sliding_window(
     device: Any = None,
     accumulate_device: Any = None,
     gaussian: bool = True,
+    channels_last: bool = False,
+    amp: bool | None = None,
+    accumulate_dtype: torch.dtype = torch.float32,
 ) -> Generator[Progress, None, torch.Tensor]:
     """Run ``predictor`` over overlapping tiles of ``image`` and blend the logits.
+
+    The logits of each tile (averaged over mirrorings) are added, times the tile weight, in place
+    into one preallocated accumulator; the sum of the weights is never stored as a volume: the tile
+    grid is a product of per-axis start lists and the weight a product of per-axis factors, so the
+    weight sum is the product of per-axis sums, applied slab by slab at the end. Peak memory is the
+    image plus ``num_classes`` volumes plus the tiles in flight.
 
     Args:
         predictor: Callable ``(B, C, *patch) -> (B, K, *patch)`` logits (a model in eval mode), or a
@@ -179,14 +234,21 @@ def sliding_window(
             ``2 ** len(mirror_axes)`` flip combinations are predicted, flipped back and averaged.
         device: Where the predictor runs (default: the image's device).
         accumulate_device: Where logits are accumulated and returned (default: the image's device).
+            When it is ``device``, the image is moved there once (no per-tile host copies).
         gaussian: Weight tiles with :func:`gaussian_importance`; else uniformly.
+        channels_last: Hand tiles to the predictor in channels-last memory format (pair with
+            :func:`optimize_predictor`).
+        amp: Run the predictor under ``torch.autocast`` (float16) -- ``None``: on CUDA only.
+        accumulate_dtype: dtype of the accumulator and of the result; ``torch.float16`` halves the
+            accumulator's memory on a GPU (on the CPU it is slower than float32).
 
     Yields:
         ``Progress("tiles", done, total)`` after every predictor call; ``total`` is the number of
         tiles times the number of mirror combinations (see :func:`count_tiles`).
 
     Returns:
-        Blended logits, float32 ``(K, *spatial)`` on ``accumulate_device``.
+        Blended logits ``(K, *spatial)`` in ``accumulate_dtype`` (float32 by default) on
+        ``accumulate_device``.
     """
     if not isinstance(image, torch.Tensor):
         image = torch.as_tensor(np.asarray(image))
@@ -194,12 +256,20 @@ def sliding_window(
         raise InferenceError(f"Expected a (C, y, x) or (C, z, y, x) image tensor, got shape {tuple(image.shape)}.")
     if batch_size < 1:
         raise InferenceError(f"batch_size must be at least 1, got {batch_size}.")
+    if accumulate_dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        raise InferenceError(f"accumulate_dtype must be a floating dtype, got {accumulate_dtype}.")
     spatial, full_patch = _full_patch(image.shape[1:], patch_size)
     slicewise = len(full_patch) != len(patch_size)
     patch = full_patch[1:] if slicewise else full_patch
     combos = _mirror_combos(mirror_axes, len(patch))
     device = torch.device(device) if device is not None else image.device
     acc_dev = torch.device(accumulate_device) if accumulate_device is not None else image.device
+    amp = device.type == "cuda" if amp is None else bool(amp)
+    if image.device != device and acc_dev == device:
+        image = image.to(device)  # once, not per tile
+    memory_format = None
+    if channels_last:
+        memory_format = torch.channels_last_3d if len(patch) == 3 else torch.channels_last
 
     # Pad axes smaller than the patch (centred, constant 0), remember how to crop back.
     pad_lo = [max(p - s, 0) // 2 for s, p in zip(spatial, full_patch)]
@@ -216,14 +286,18 @@ def sliding_window(
     ]
     total = len(regions) * len(combos)
 
-    with torch.no_grad():
-        weight = gaussian_importance(patch, device=acc_dev) if gaussian else torch.ones(patch, device=acc_dev)
-        if slicewise:
-            weight = weight.unsqueeze(0)
-        logits = torch.zeros((num_classes, *padded), dtype=torch.float32, device=acc_dev)
-        weight_map = torch.zeros(padded, dtype=torch.float32, device=acc_dev)
-        for region in regions:  # the same weight for every tile: one map for all
-            weight_map[region] += weight
+    # The tile weight, a product of per-axis factors; the mirror average (a power of two: exact) is
+    # folded into it, so each tile costs one fused multiply-add into the accumulator.
+    factors = _axis_weights(patch, gaussian)
+    if slicewise:
+        factors = [torch.ones(1, dtype=torch.float64), *factors]
+    weight = _outer(factors).to(torch.float32)
+    separable = bool((weight > 0).all())
+    if not separable:  # float underflow far from the centre (tiny sigma): gaussian_importance's guard
+        weight[weight == 0] = weight[weight > 0].min()
+    weight = weight.to(acc_dev)
+    tile_weight = weight / len(combos) if len(combos) > 1 else weight
+    logits = torch.zeros((num_classes, *padded), dtype=accumulate_dtype, device=acc_dev)
     logger.debug("Sliding window: %d tiles x %d mirrorings, patch %s", len(regions), len(combos), full_patch)
 
     done = 0
@@ -234,9 +308,11 @@ def sliding_window(
             tiles = tiles.to(device=device, dtype=torch.float32)
             if slicewise:
                 tiles = tiles.squeeze(2)
+            if memory_format is not None:
+                tiles = tiles.contiguous(memory_format=memory_format)
             summed = None
         for flips in combos:
-            with torch.inference_mode():
+            with torch.inference_mode(), torch.autocast(device.type, dtype=torch.float16, enabled=amp):
                 dims = [2 + a for a in flips]
                 out = _call_predictor(predictor, tiles.flip(dims) if flips else tiles)
                 expected = (len(batch), num_classes, *patch)
@@ -247,22 +323,52 @@ def sliding_window(
                     )
                 if flips:
                     out = out.flip(dims)
-                out = out.to(device=acc_dev, dtype=torch.float32)
-                summed = out if summed is None else summed + out
+                if summed is None:  # a copy when it will be added to (out may alias the tiles)
+                    summed = out.to(device=acc_dev, dtype=torch.float32, copy=len(combos) > 1)
+                else:
+                    summed += out.to(device=acc_dev, dtype=torch.float32)
             done += len(batch)
             yield Progress("tiles", done, total)
         with torch.inference_mode():
-            if len(combos) > 1:
-                summed = summed / len(combos)
             if slicewise:
                 summed = summed.unsqueeze(2)
             for i, region in enumerate(batch):
-                logits[(slice(None), *region)] += summed[i] * weight
+                logits[(slice(None), *region)].addcmul_(summed[i], tile_weight)
+        del summed, tiles, out
 
     with torch.inference_mode():
-        logits /= weight_map
+        _normalise_by_coverage(logits, weight, factors, starts, regions, separable)
     crop = tuple(slice(lo, lo + s) for lo, s in zip(pad_lo, spatial))
     return logits[(slice(None), *crop)].contiguous() if any(pad_lo) or any(pad_hi) else logits
+
+
+def _normalise_by_coverage(
+    logits: torch.Tensor, weight: torch.Tensor, factors: list[torch.Tensor], starts: list[list[int]],
+    regions: list[tuple[slice, ...]], separable: bool, slab_voxels: int = 1 << 22,
+) -> None:
+    """Divide the accumulated logits by the summed tile weights, in place.
+
+    With a separable weight the sum is the outer product of per-axis sums (float64), computed for a
+    slab of axis-0 positions at a time, so no weight volume is ever allocated.
+    """
+    if not separable:  # the general case: one weight-sum volume
+        coverage = torch.zeros(logits.shape[1:], dtype=torch.float32, device=logits.device)
+        for region in regions:
+            coverage[region] += weight
+        logits /= coverage
+        return
+    per_axis = []
+    for size, axis_starts, f in zip(logits.shape[1:], starts, factors):
+        c = torch.zeros(size, dtype=torch.float64)
+        for s in axis_starts:
+            c[s : s + len(f)] += f
+        per_axis.append(c)
+    rest = _outer(per_axis[1:]) if len(per_axis) > 1 else torch.ones((), dtype=torch.float64)
+    step = max(1, slab_voxels // max(rest.numel(), 1))
+    for z0 in range(0, logits.shape[1], step):
+        cz = per_axis[0][z0 : z0 + step].reshape(-1, *([1] * rest.ndim))
+        denom = (cz * rest).to(device=logits.device, dtype=logits.dtype)
+        logits[:, z0 : z0 + step] /= denom
 
 
 # ----------------------------------------------------------------------------------- predict
@@ -394,6 +500,13 @@ def predict(
 
     ckpts = _load_all(checkpoints)
     data, spacing, is_2d = _as_channels_first(image, spacing)
+    from napari_medseg.engine.patchfree import is_patchfree, predict_patchfree
+
+    if any(is_patchfree(ck) for ck in ckpts):  # whole-volume super-resolving models (PFSeg)
+        return (yield from predict_patchfree(
+            data, spacing, ckpts, device=device, mirror=mirror, largest_component=largest_component,
+            return_probabilities=return_probabilities, return_uncertainty=return_uncertainty,
+        ))
     for ck in ckpts:
         check_compatible(ck, data.shape[0], 2 if is_2d else 3)
     plans = [_plan_of(ck) for ck in ckpts]
@@ -445,22 +558,31 @@ def predict(
         group_sum = None
         for i in members:
             model = build_model(ckpts[i], dev)
-            window = sliding_window(
-                model, tensor, plan.patch_size, num_classes, step=step, batch_size=batch_size,
-                mirror_axes=axes(i), device=dev, accumulate_device=acc_dev,
+
+            def window(bs, acc, model=model, tensor=tensor, plan=plan, i=i, done=done):
+                # One rung of the out-of-memory ladder (engine.oom): fewer tiles, then CPU accumulation.
+                src = tensor if acc == tensor.device else tensor.to(acc)
+                return _relay(sliding_window(
+                    model, src, plan.patch_size, num_classes, step=step, batch_size=bs,
+                    mirror_axes=axes(i), device=dev, accumulate_device=acc,
+                ), done, total)
+
+            logits = yield from sliding_window_with_fallback(
+                window, batch_size, acc_dev, dev, what=f"an image of {'x'.join(map(str, pre.shape))} voxels",
             )
-            logits = yield from _relay(window, done, total)
             done += counts[i]
             with torch.inference_mode():
-                probs = torch.softmax(logits, dim=0)
+                probs = _softmax_(logits)  # in place: no second K-channel volume
+                if group_sum is not None and group_sum.device != probs.device:  # one member fell back to CPU
+                    group_sum, probs = group_sum.cpu(), probs.cpu()
                 group_sum = probs if group_sum is None else group_sum.add_(probs)
             del model, logits, probs
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
         with torch.inference_mode():
-            group_mean = (group_sum / len(members)).cpu().numpy()
+            group_mean = (group_sum.div_(len(members)) if len(members) > 1 else group_sum).cpu().numpy()
         del group_sum, tensor
-        restored = np.asarray(restore_probabilities(group_mean, props, plan), dtype=np.float32)
+        restored = np.asarray(restore_probabilities(group_mean, props, plan, overwrite_input=True), dtype=np.float32)
         restored *= len(members) / len(ckpts)
         mean = restored if mean is None else np.add(mean, restored, out=mean)
         del group_mean
@@ -472,11 +594,36 @@ def predict(
     return result
 
 
+def _softmax_(logits: torch.Tensor, slab_voxels: int = 1 << 22) -> torch.Tensor:
+    """Softmax over axis 0, in place, a slab of axis-1 positions at a time (the same values as
+    ``torch.softmax(logits, 0)`` without a second ``(K, *spatial)`` tensor)."""
+    if logits.ndim < 2:
+        return torch.softmax(logits, dim=0)
+    per_row = max(1, math.prod(logits.shape[2:]))
+    step = max(1, slab_voxels // per_row)
+    for z0 in range(0, logits.shape[1], step):
+        logits[:, z0 : z0 + step] = torch.softmax(logits[:, z0 : z0 + step], dim=0)
+    return logits
+
+
+def _argmax_labels(mean: np.ndarray, slab_voxels: int = 1 << 22) -> np.ndarray:
+    """``argmax`` over axis 0 as uint8 (uint16 beyond 256 classes), a slab at a time, so the int64
+    index array numpy makes exists for one slab only."""
+    labels = np.empty(mean.shape[1:], np.uint8 if mean.shape[0] <= 256 else np.uint16)
+    if labels.ndim == 0:
+        labels[()] = np.argmax(mean)
+        return labels
+    step = max(1, slab_voxels // max(1, math.prod(mean.shape[2:])))
+    for z0 in range(0, mean.shape[1], step):
+        labels[z0 : z0 + step] = np.argmax(mean[:, z0 : z0 + step], axis=0)
+    return labels
+
+
 def _finish(
     mean: np.ndarray, largest: bool, want_probs: bool, want_uncertainty: bool
 ) -> PredictionResult:
     num_classes = mean.shape[0]
-    labels = np.argmax(mean, axis=0).astype(np.uint8 if num_classes <= 256 else np.uint16)
+    labels = _argmax_labels(mean)
     if largest:
         labels = keep_largest_component(labels, range(1, num_classes))
     uncertainty = None
@@ -576,6 +723,7 @@ __all__ = [
     "compute_tile_starts",
     "count_tiles",
     "gaussian_importance",
+    "optimize_predictor",
     "predict",
     "predict_file",
     "sliding_window",

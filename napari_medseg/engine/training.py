@@ -8,6 +8,11 @@ and saves a resumable checkpoint first (DESIGN.md conventions 2 and 8).
 The loop follows Isensee et al., "nnU-Net", Nature Methods 18, 2021: SGD with Nesterov momentum
 0.99, poly learning-rate decay (exponent 0.9), Dice + CE, deep supervision, 33 % foreground
 oversampling, gradient clipping at 12, online "pseudo Dice" on validation patches.
+
+Under ``torchrun --nproc_per_node=N`` (see :mod:`~napari_medseg.engine.distributed`) the model is
+wrapped in ``DistributedDataParallel``: each rank samples its own patches (seed + rank) with the
+plan's batch size (global batch N x batch size), validation is pooled over ranks, and only rank 0
+writes ``run.json`` and checkpoints (of the bare network, as in a single process).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import numpy as np
 import torch
 
 from .. import __version__
+from . import distributed as ddp
 from .checkpoint import (
     Checkpoint,
     load_checkpoint,
@@ -34,6 +40,13 @@ from .checkpoint import (
 )
 from .devices import resolve_device
 from .events import EpochEnd, Message, Progress
+from .oom import (
+    InsufficientMemoryError,
+    halve_batch_and_patch,
+    is_oom_error,
+    pooling_divisors,
+    release_memory,
+)
 from .planning import Plan
 
 logger = logging.getLogger(__name__)
@@ -365,7 +378,10 @@ class Trainer:
         self.config = config = resolve_recipe(config)
         self.data = data
         self.plan = data.plan
-        self.device = resolve_device(config.device)
+        # Under torchrun each process drives one device (cuda:LOCAL_RANK) and samples its own patches.
+        ddp.require_process_group()
+        self.rank, self.world_size = ddp.get_rank(), ddp.get_world_size()
+        self.device = ddp.rank_device(config.device) if self.world_size > 1 else resolve_device(config.device)
         self.amp = bool(config.amp and self.device.type == "cuda")
         self.spatial_dims = len(self.plan.patch_size)
         self.num_classes = self.plan.num_classes
@@ -382,22 +398,35 @@ class Trainer:
         self.optimizer = self.build_optimizer()
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
         self._load_initial_weights()
-        from .augmentation import Augmenter, enlarged_patch_size
+        if self.world_size > 1:
+            self._setup_distributed()
+        self.sampler_seed = config.seed + self.rank  # ranks draw different patches
+        self.val_sampler_seed = config.seed + 12345 + self.rank
+        self._build_sampling(tuple(self.plan.patch_size), int(self.plan.batch_size))
+
+    def _build_sampling(self, patch: tuple[int, ...], batch_size: int) -> None:
+        """The training patch sampler and augmenter for ``patch`` and ``batch_size``."""
+        from .augmentation import Augmenter
+
+        cfg = self.config
+        self.sampler = self._make_sampler(patch, batch_size)
+        self.augmenter = (
+            Augmenter(self.spatial_dims, patch_size=patch, mirror_axes=cfg.mirror_axes, seed=self.sampler_seed)
+            if cfg.augment else None
+        )
+
+    def _make_sampler(self, patch: tuple[int, ...], batch_size: int):
+        """The training sampler: random patches with foreground oversampling (nnU-Net's)."""
+        from .augmentation import enlarged_patch_size
         from .data import PatchSampler
 
-        patch = tuple(self.plan.patch_size)
+        cfg = self.config
         # As nnU-Net: sample a larger patch so that rotation/scaling bring no padding into the
         # centre, then the augmenter crops the network's patch out of its centre.
-        sample_patch = enlarged_patch_size(patch) if config.augment else patch
-        self.sampler = PatchSampler(
-            data.train_cases, sample_patch, self.plan.batch_size,
-            oversample_foreground=config.oversample_foreground, seed=config.seed,
-            ignore_label=config.ignore_label, final_patch_size=patch,
-        )
-        self.val_sampler_seed = config.seed + 12345
-        self.augmenter = (
-            Augmenter(self.spatial_dims, patch_size=patch, mirror_axes=config.mirror_axes, seed=config.seed)
-            if config.augment else None
+        return PatchSampler(
+            self.data.train_cases, enlarged_patch_size(patch) if cfg.augment else patch, batch_size,
+            oversample_foreground=cfg.oversample_foreground, seed=self.sampler_seed,
+            ignore_label=cfg.ignore_label, final_patch_size=patch,
         )
 
     # ----------------------------------------------------------------- hooks
@@ -439,7 +468,13 @@ class Trainer:
             )
         if self.config.optimizer == "adam":
             return torch.optim.Adam(params, lr=self.config.lr, weight_decay=self.config.weight_decay)
-        raise TrainingError(f"Unknown optimizer {self.config.optimizer!r}; use 'sgd' or 'adam'.")
+        if self.config.optimizer == "lookahead_nadam":  # the cross-dimensional models' recipe
+            from .optim import lookahead_nadam
+
+            return lookahead_nadam(params, lr=self.config.lr, weight_decay=self.config.weight_decay)
+        raise TrainingError(
+            f"Unknown optimizer {self.config.optimizer!r}; use 'sgd', 'adam' or 'lookahead_nadam'."
+        )
 
     def prepare_batch(
         self, images: torch.Tensor, labels: torch.Tensor, train: bool = True
@@ -484,7 +519,11 @@ class Trainer:
 
     @torch.no_grad()
     def validate(self) -> tuple[float | None, dict[str, float]]:
-        """Loss and per-class Dice (TP/FP/FN pooled over fixed validation patches)."""
+        """Loss and per-class Dice (TP/FP/FN pooled over fixed validation patches).
+
+        In a distributed run every rank validates its own patches and the loss and TP/FP/FN are
+        pooled over ranks, so all ranks take the same best-checkpoint and early-stopping decisions.
+        """
         from .data import PatchSampler
 
         if self.config.val_batches <= 0:
@@ -503,7 +542,7 @@ class Trainer:
         for _ in range(self.config.val_batches):
             images, labels = self.prepare_batch(*sampler.sample(), train=False)
             with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
-                out = self.model(images)
+                out = self.unwrapped_model(images)  # no DDP collectives in evaluation
                 if isinstance(out, (list, tuple)):
                     out = out[0]
                 base = self.loss_fn.loss if hasattr(self.loss_fn, "loss") else self.loss_fn
@@ -518,11 +557,13 @@ class Trainer:
                 tp[c] += float((p & r).sum())
                 fp[c] += float((p & ~r).sum())
                 fn[c] += float((~p & r).sum())
+        if self.world_size > 1:
+            tp, fp, fn = ddp.all_reduce_sum(tp, fp, fn)
         dice = {}
         for c in range(1, k):
             denom = 2 * tp[c] + fp[c] + fn[c]
             dice[self.data.label_names.get(c, f"class_{c}")] = float(2 * tp[c] / denom) if denom > 0 else float("nan")
-        return float(np.mean(losses)), dice
+        return ddp.all_reduce_mean(float(np.mean(losses))), dice
 
     def on_epoch_end(self, event: EpochEnd) -> None:
         self.history.append(asdict(event))
@@ -535,6 +576,50 @@ class Trainer:
         return min(losses[-patience:]) >= min(losses[:-patience])
 
     # ------------------------------------------------------------ machinery
+    @property
+    def unwrapped_model(self) -> torch.nn.Module:
+        """The network itself: ``self.model`` without its ``DistributedDataParallel`` wrapper."""
+        return ddp.unwrap_model(self.model)
+
+    def _setup_distributed(self) -> None:
+        """Check that all ranks prepared the same data, then wrap the model in DDP.
+
+        Wrapping broadcasts rank 0's weights. Each rank trains on its own batches of the plan's batch
+        size, so the global batch is ``world_size x batch_size`` (as nnU-Net v2).
+        """
+        ddp.check_same_on_all_ranks(
+            {
+                "plan": self.plan.to_dict(), "model_kwargs": self.model_kwargs,
+                "train": [c.name for c in self.data.train_cases], "val": [c.name for c in self.data.val_cases],
+            },
+            "plan, model or train/validation split",
+        )
+        self.model = ddp.wrap_model(self.model, self.device)
+        self._initial_fingerprint = ddp.replica_fingerprint(self.unwrapped_model)
+        self._rank_losses: list[float] = []
+        backend = torch.distributed.get_backend()
+        self.messages.append(
+            f"Distributed training on {self.world_size} processes ({backend}): {self.plan.batch_size} "
+            f"patches per process, global batch {self.world_size * self.plan.batch_size}."
+        )
+
+    def _finish_distributed(self) -> str | None:
+        """Compare the replicas' weights across ranks; write the per-rank report if asked.
+
+        Returns:
+            A warning when the replicas differ (they never should), else ``None``.
+        """
+        final = ddp.replica_fingerprint(self.unwrapped_model)
+        differ = ddp.ranks_disagreeing(final)
+        ddp.write_rank_report({
+            "rank": self.rank, "world_size": self.world_size, "device": str(self.device),
+            "initial_fingerprint": self._initial_fingerprint, "final_fingerprint": final,
+            "train_losses": self._rank_losses, "replicas_differ": differ,
+        })
+        if differ:
+            return f"The weights on ranks {differ} differ from rank 0's; only rank 0's were saved."
+        return None
+
     def _load_initial_weights(self) -> None:
         cfg = self.config
         if cfg.resume:
@@ -563,9 +648,15 @@ class Trainer:
             )
 
     def save(self, name: str, epoch: int) -> str:
+        """Write a checkpoint of the bare network (identical to a single-process one); return its path.
+
+        In a distributed run only rank 0 writes (the replicas are identical); the others return the path.
+        """
         path = os.path.join(self.config.output_dir, name)
+        if self.rank != 0:
+            return path
         save_checkpoint(
-            path, self.model, model_name=self.config.model, model_kwargs=self.model_kwargs,
+            path, self.unwrapped_model, model_name=self.config.model, model_kwargs=self.model_kwargs,
             in_channels=self.in_channels, num_classes=self.num_classes, spatial_dims=self.spatial_dims,
             plan=self.plan.to_dict(), label_names=self.data.label_names,
             train_config=self.config.to_dict(), epoch=epoch, optimizer=self.optimizer,
@@ -574,6 +665,8 @@ class Trainer:
         return path
 
     def _write_run_info(self) -> None:
+        if self.rank != 0:
+            return  # one writer per run folder
         os.makedirs(self.config.output_dir, exist_ok=True)
         info = {
             "config": self.config.to_dict(),
@@ -587,11 +680,42 @@ class Trainer:
             "val_is_train": self.data.val_is_train,
             "train_cases": [c.name for c in self.data.train_cases],
             "val_cases": [c.name for c in self.data.val_cases],
+            "world_size": self.world_size,
+            "global_batch_size": self.world_size * int(self.plan.batch_size),
         }
         tmp = os.path.join(self.config.output_dir, ".run.json.tmp")
         with open(tmp, "w") as fh:
             json.dump(info, fh, indent=2)
         os.replace(tmp, os.path.join(self.config.output_dir, "run.json"))
+
+    def _shrink_for_memory(self, err: BaseException) -> str:
+        """After an out-of-memory error: halve the batch, then the patch (engine.oom); say so.
+
+        The sampler and augmenter are rebuilt for the new sizes and the plan records them, so the
+        saved checkpoint's plan (and inference with it) uses the patch that was trained.
+
+        Raises:
+            InsufficientMemoryError: the batch is 1 and the patch cannot shrink further.
+        """
+        if self.world_size > 1:  # one rank alone cannot change shapes while the others all-reduce
+            raise InsufficientMemoryError(
+                f"Out of memory on {self.device} in a distributed run ({type(err).__name__}). Restart with "
+                "a smaller --batch-size or --patch-size (all processes must use the same)."
+            ) from err
+        self.optimizer.zero_grad(set_to_none=True)
+        reason = f"{type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}"
+        old_batch, old_patch = int(self.plan.batch_size), tuple(self.plan.patch_size)
+        pools = self.model_kwargs.get("pool_kernels") or self.plan.pool_kernels
+        batch, patch = halve_batch_and_patch(old_batch, old_patch, pooling_divisors(pools, len(old_patch)))
+        self.plan.batch_size, self.plan.patch_size = batch, patch
+        self._build_sampling(patch, batch)
+        release_memory(self.device)
+        text = (
+            f"Out of memory on {self.device} ({reason}): halved the batch {old_batch} -> {batch} and the "
+            f"patch {old_patch} -> {patch}; training goes on."
+        )
+        logger.warning(text)
+        return text
 
     def run(self) -> Generator[Progress | EpochEnd | Message, None, str]:
         cfg = self.config
@@ -612,13 +736,27 @@ class Trainer:
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
                 losses = []
-                for it in range(iters):
-                    images, labels = self.prepare_batch(*self.sampler.sample())
-                    losses.append(self.train_step(images, labels))
-                    yield Progress("train", it + 1, iters, f"epoch {epoch + 1}/{cfg.epochs} loss {losses[-1]:.4f}")
+                it = 0
+                while it < iters:
+                    shrunk = None
+                    try:
+                        images, labels = self.prepare_batch(*self.sampler.sample())
+                        losses.append(self.train_step(images, labels))
+                    except Exception as err:  # noqa: BLE001 - only allocation failures are handled
+                        if not is_oom_error(err):
+                            raise
+                        shrunk = self._shrink_for_memory(err)  # then retry this iteration, smaller
+                    if shrunk is not None:  # outside the handler: its traceback holds the batch
+                        yield Message(shrunk, "warning")
+                        continue
+                    it += 1
+                    yield Progress("train", it, iters, f"epoch {epoch + 1}/{cfg.epochs} loss {losses[-1]:.4f}")
+                if self.world_size > 1:
+                    self._rank_losses.extend(losses)
                 val_loss, val_dice = self.validate()
-                event = EpochEnd(
-                    epoch=epoch, epochs=cfg.epochs, train_loss=float(np.mean(losses)), val_loss=val_loss,
+                event = EpochEnd(  # the training loss is averaged over ranks
+                    epoch=epoch, epochs=cfg.epochs, train_loss=ddp.all_reduce_mean(float(np.mean(losses))),
+                    val_loss=val_loss,
                     val_dice=val_dice, lr=lr, elapsed_s=time.perf_counter() - t0,
                 )
                 self.on_epoch_end(event)
@@ -642,6 +780,11 @@ class Trainer:
             logger.info("Training stopped during epoch %d; saved %s", epoch, path)
             raise
         final = self.save("checkpoint_final.pt", epoch - 1)
+        if self.world_size > 1:
+            warning = self._finish_distributed()
+            if warning:
+                yield Message(warning, "warning")
+            ddp.barrier()  # rank 0 has written the file before any rank returns its path
         return final
 
 
@@ -662,6 +805,16 @@ def train(config: TrainConfig, data: Any, trainer_cls: type[Trainer] = Trainer) 
         from .cascade_training import CascadeTrainer
 
         trainer_cls = CascadeTrainer
+    if trainer_cls is Trainer:  # the model's own variant (ModelSpec.trainer), e.g. PFSeg's
+        from ..models import get_model_spec
+
+        variant = get_model_spec(config.model).trainer
+        if variant == "pfseg":
+            from .pfseg_training import PFSegTrainer
+
+            trainer_cls = PFSegTrainer
+        elif variant is not None:
+            raise TrainingError(f"Model {config.model!r} names an unknown trainer variant {variant!r}.")
     trainer = trainer_cls(config, prepared)
     return (yield from trainer.run())
 

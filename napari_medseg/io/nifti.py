@@ -25,9 +25,11 @@ folder, ``fsync``, then ``os.replace``.
 
 from __future__ import annotations
 
+import gzip
 import logging
 import os
 import secrets
+import struct
 import zlib
 from collections.abc import Sequence
 
@@ -44,7 +46,10 @@ logger = logging.getLogger(__name__)
 MAX_VOXELS = 2**31
 MAX_DEFLATE_RATIO = 1100  # deflate cannot compress better than ~1032:1, whatever the data
 NIFTI_EXTENSIONS = (".nii.gz", ".nii")
-_READ_ERRORS = (OSError, EOFError, ValueError, zlib.error, nib.filebasedimages.ImageFileError)
+_READ_ERRORS = (
+    OSError, EOFError, ValueError, OverflowError, struct.error, zlib.error, gzip.BadGzipFile,
+    nib.filebasedimages.ImageFileError, nib.spatialimages.HeaderDataError,
+)
 
 
 def is_nifti_path(path: str | os.PathLike) -> bool:
@@ -167,10 +172,21 @@ def read_nifti(path: str | os.PathLike) -> Volume:
         raise NiftiError(f"{path}: not a readable NIfTI file (header could not be read: {exc})") from exc
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
         raise NiftiError(f"{path}: not a NIfTI image (nibabel read it as {type(img).__name__})")
+    try:
+        return _read_checked(img, path)
+    except NiftiError:
+        raise
+    except _READ_ERRORS as exc:  # nibabel's own complaints about a corrupt header (fuzzing finds them)
+        raise NiftiError(f"{path}: the NIfTI header is corrupt ({type(exc).__name__}: {exc})") from exc
+
+
+def _read_checked(img: nib.Nifti1Image, path: str) -> Volume:
     shape = _check_header(img, path)
     new_shape, squeezed = _spatial_and_channels(shape, path)
     try:
         data = np.asanyarray(img.dataobj)
+    except NiftiError:
+        raise
     except _READ_ERRORS as exc:
         raise NiftiError(f"{path}: voxel data is truncated or corrupt ({exc})") from exc
     if data.shape != shape:
@@ -291,6 +307,11 @@ def _atomic_save(img: nib.Nifti1Image, path: str) -> None:
         nib.save(img, tmp)
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
+        delay = os.environ.get("MEDSEG_TEST_SAVE_DELAY")  # tests widen the write -> rename window
+        if delay:
+            import time
+
+            time.sleep(float(delay))
         os.replace(tmp, path)
     except BaseException as exc:
         try:

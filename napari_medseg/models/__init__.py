@@ -6,7 +6,7 @@ Importing this package imports every architecture module, which registers its mo
     net = create_model("unet-3d-fullres", in_channels=1, num_classes=3)
 """
 
-from napari_medseg.models import rkseg, sdn, unet  # noqa: F401  (importing registers the models)
+from napari_medseg.models import pfseg, rkseg, sdn, unet, xdim  # noqa: F401  (importing registers the models)
 from napari_medseg.models.registry import (
     ModelError,
     ModelSpec,

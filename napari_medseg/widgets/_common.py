@@ -91,8 +91,41 @@ class Stopped:
     error: str | None = None
 
 
+class StopFlag(threading.Event):
+    """Set to stop an engine worker; ``done`` is set when its thread has left the engine."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.done = threading.Event()
+
+
+class EngineFailure(Exception):
+    """An engine ``RuntimeError`` (a torch error, :class:`InsufficientMemoryError`) re-raised as is.
+
+    superqt's generator worker takes a ``RuntimeError`` leaving the generator for "the worker
+    object was deleted": it only warns and never emits ``errored``, so the user would see nothing.
+    Re-raised as this plain ``Exception`` (same message, the original as ``__cause__``), it reaches
+    the widget's error handler.
+    """
+
+    def __init__(self, original: BaseException):
+        super().__init__(str(original))
+        self.original = original
+
+
 def _drive(make_gen: Callable[[], Generator], stop: threading.Event) -> Generator:
     """Run an engine generator, closing it (in this worker thread) as soon as ``stop`` is set."""
+    try:
+        return (yield from _drive_inner(make_gen, stop))
+    except RuntimeError as err:
+        raise EngineFailure(err) from err
+    finally:
+        done = getattr(stop, "done", None)
+        if done is not None:
+            done.set()
+
+
+def _drive_inner(make_gen: Callable[[], Generator], stop: threading.Event) -> Generator:
     gen = make_gen()
     try:
         while True:
@@ -131,14 +164,71 @@ def start_engine_worker(
     """
     from napari.qt.threading import thread_worker
 
-    stop = threading.Event()
-    worker = thread_worker(_drive, start_thread=False)(make_gen, stop)
+    stop = StopFlag()
+    # ignore_errors: the widget's ``on_error`` reports failures; without it superqt also re-raises
+    # each error in the main thread, where napari shows a traceback dialog instead of the message.
+    worker = thread_worker(_drive, start_thread=False, ignore_errors=True)(make_gen, stop)
     worker.yielded.connect(on_yield)
     worker.returned.connect(on_return)
     worker.errored.connect(on_error)
     worker.finished.connect(on_finish)
     worker.start()
     return worker, stop
+
+
+def shutdown_worker(worker, stop: threading.Event | None, timeout: float = 120.0) -> bool:
+    """Stop an engine worker and wait (up to ``timeout`` s) until its thread has left the engine.
+
+    Used when the viewer closes: the engine stops at its next yield (one tile or one training
+    iteration; training saves ``checkpoint_latest.pt`` first), the worker's signals are
+    disconnected so no callback reaches a deleted widget, and no thread is left running.
+
+    Returns:
+        True when the worker finished within ``timeout``.
+    """
+    if worker is None or stop is None:
+        return True
+    stop.set()
+    for signal in ("yielded", "returned", "errored", "finished"):
+        try:
+            getattr(worker, signal).disconnect()
+        except (TypeError, RuntimeError, AttributeError):  # nothing connected / already gone
+            pass
+    # No worker.quit(): napari would then abandon the generator un-closed; with ``stop`` set,
+    # _drive closes the engine in the worker thread (training saves) and returns.
+    done = getattr(stop, "done", None)
+    finished = done.wait(timeout) if done is not None else True
+    if not finished:
+        logger.warning("The engine worker did not stop within %.0f s of closing the viewer", timeout)
+    return finished
+
+
+class _CloseWatcher(QObject):
+    """Calls ``callback`` when the watched window receives its Close event."""
+
+    def __init__(self, window: QObject, callback: Callable[[], None]):
+        super().__init__(window)
+        self._callback = callback
+        window.installEventFilter(self)
+
+    def eventFilter(self, obj, event) -> bool:  # noqa: N802 - Qt API
+        from qtpy.QtCore import QEvent
+
+        if event.type() == QEvent.Close:
+            try:
+                self._callback()
+            except Exception:  # noqa: BLE001 - closing must go on
+                logger.warning("error while stopping a worker on close", exc_info=True)
+        return False
+
+
+def on_viewer_close(viewer, callback: Callable[[], None]) -> None:
+    """Call ``callback`` when ``viewer``'s main window closes (``viewer.close()``, the close button)."""
+    window = getattr(getattr(viewer, "window", None), "_qt_window", None)
+    if window is None:
+        logger.debug("viewer has no Qt window; workers are not stopped on close")
+        return
+    _CloseWatcher(window, callback)
 
 
 class ProgressRelay:

@@ -34,8 +34,10 @@ from ._common import (
     ProgressRelay,
     Stopped,
     describe_checkpoint,
+    on_viewer_close,
     short_path,
     show_status,
+    shutdown_worker,
     start_engine_worker,
     status_label,
 )
@@ -111,6 +113,7 @@ class SegmentWidget(QWidget):
         self.cancel_button.clicked.connect(self.cancel)
         self.save_button.clicked.connect(lambda: self.save_labels())
         self._on_checkpoint()
+        on_viewer_close(self.viewer, self.shutdown)
 
     # ---------------------------------------------------------------------------- layout
     def _build_layout(self) -> None:
@@ -228,14 +231,24 @@ class SegmentWidget(QWidget):
         """Stop the running prediction at its next tile; nothing is added."""
         if self.worker is None:
             return
-        self._stop.set()
-        self.worker.quit()
+        self._stop.set()  # the worker closes the engine at its next tile and returns Stopped
         show_status(self.status, "Cancelling...")
+
+    def shutdown(self, timeout: float = 120.0) -> bool:
+        """Stop a running prediction (viewer closing) and wait for its thread; nothing is added."""
+        worker, stop = self.worker, self._stop
+        self.worker = None
+        if self._progress is not None:
+            self._progress.close()
+            self._progress = None
+        return shutdown_worker(worker, stop, timeout)
 
     def _on_event(self, event) -> None:
         stage = getattr(event, "stage", None)
         if stage is None or self.worker is None:  # late event of a finished run
             return
+        if event.message.startswith("Out of memory"):  # the engine's fallback ladder took a step
+            show_status(self.status, event.message)
         if stage == "tiles" and event.total:
             self.progress_bar.setRange(0, int(event.total))
             self.progress_bar.setValue(int(event.current))

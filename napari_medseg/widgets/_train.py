@@ -41,8 +41,10 @@ from ._common import (
     ProgressRelay,
     Stopped,
     catalog_events,
+    on_viewer_close,
     short_path,
     show_status,
+    shutdown_worker,
     start_engine_worker,
     status_label,
 )
@@ -147,6 +149,7 @@ class TrainWidget(QWidget):
 
         self._build_layout()
         self._connect()
+        on_viewer_close(self.viewer, self.shutdown)
         self._on_source()
         self._on_start_from()
         self._on_architecture()
@@ -468,6 +471,18 @@ class TrainWidget(QWidget):
         if self.worker is not None:
             self._stop.set()
             show_status(self.status, "Stopping (saving checkpoint_latest.pt)...")
+
+    def shutdown(self, timeout: float = 120.0) -> bool:
+        """Viewer closing: stop training at its next iteration and wait for the worker thread.
+
+        The engine saves ``checkpoint_latest.pt`` (atomically) before its thread ends.
+        """
+        worker, stop = self.worker, self._stop
+        self.worker = None
+        if self._progress is not None:
+            self._progress.close()
+            self._progress = None
+        return shutdown_worker(worker, stop, timeout)
 
     def resume(self) -> None:
         """Continue the stopped run from its ``checkpoint_latest.pt``."""

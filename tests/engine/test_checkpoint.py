@@ -244,3 +244,33 @@ def test_finetune_keeps_all_but_the_head(tmp_path):
             assert torch.equal(v, ck.state_dict[k]), k
     assert state["head.weight"].shape[0] == 3
     assert torch.equal(state["head.weight"], before_head)
+
+
+def test_rebuild_ignores_pretrained_initialisers(tmp_path, monkeypatch):
+    """A run trained from timm's pretrained weights stores ``pretrained=True``; rebuilding it must not
+    look for those weights (they are overwritten by the checkpoint's, and may not exist here)."""
+    from napari_medseg.engine.checkpoint import build_model, save_checkpoint
+    from napari_medseg.models import ModelError, create_model
+    from napari_medseg.models._timm import import_timm
+
+    try:
+        import_timm()
+    except ModelError:
+        pytest.skip("timm is not installed")
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty_hf"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_torch"))
+    kwargs = {"decoder_widths": [32, 16, 16, 8, 8]}
+    with pytest.raises(Exception, match="not available offline"):
+        create_model("omnia-net-b0", 1, 2, 2, pretrained=True, **kwargs)
+    model = create_model("omnia-net-b0", 1, 2, 2, **kwargs)
+    path = save_checkpoint(
+        tmp_path / "m.pt", model, model_name="omnia-net-b0", model_kwargs={**kwargs, "pretrained": True},
+        in_channels=1, num_classes=2, spatial_dims=2, plan={}, label_names={}, train_config={},
+    )
+    rebuilt = build_model(path)
+    x = torch.randn(1, 1, 32, 32)
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(x), model(x))

@@ -1,0 +1,379 @@
+"""Patch-free inference for super-resolving whole-volume models (PFSeg, ARCHITECTURES.md section 4).
+
+A patch-free model sees the whole preprocessed volume at once, downsampled 2x (linear), and returns
+the segmentation at the preprocessed (HR) resolution: no sliding window. :func:`predict_patchfree`
+is what :func:`napari_medseg.engine.inference.predict` runs for such checkpoints:
+
+1. each checkpoint's plan preprocesses the image (``preprocess_case``) to the HR grid;
+2. the grid is zero-padded centrally to a multiple of :data:`HR_DIVISOR` per axis;
+3. the LR input is the padded volume downsampled 2x (trilinear, ``align_corners=False``, which for
+   a factor 1/2 is the mean of each 2x2x2 block), and the guidance patch is the central crop (a
+   quarter per axis) of the padded **HR** volume: the engine has the full-resolution image, so it
+   feeds the same kind of guidance as in training (the paper: "at inference the guidance patch is
+   the central HR crop");
+4. the softmax is cropped back, restored to the source geometry (``restore_probabilities``) and
+   averaged over checkpoints and mirrorings.
+
+Memory is bounded up front: :func:`estimate_peak_bytes` (a linear model of the peak resident
+memory of one forward, measured with ``benchmarks/bench_pfseg.py --memory``) is checked against
+the free memory of the device, and a volume that would not fit is refused with
+:class:`VolumeTooLargeError` instead of being killed by the operating system.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+from collections.abc import Generator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from napari_medseg.engine.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    build_model,
+    check_compatible,
+)
+from napari_medseg.engine.devices import resolve_device
+from napari_medseg.engine.events import Progress
+from napari_medseg.models.pfseg import GUIDANCE_FRACTION, central_crop_slices
+
+logger = logging.getLogger(__name__)
+
+#: Each axis of the HR volume fed to PFSeg is padded to a multiple of this (LR: 16).
+HR_DIVISOR = 32
+
+# Peak resident memory of one eval forward of the paper's configuration (width 32, 1 channel,
+# 2 classes, float32, CPU, torch 2.13), fitted as ``BASE + PER_VOXEL * hr_voxels`` on fresh
+# processes (``python benchmarks/bench_pfseg.py --memory``): HR 64x96x96 0.64 GiB, 96x128x128
+# 1.07 GiB, 128x192x192 2.26 GiB -> 0.460 GB + 418.9 B/voxel (max residual 30 MiB), so about
+# 60 M HR voxels (a 392^3 cube, or 299x449x449) fit in 24 GiB. See :func:`estimate_peak_bytes`;
+# the per-voxel term scales with the width.
+MEMORY_BASE_BYTES = 0.46e9
+MEMORY_PER_HR_VOXEL = 420.0
+#: Fraction of the free memory a forward may use (the rest is for the caller and the OS).
+MEMORY_HEADROOM = 0.85
+#: Environment variable capping the memory (GiB) that patch-free inference may plan to use.
+MEMORY_ENV = "MEDSEG_MAX_MEMORY_GB"
+
+
+class VolumeTooLargeError(MemoryError):
+    """A whole-volume forward would need more memory than is available."""
+
+
+# ----------------------------------------------------------------- geometry helpers
+def padded_shape(shape: Sequence[int], multiple: int = HR_DIVISOR) -> tuple[int, ...]:
+    """``shape`` rounded up to a multiple of ``multiple`` per axis."""
+    return tuple(int(-(-int(s) // multiple) * multiple) for s in shape)
+
+
+def whole_volume_grid(shape: Sequence[int]) -> tuple[int, ...]:
+    """The padded HR grid a patch-free model runs on for a volume of spatial ``shape``.
+
+    Each axis rounded up to a multiple of :data:`HR_DIVISOR`; when that leaves a single voxel at
+    the bottleneck (every axis 32), the last axis becomes 64, because instance normalisation needs
+    more than one voxel in training (and inference must see the grid training saw).
+    """
+    grid = padded_shape(shape)
+    if all(g == HR_DIVISOR for g in grid):
+        grid = (*grid[:-1], 2 * HR_DIVISOR)
+    return grid
+
+
+def center_pad_slices(shape: Sequence[int], target: Sequence[int]) -> tuple[slice, ...]:
+    """Where an array of ``shape`` sits inside a centrally padded array of shape ``target``."""
+    out = []
+    for s, t in zip(shape, target):
+        if t < s:
+            raise ValueError(f"Cannot pad shape {tuple(shape)} to the smaller {tuple(target)}.")
+        lo = (t - s) // 2
+        out.append(slice(lo, lo + s))
+    return tuple(out)
+
+
+def center_pad(x: torch.Tensor, target: Sequence[int], value: float = 0.0) -> torch.Tensor:
+    """Zero-pad (or ``value``-pad) the trailing spatial axes of ``x`` centrally to ``target``."""
+    spatial = tuple(x.shape[-len(target):])
+    if spatial == tuple(target):
+        return x
+    pads: list[int] = []
+    for s, t in zip(reversed(spatial), reversed(tuple(target))):
+        lo = (t - s) // 2
+        pads += [lo, t - s - lo]
+    return F.pad(x, pads, value=value)
+
+
+def guidance_slices(hr_shape: Sequence[int]) -> tuple[slice, ...]:
+    """Central ``size // 4`` crop of each axis of an HR volume (the SGM's guidance patch)."""
+    return central_crop_slices(tuple(int(s) for s in hr_shape), GUIDANCE_FRACTION)
+
+
+def guidance_crop(hr: torch.Tensor) -> torch.Tensor:
+    """The guidance patch of ``hr`` ``(B, C, z, y, x)``."""
+    return hr[(slice(None), slice(None), *guidance_slices(hr.shape[2:]))]
+
+
+def guidance_mask(hr_shape: Sequence[int], device: Any = None, dtype=torch.float32) -> torch.Tensor:
+    """``(1, 1, *hr_shape)``: 1 inside the guidance region, 0 elsewhere."""
+    mask = torch.zeros((1, 1, *hr_shape), device=device, dtype=dtype)
+    mask[(slice(None), slice(None), *guidance_slices(hr_shape))] = 1
+    return mask
+
+
+def downsample(hr: torch.Tensor) -> torch.Tensor:
+    """The LR input: ``hr`` ``(B, C, z, y, x)`` downsampled 2x per axis, trilinear."""
+    if any(s % 2 for s in hr.shape[2:]):
+        raise ValueError(f"The HR volume needs even axes to downsample 2x, got {tuple(hr.shape[2:])}.")
+    return F.interpolate(hr, scale_factor=0.5, mode="trilinear", align_corners=False)
+
+
+# ----------------------------------------------------------------- memory
+def estimate_peak_bytes(hr_shape: Sequence[int], width: int = 32, in_channels: int = 1,
+                        num_classes: int = 2) -> int:
+    """Estimated peak memory of one eval forward on an HR (padded) volume of ``hr_shape``.
+
+    ``MEMORY_BASE_BYTES + MEMORY_PER_HR_VOXEL * (width / 32) * voxels``, plus the input, the LR
+    input and the softmax (``4 * (1.2 * in_channels + 2 * num_classes)`` bytes per voxel). The
+    coefficients come from peak-RSS measurements of the paper's configuration on CPU.
+    """
+    voxels = float(np.prod([int(s) for s in hr_shape]))
+    per_voxel = MEMORY_PER_HR_VOXEL * (width / 32.0) + 4.0 * (1.2 * in_channels + 2 * num_classes)
+    return int(MEMORY_BASE_BYTES + per_voxel * voxels)
+
+
+def largest_cube_side(budget_bytes: float, width: int = 32) -> int:
+    """Side (a multiple of 32) of the largest cubic HR volume whose forward fits ``budget_bytes``."""
+    side = 0
+    while estimate_peak_bytes((side + HR_DIVISOR,) * 3, width) <= budget_bytes:
+        side += HR_DIVISOR
+    return side
+
+
+def _cgroup_free_bytes() -> int | None:
+    try:
+        with open("/sys/fs/cgroup/memory.max") as fh:
+            limit = fh.read().strip()
+        if limit == "max":
+            return None
+        with open("/sys/fs/cgroup/memory.current") as fh:
+            used = int(fh.read().strip())
+        return max(int(limit) - used, 0)
+    except (OSError, ValueError):
+        return None
+
+
+def available_memory_bytes(device: torch.device) -> int | None:
+    """Free memory for a forward on ``device`` (``None`` when it cannot be told).
+
+    CUDA: ``torch.cuda.mem_get_info``. CPU: ``MemAvailable`` of ``/proc/meminfo``, lowered to the
+    cgroup's remaining limit when one is set. ``MEDSEG_MAX_MEMORY_GB`` caps the result.
+    """
+    free: int | None = None
+    if device.type == "cuda":
+        try:
+            free = int(torch.cuda.mem_get_info(device)[0])
+        except RuntimeError:
+            free = None
+    elif device.type == "cpu":
+        try:
+            with open("/proc/meminfo") as fh:
+                for line in fh:
+                    if line.startswith("MemAvailable:"):
+                        free = int(line.split()[1]) * 1024
+                        break
+        except OSError:
+            free = None
+        group = _cgroup_free_bytes()
+        if group is not None:
+            free = group if free is None else min(free, group)
+    cap = os.environ.get(MEMORY_ENV)
+    if cap:
+        try:
+            limit = int(float(cap) * 2**30)
+        except ValueError:
+            logger.warning("Ignoring %s=%r: not a number of GiB.", MEMORY_ENV, cap)
+        else:
+            free = limit if free is None else min(free, limit)
+    return free
+
+
+def check_memory(hr_shape: Sequence[int], device: torch.device, width: int, in_channels: int,
+                 num_classes: int) -> None:
+    """Raise :class:`VolumeTooLargeError` when a whole-volume forward would not fit in memory."""
+    need = estimate_peak_bytes(hr_shape, width, in_channels, num_classes)
+    if device.type == "cuda":
+        need -= int(MEMORY_BASE_BYTES)  # the interpreter and libraries live in host memory
+    free = available_memory_bytes(device)
+    if free is None:
+        logger.debug("Free memory unknown on %s; skipping the patch-free memory check.", device)
+        return
+    budget = MEMORY_HEADROOM * free
+    if need > budget:
+        side = largest_cube_side(budget if device.type != "cuda" else budget + MEMORY_BASE_BYTES, width)
+        raise VolumeTooLargeError(
+            f"This patch-free model segments the volume in one piece: on a grid of "
+            f"{'x'.join(map(str, hr_shape))} voxels it would need about {need / 2**30:.1f} GiB, but only "
+            f"{free / 2**30:.1f} GiB is free on {device} (up to {budget / 2**30:.1f} GiB usable; at most "
+            f"about {side}^3 voxels fit). Use a device with more memory, crop the image to the region "
+            "of interest, or use a patch-based model such as unet-3d-fullres."
+        )
+
+
+# ----------------------------------------------------------------- inference
+def _width(model: torch.nn.Module) -> int:
+    return int(getattr(model, "width", 32))
+
+
+@torch.inference_mode()
+def forward_whole_volume(
+    model: torch.nn.Module, hr: torch.Tensor, mirror_axes: Sequence[int] = (), device: Any = None
+) -> Generator[Progress, None, torch.Tensor]:
+    """Softmax of a patch-free model on a whole HR-grid volume; a generator (one event per forward).
+
+    Args:
+        model: A PFSeg-like model (``model(lr, guidance)`` returns HR logits) in eval mode.
+        hr: ``(C, *spatial)`` on the preprocessed grid (any size: it is padded to a multiple of 32).
+        mirror_axes: Spatial axes (0-based) mirrored for test-time augmentation (all combinations).
+        device: Where the forward runs (default: the model's device).
+
+    Returns:
+        Probabilities ``(K, *spatial)`` float32 on the CPU.
+    """
+    dev = torch.device(device) if device is not None else next(model.parameters()).device
+    spatial = tuple(hr.shape[1:])
+    target = whole_volume_grid(spatial)
+    inside = center_pad_slices(spatial, target)
+    x = center_pad(hr.to(dev, torch.float32)[None], target)
+    combos = [()] + [
+        c for n in range(1, len(mirror_axes) + 1) for c in itertools.combinations(mirror_axes, n)
+    ]
+    total = None
+    for i, combo in enumerate(combos):
+        dims = [a + 2 for a in combo]
+        xi = torch.flip(x, dims) if dims else x
+        logits = model(downsample(xi), guidance_crop(xi))
+        if isinstance(logits, (tuple, list)):
+            logits = logits[0]
+        probs = torch.softmax(logits.float(), dim=1)
+        if dims:
+            probs = torch.flip(probs, dims)
+        total = probs if total is None else total.add_(probs)
+        del logits
+        yield Progress("tiles", i + 1, len(combos), f"whole volume {'x'.join(map(str, target))}")
+    probs = (total / len(combos))[0][(slice(None), *inside)]
+    return probs.float().cpu()
+
+
+def predict_patchfree(
+    data: np.ndarray,
+    spacing: Sequence[float],
+    ckpts: Sequence[Checkpoint],
+    *,
+    device: Any = "auto",
+    mirror: bool = True,
+    largest_component: bool = False,
+    return_probabilities: bool = False,
+    return_uncertainty: bool = False,
+) -> Generator[Progress, None, Any]:
+    """Segment a channels-first image ``(C, z, y, x)`` with patch-free checkpoints (an ensemble).
+
+    Called by :func:`~napari_medseg.engine.inference.predict`; see the module docstring. Yields
+    ``Progress`` stages ``"preprocess"``, ``"tiles"`` (one per forward over all checkpoints and
+    mirrorings) and ``"postprocess"``; returns a ``PredictionResult``.
+
+    Raises:
+        VolumeTooLargeError: the whole volume does not fit in the device's free memory.
+        CheckpointError: a checkpoint cannot take this image.
+    """
+    from napari_medseg.engine.inference import _finish, _label_names, _plan_of
+    from napari_medseg.engine.preprocessing import preprocess_case, restore_probabilities
+
+    for ck in ckpts:
+        if not is_patchfree(ck):
+            raise CheckpointError(
+                f"A {ck.model_name!r} checkpoint cannot be ensembled with patch-free models: they "
+                "segment whole volumes at another resolution. Predict with them separately."
+            )
+        check_compatible(ck, data.shape[0], data.ndim - 1)  # a 2D image: a clear CheckpointError
+    dev = resolve_device(device)
+
+    def axes(ck: Checkpoint) -> tuple[int, ...]:
+        if not mirror:
+            return ()
+        trained = ck.train_config.get("mirror_axes")
+        return (0, 1, 2) if trained is None else tuple(int(a) for a in trained)
+
+    total = sum(2 ** len(axes(ck)) for ck in ckpts)
+    yield Progress("preprocess", 0, len(ckpts))
+    prepared = []
+    for i, ck in enumerate(ckpts):
+        plan = _plan_of(ck)
+        pre, _, props = preprocess_case(data, spacing, plan)
+        width = int(ck.model_kwargs.get("width", 32))
+        check_memory(whole_volume_grid(pre.shape[1:]), dev, width, ck.in_channels, ck.num_classes)
+        prepared.append((plan, pre, props))
+        yield Progress("preprocess", i + 1, len(ckpts))
+
+    done = 0
+    mean: np.ndarray | None = None
+    for ck, (plan, pre, props) in zip(ckpts, prepared):
+        model = build_model(ck, dev)
+        gen = forward_whole_volume(model, torch.from_numpy(np.ascontiguousarray(pre)), axes(ck), dev)
+        try:
+            while True:
+                try:
+                    event = next(gen)
+                except StopIteration as stop:
+                    probs = stop.value
+                    break
+                yield Progress("tiles", done + event.current, total, event.message)
+        finally:
+            gen.close()
+        done += 2 ** len(axes(ck))
+        del model
+        restored = np.asarray(restore_probabilities(probs.numpy(), props, plan), dtype=np.float32)
+        restored /= len(ckpts)
+        mean = restored if mean is None else np.add(mean, restored, out=mean)
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+
+    yield Progress("postprocess", 0, 1)
+    result = _finish(mean, largest_component, return_probabilities, return_uncertainty)
+    result.label_names = _label_names(ckpts[0])
+    yield Progress("postprocess", 1, 1)
+    return result
+
+
+def is_patchfree(ckpt: Checkpoint) -> bool:
+    """Whether ``ckpt`` holds a patch-free (whole-volume, super-resolving) model."""
+    from napari_medseg.models import get_model_spec
+    from napari_medseg.models.registry import ModelError
+
+    try:
+        spec = get_model_spec(ckpt.model_name)
+    except ModelError:
+        return False
+    return spec.output_scale != 1
+
+
+__all__ = [
+    "HR_DIVISOR",
+    "VolumeTooLargeError",
+    "available_memory_bytes",
+    "check_memory",
+    "center_pad",
+    "downsample",
+    "estimate_peak_bytes",
+    "forward_whole_volume",
+    "guidance_crop",
+    "guidance_mask",
+    "is_patchfree",
+    "largest_cube_side",
+    "padded_shape",
+    "whole_volume_grid",
+    "predict_patchfree",
+]
