@@ -172,9 +172,10 @@ def normalize(
     schemes = _per_channel(plan.normalization, n, "normalization")
     use_mask = _per_channel(plan.use_mask_for_norm or [False], n, "use_mask_for_norm")
     out = np.empty(image.shape, np.float32)
-    for c in range(n):
+    for c in range(n):  # in place in ``out``: no full-size temporaries (the same float32 arithmetic)
         scheme = _NORM_ALIASES.get(str(schemes[c]).lower())
         x = image[c].astype(np.float32, copy=False)
+        y = out[c]
         if scheme is None:
             raise PreprocessingError(
                 f"Unknown normalization {schemes[c]!r} for channel {c}; use 'ct', 'zscore' or 'none'"
@@ -191,18 +192,35 @@ def normalize(
                 raise PreprocessingError(
                     f"intensity_stats[{c}] needs mean, std, percentile_00_5 and percentile_99_5; got {stats}"
                 ) from err
-            x = (np.clip(x, lo, hi) - mean) / max(std, 1e-8)
+            np.clip(x, lo, hi, out=y)
+            y -= mean
+            y /= max(std, 1e-8)
         elif scheme == "zscore":
             m = mask if use_mask[c] and mask is not None else None
             vals = x[m] if m is not None else x
             mean, std = (float(vals.mean()), float(vals.std())) if vals.size else (0.0, 1.0)
-            x = (x - mean) / (std + 1e-8)
+            del vals
+            np.subtract(x, mean, out=y)
+            y /= std + 1e-8
         else:
-            x = x.copy()
+            y[...] = x
         if use_mask[c] and mask is not None:
-            x[~mask] = 0
-        out[c] = x
+            y[~mask] = 0
     return out
+
+
+def _check_finite(img: np.ndarray) -> None:
+    """Refuse NaN / infinite voxels with their counts: what they stand for is the user's call."""
+    finite = np.isfinite(img)
+    if finite.all():
+        return
+    n_nan = int(np.isnan(img).sum())
+    n_inf = int(finite.size - finite.sum()) - n_nan
+    raise PreprocessingError(
+        f"The image contains {n_nan:,} NaN and {n_inf:,} infinite voxel value(s) (of {img.size:,}). "
+        "napari-medseg does not guess what they stand for: replace them (e.g. with the background "
+        "intensity) before segmenting or training."
+    )
 
 
 def preprocess_case(
@@ -235,9 +253,7 @@ def preprocess_case(
     tf, _ = _check_plan(plan)
     if not np.issubdtype(img.dtype, np.floating):
         img = img.astype(np.float32)
-    if not np.all(np.isfinite(img)):
-        logger.warning("Image contains NaN/inf values; they are set to 0")
-        img = np.nan_to_num(img, nan=0.0, posinf=0.0, neginf=0.0)
+    _check_finite(img)
     lab = None
     if label is not None:
         lab = np.asarray(label)
@@ -276,7 +292,8 @@ def preprocess_case(
     target = target_spacing_for(sp_t, plan, keep)
     new_shape = compute_new_shape(img.shape[1:], sp_t, target)
     axis = separate_z_axis(sp_t, target)
-    img = resample_to_shape(img, new_shape, is_seg=False, axis=axis, order=3, order_z=0)
+    if tuple(new_shape) != tuple(img.shape[1:]):  # identity: skip the copy (normalize makes one)
+        img = resample_to_shape(img, new_shape, is_seg=False, axis=axis, order=3, order_z=0)
     needs_mask = any(_per_channel(plan.use_mask_for_norm or [False], img.shape[0], "use_mask_for_norm"))
     if needs_mask:
         mask = resample_to_shape(mask[None].astype(np.uint8), new_shape, True, axis=axis)[0].astype(bool)
@@ -317,7 +334,9 @@ def _check_grid(arr: np.ndarray, props: CaseProperties, what: str) -> None:
         )
 
 
-def restore_probabilities(probs: np.ndarray, props: CaseProperties, plan: Plan) -> np.ndarray:
+def restore_probabilities(
+    probs: np.ndarray, props: CaseProperties, plan: Plan, overwrite_input: bool = False
+) -> np.ndarray:
     """Map class probabilities on the plan grid back onto the original image grid.
 
     Resamples linearly per class (nearest along a separately resampled coarse axis, as nnU-Net's
@@ -328,6 +347,8 @@ def restore_probabilities(probs: np.ndarray, props: CaseProperties, plan: Plan) 
         probs: ``(K, *props.shape_after_resample)`` probabilities (or any per-class scores).
         props: From :func:`preprocess_case`.
         plan: The plan used for preprocessing.
+        overwrite_input: Allow the result to be ``probs`` itself (float32) when nothing needs
+            resampling, transposing or padding back -- no copy of a ``(K, *spatial)`` volume.
 
     Returns:
         ``(K, *props.original_shape)`` float32.
@@ -341,9 +362,14 @@ def restore_probabilities(probs: np.ndarray, props: CaseProperties, plan: Plan) 
     crop_t = [crop_shape[a] for a in tf]
     sp_t = tuple(orig_sp[a] for a in tf)
     axis = separate_z_axis(sp_t, props.spacing_after_resample or tuple(plan.spacing))
-    out = resample_to_shape(probs.astype(np.float32, copy=False), crop_t, False, axis=axis, order=1,
-                            order_z=0, clip=False)
+    out = probs.astype(np.float32, copy=False)
+    if tuple(crop_t) != tuple(out.shape[1:]):
+        out = resample_to_shape(out, crop_t, False, axis=axis, order=1, order_z=0, clip=False)
     out = np.transpose(out, [0] + [1 + a for a in tb])
+    covers = all(lo == 0 and hi == n for (lo, hi), n in zip(bbox, orig_shape))
+    if covers and tuple(out.shape[1:]) == tuple(orig_shape):  # nothing cropped: no padding back
+        out = np.ascontiguousarray(out[:, 0] if props.is_2d_input else out)
+        return out.copy() if not overwrite_input and np.shares_memory(out, probs) else out
     full = np.zeros((probs.shape[0], *orig_shape), np.float32)
     full[0] = 1.0
     full[(slice(None), *_slicer(bbox))] = out

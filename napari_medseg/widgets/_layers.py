@@ -205,3 +205,40 @@ def resolve_image_input(layers: list) -> ImageInput:
         raise InputError(f"Layer {ref.name!r} has {len(shape)} spatial axes; images must be 2D or 3D.")
     spacing = tuple(abs(float(s)) for s in ref.scale[-len(shape):])
     return ImageInput(list(layers), channels, shape, spacing)
+
+
+def check_same_grid(image: ImageInput, layer) -> None:
+    """Refuse a labels layer that does not lie on the image's voxel grid.
+
+    Same shape is not enough: a labels layer with another voxel size, origin or orientation (as
+    napari places it) would teach the model a shifted or stretched segmentation.
+
+    Raises:
+        InputError: the shapes, scale, translate or affine differ.
+    """
+    n = image.spatial_dims
+    if tuple(layer.data.shape) != image.spatial_shape:
+        raise InputError(
+            f"Labels {layer.name!r} have shape {tuple(layer.data.shape)}; the image's is {image.spatial_shape}."
+        )
+    ref = image.spatial_transform()
+    scale = tuple(float(v) for v in layer.scale[-n:])
+    translate = tuple(float(v) for v in layer.translate[-n:])
+    for what, mine, theirs in (("voxel size (scale)", scale, ref["scale"]),
+                               ("origin (translate)", translate, ref["translate"])):
+        if not np.allclose(mine, theirs, rtol=1e-4, atol=1e-4):
+            raise InputError(
+                f"Labels {layer.name!r} are not on the image's grid: {what} {mine} vs the image's "
+                f"{tuple(theirs)}. Use labels made on this image (or resample them to it first)."
+            )
+    # Rotation, shear and affine: the voxel corners must land on the same world points.
+    corners = [np.zeros(n)] + [np.eye(n)[i] * max(image.spatial_shape[i] - 1, 1) for i in range(n)]
+    lead = tuple(0 for _ in range(image.reference.ndim - n))
+    for corner in corners:
+        a = np.asarray(image.reference.data_to_world(lead + tuple(corner)))[-n:]
+        b = np.asarray(layer.data_to_world(tuple(corner)))[-n:]
+        if not np.allclose(a, b, rtol=1e-4, atol=1e-3):
+            raise InputError(
+                f"Labels {layer.name!r} are not on the image's grid: their orientation (rotate, shear or "
+                "affine) differs from the image's. Use labels made on this image (or resample them first)."
+            )

@@ -48,7 +48,7 @@ from ._common import (
     start_engine_worker,
     status_label,
 )
-from ._layers import ChannelPicker, InputError, LayerCombo, resolve_image_input
+from ._layers import ChannelPicker, InputError, LayerCombo, check_same_grid, resolve_image_input
 from ._partial import MODES, tracker_for
 from ._plots import TrainingCurves
 
@@ -388,10 +388,7 @@ class TrainWidget(QWidget):
         layer = self.labels.layer()
         if layer is None:
             raise InputError("Choose a labels layer (paint one, or segment the image first).")
-        if tuple(layer.data.shape) != image.spatial_shape:
-            raise InputError(
-                f"Labels {layer.name!r} have shape {tuple(layer.data.shape)}; the image's is {image.spatial_shape}."
-            )
+        check_same_grid(image, layer)
         mode = self.partial_key()
         if mode == "all":
             labels = np.array(layer.data, dtype=np.int16, copy=True)

@@ -27,6 +27,7 @@ from napari_medseg.engine.checkpoint import (
 from napari_medseg.engine.data import DatasetError, load_raw_dataset
 from napari_medseg.engine.inference import InferenceError, predict
 from napari_medseg.engine.oom import InsufficientMemoryError
+from napari_medseg.engine.preprocessing import PreprocessingError
 from napari_medseg.engine.training import TrainConfig, TrainingError, run_to_completion, train
 from napari_medseg.io import NiftiError, read_nifti, write_nifti
 
@@ -71,6 +72,12 @@ def _train(ws, cases, **kw):
                       epochs=1, iterations_per_epoch=1, val_batches=0, patch_size=(16, 16, 16), batch_size=1,
                       device="cpu", label_names={0: "background", 1: "organ"}, **kw)
     return lambda: run_to_completion(train(cfg, cases))
+
+
+def _with_nonfinite(value, count, image=None):
+    image = np.zeros((16, 16, 16), np.float32) if image is None else np.array(image, np.float32)
+    image.reshape(-1)[:count] = value
+    return image
 
 
 def _predict(ckpt, image, spacing=(1.0, 1.0, 1.0), **kw):
@@ -217,7 +224,13 @@ CASES = [
     ("zero-spacing-file", lambda ws, mp: _later(read_nifti, _pixdim(ws, 0.0)),
      NiftiError, r"voxel spacing \(pixdim\) \[1\.0, 0\.0, 1\.0\] must be finite and non-zero"),
     ("zero-spacing-predict", lambda ws, mp: _predict(make_tiny_checkpoint(ws / "m.pt"), np.zeros((16, 16, 16), np.float32), (1.0, 0.0, 1.0)),
-     InferenceError, r"Spacing must be positive, got \(1\.0, 0\.0, 1\.0\)"),
+     InferenceError, r"Spacing must be finite and positive, got \(1\.0, 0\.0, 1\.0\)"),
+    ("nan-spacing-predict", lambda ws, mp: _predict(make_tiny_checkpoint(ws / "m.pt"), np.zeros((16, 16, 16), np.float32), (1.0, float("nan"), 1.0)),
+     InferenceError, r"Spacing must be finite and positive, got \(1\.0, nan, 1\.0\)"),
+    ("nan-image-predict", lambda ws, mp: _predict(make_tiny_checkpoint(ws / "m.pt"), _with_nonfinite(np.nan, 5)),
+     PreprocessingError, r"The image contains 5 NaN and 0 infinite voxel value\(s\) \(of 4,096\)\. .*replace them"),
+    ("inf-image-training", lambda ws, mp: _train(ws, [(_with_nonfinite(np.inf, 3, phantom_cases(1)[0][0]), phantom_cases(1)[0][1], (1, 1, 1))]),
+     PreprocessingError, r"The image contains 0 NaN and 3 infinite voxel value\(s\) \(of 16,384\)"),
     ("nan-affine", lambda ws, mp: _later(read_nifti, _nan_srow(ws)),
      NiftiError, r"a\.nii: (the affine \(qform/sform\) contains non-finite values|the NIfTI header is corrupt)"),
     ("nan-labels-write", lambda ws, mp: _later(write_nifti, ws / "out.nii.gz", np.full((4, 5, 6), np.nan, np.float32), is_label=True),
@@ -366,4 +379,32 @@ def test_viewer_save_to_unwritable_location(make_napari_viewer, qtbot, tmp_path)
     before, files = _layer_state(viewer), tree_hashes(tmp_path / "ws")
     assert widget.save_labels(str(blocker / "seg.nii.gz")) == []
     assert "Could not save" in widget.status.text() and "is not a folder" in widget.status.text()
+    assert _layer_state(viewer) == before and tree_hashes(tmp_path / "ws") == files
+
+
+@pytest.mark.gui
+@pytest.mark.parametrize(("change", "message"), [
+    ({"scale": (2.0, 1.0, 1.0)}, r"voxel size \(scale\) \(2\.0, 1\.0, 1\.0\) vs the image's \(1\.0, 1\.0, 1\.0\)"),
+    ({"translate": (0.0, 5.0, 0.0)}, r"origin \(translate\) \(0\.0, 5\.0, 0\.0\)"),
+    ({"rotate": 30}, r"their orientation \(rotate, shear or affine\) differs"),
+], ids=["other-spacing", "other-origin", "other-orientation"])
+def test_viewer_labels_on_another_grid_are_refused(make_napari_viewer, tmp_path, change, message):
+    """Same shape, other geometry: training on them would teach a shifted segmentation."""
+    import re
+
+    from napari_medseg.widgets._train import TrainWidget
+
+    viewer = _viewer_with_scan(make_napari_viewer)
+    image = viewer.layers["scan"].data
+    viewer.add_labels((image > image.mean()).astype(np.uint8), name="other grid", **change)
+    widget = TrainWidget(viewer)
+    viewer.window.add_dock_widget(widget, name="Train")
+    widget.labels.set_layer(viewer.layers["other grid"])
+    widget.output.setText(str(tmp_path / "ws" / "run"))
+    (tmp_path / "ws").mkdir(exist_ok=True)
+    before, files = _layer_state(viewer), tree_hashes(tmp_path / "ws")
+    widget.train_button.click()
+    assert not widget.running
+    assert re.search(message, widget.status.text()), widget.status.text()
+    assert "not on the image's grid" in widget.status.text()
     assert _layer_state(viewer) == before and tree_hashes(tmp_path / "ws") == files
