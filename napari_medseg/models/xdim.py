@@ -63,6 +63,19 @@ def _check_divisible(x: torch.Tensor, axes: Sequence[int], divisor: int, model: 
         )
 
 
+def _check_batchnorm(module: nn.Module, x: torch.Tensor, model: str) -> None:
+    """BatchNorm in training needs more than one value per channel at the stride-32 level."""
+    if not module.training:
+        return
+    deepest = x.shape[0] * math.prod(max(s // 32, 1) for s in x.shape[2:])
+    if deepest < 2:
+        raise ModelError(
+            f"{model} uses BatchNorm, which in training needs more than one value per channel at its "
+            f"deepest level (stride 32); batch {x.shape[0]} of {tuple(x.shape[2:])} gives one. Use a batch "
+            "size of at least 2, or a patch of at least 64 along one axis."
+        )
+
+
 class _ConvBNAct(nn.Sequential):
     def __init__(self, cin: int, cout: int, dims: int, act: str):
         conv = nn.Conv2d if dims == 2 else Conv3d
@@ -205,6 +218,7 @@ class OmniaNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_divisible(x, (2, 3), 32, "Omnia-Net")
+        _check_batchnorm(self, x, "Omnia-Net")
         n = self.stem(x) if self.stem is not None else None
         feats = self.encoder(n if n is not None else x)
         skips = feats[-2::-1] + [n]
@@ -262,6 +276,7 @@ class DXNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_divisible(x, (2, 3, 4), 32, "DX-Net")
+        _check_batchnorm(self, x, "DX-Net")
         n = self.stem(x)
         feats = self.encoder(n)
         y = feats[-1]

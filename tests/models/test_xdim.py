@@ -323,3 +323,16 @@ def test_ds_net_parameter_count_follows_the_design():
         dec += 2 * cin * cin + cin + 3 * _conv(cin + cout, cout)
     last = 3 * _conv(w[0], classes) + classes
     assert count_parameters(net) == enc + backbone + d2 + dec + last
+
+
+def test_batchnorm_single_value_is_explained():
+    """Batch 1 of a 32-pixel patch leaves BatchNorm one value per channel: say what to change."""
+    from napari_medseg.models import ModelError, create_model
+
+    model = create_model("omnia-net-b0", 1, 2, 2, decoder_widths=[32, 16, 16, 8, 8]).train()
+    with pytest.raises(ModelError, match=r"batch 1 of \(32, 32\) gives one\. Use a batch size of at least 2"):
+        model(torch.zeros(1, 1, 32, 32))
+    assert model(torch.zeros(2, 1, 32, 32)).shape == (2, 2, 32, 32)
+    assert model(torch.zeros(1, 1, 64, 32)).shape == (1, 2, 64, 32)
+    model.eval()
+    assert model(torch.zeros(1, 1, 32, 32)).shape == (1, 2, 32, 32)  # inference: running statistics
