@@ -130,22 +130,37 @@ class TrainingData:
     label_names: dict[int, str]
     fingerprint: dict = field(default_factory=dict)
     val_is_train: bool = False
+    source: Checkpoint | None = None  # the resume / fine-tune checkpoint, loaded once
 
 
-def _architecture_kwargs(model_name: str, plan: Plan, config: TrainConfig) -> dict:
-    """Kwargs for ``create_model``: the plan's kernels where the model takes them, then the user's."""
+def _source_checkpoint(config: TrainConfig, loaded: Checkpoint | None = None) -> Checkpoint | None:
+    """The checkpoint a run resumes or fine-tunes from (``loaded`` when it is that one), else None."""
+    path = config.resume or config.init_checkpoint
+    if not path:
+        return None
+    if loaded is not None and loaded.path and os.path.realpath(loaded.path) == os.path.realpath(path):
+        return loaded
+    return load_checkpoint(path, map_location="cpu")
+
+
+def _architecture_kwargs(
+    model_name: str, plan: Plan, config: TrainConfig, source: Checkpoint | None = None
+) -> dict:
+    """Kwargs for ``create_model``: the plan's kernels where the model takes them, then the user's.
+
+    ``source`` is the resume / fine-tune checkpoint when the caller has it loaded already.
+    """
     from ..models import accepted_kwargs, get_model_spec
 
     spec = get_model_spec(model_name)
     accepted = set(accepted_kwargs(model_name))
     kwargs: dict[str, Any] = {}
-    source = config.resume or config.init_checkpoint
-    if source:
+    ckpt = _source_checkpoint(config, source)
+    if ckpt is not None:
         # Resuming or fine-tuning keeps the checkpoint's architecture; the user's kwargs still win.
-        ckpt = load_checkpoint(source)
         if ckpt.model_name != model_name:
             raise TrainingError(
-                f"The checkpoint {source} holds a {ckpt.model_name!r} model; the run asks for {model_name!r}."
+                f"The checkpoint {ckpt.path} holds a {ckpt.model_name!r} model; the run asks for {model_name!r}."
             )
         kwargs.update(ckpt.model_kwargs)
     elif spec.configurable_by_plan:
@@ -193,7 +208,8 @@ def prepare_data(config: TrainConfig, data: Any) -> Generator[Progress, None, Tr
     if config.label_names:
         label_names = {int(k): v for k, v in config.label_names.items()}
 
-    plan = _plan_from_checkpoints(config)
+    source = _source_checkpoint(config)
+    plan = Plan.from_dict(source.plan) if source is not None else None
     fingerprint: dict = {}
     if plan is None:
         yield Progress("plan", 0, 1, "computing the dataset fingerprint")
@@ -289,7 +305,9 @@ def prepare_data(config: TrainConfig, data: Any) -> Generator[Progress, None, Tr
     val_idx, train_idx = set(order[:n_val].tolist()), order[n_val:].tolist()
     train_cases = [cases[i] for i in train_idx]
     val_cases = [cases[i] for i in sorted(val_idx)] or train_cases
-    return TrainingData(train_cases, val_cases, plan, label_names, fingerprint, val_is_train=not val_idx)
+    return TrainingData(
+        train_cases, val_cases, plan, label_names, fingerprint, val_is_train=not val_idx, source=source
+    )
 
 
 def _as_case_arrays(item) -> tuple[np.ndarray, np.ndarray | None, tuple]:
@@ -333,13 +351,6 @@ def _check_labels(
     if need_foreground and not any_fg:
         # Fine-tuning may learn from background-only corrections (erased false positives).
         raise TrainingError("The labels are empty: no case has any foreground voxel to learn from.")
-
-
-def _plan_from_checkpoints(config: TrainConfig) -> Plan | None:
-    for path in (config.resume, config.init_checkpoint):
-        if path:
-            return Plan.from_dict(load_checkpoint(path).plan)
-    return None
 
 
 _RECIPE_DEFAULTS = {
@@ -392,7 +403,7 @@ class Trainer:
         self.messages: list[str] = []
         torch.manual_seed(config.seed)
         np.random.seed(config.seed % (2**32))
-        self.model_kwargs = _architecture_kwargs(config.model, self.plan, config)
+        self.model_kwargs = _architecture_kwargs(config.model, self.plan, config, data.source)
         self.model = self.build_model().to(self.device)
         self.loss_fn = self.build_loss()
         self.optimizer = self.build_optimizer()
@@ -622,8 +633,9 @@ class Trainer:
 
     def _load_initial_weights(self) -> None:
         cfg = self.config
+        ckpt = _source_checkpoint(cfg, self.data.source)
+        self.data.source = None  # the weights are in the model now: let the loaded copy go
         if cfg.resume:
-            ckpt = load_checkpoint(cfg.resume, map_location="cpu")
             self._check_same_arch(ckpt)
             self.model.load_state_dict(ckpt.state_dict)
             if ckpt.optimizer_state:
@@ -633,7 +645,6 @@ class Trainer:
             self.best_dice = float(ckpt.extra.get("best_dice", -math.inf)) if ckpt.extra else -math.inf
             self.messages.append(f"Resumed from {cfg.resume} at epoch {self.start_epoch}.")
         elif cfg.init_checkpoint:
-            ckpt = load_checkpoint(cfg.init_checkpoint, map_location="cpu")
             skipped = load_weights_for_finetune(self.model, ckpt)
             msg = f"Fine-tuning from {cfg.init_checkpoint}"
             if skipped:
