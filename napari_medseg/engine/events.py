@@ -7,6 +7,7 @@ CLI to tqdm. Events are plain, immutable and cheap to create.
 
 from __future__ import annotations
 
+from collections.abc import Generator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -75,3 +76,17 @@ class Message:
 
     text: str
     level: str = "info"  # "info" | "warning" | "error"
+
+
+def collect(gen: Generator[Any, None, Any]) -> tuple[list[Any], Any]:
+    """Drive an engine generator to its end: ``(every event it yielded, the value it returned)``.
+
+    For scripts and tests that want the events too; ``training.run_to_completion`` keeps only the
+    result.
+    """
+    events: list[Any] = []
+    while True:
+        try:
+            events.append(next(gen))
+        except StopIteration as stop:
+            return events, stop.value

@@ -41,7 +41,7 @@ from .patchfree import (
     whole_volume_grid,
 )
 from .pfseg_losses import PFSegLoss, segmentation_loss
-from .training import Trainer, TrainingError
+from .training import DiceCounts, Trainer, TrainingError
 
 logger = logging.getLogger(__name__)
 
@@ -184,8 +184,7 @@ class PFSegTrainer(Trainer):
         if self.config.val_batches <= 0:
             return None, {}
         self.model.eval()
-        k = self.num_classes
-        tp, fp, fn = (torch.zeros(k, dtype=torch.float64) for _ in range(3))
+        counts = DiceCounts(self.num_classes)
         losses = []
         for case in self.data.val_cases[: self.config.val_batches]:
             image = torch.from_numpy(np.asarray(case.image, np.float32))
@@ -198,18 +197,8 @@ class PFSegTrainer(Trainer):
                 out = self.unwrapped_model(downsample(hr), guidance_crop(hr))
             logits = (out[0] if isinstance(out, (tuple, list)) else out)[inside].float()
             losses.append(float(segmentation_loss(logits, label)))
-            pred, ref = logits.argmax(1).cpu(), label[:, 0].cpu()
-            for c in range(1, k):
-                p, r = pred == c, ref == c
-                tp[c] += float((p & r).sum())
-                fp[c] += float((p & ~r).sum())
-                fn[c] += float((~p & r).sum())
-        dice = {}
-        for c in range(1, k):
-            denom = 2 * tp[c] + fp[c] + fn[c]
-            name = self.data.label_names.get(c, f"class_{c}")
-            dice[name] = float(2 * tp[c] / denom) if denom > 0 else float("nan")
-        return float(np.mean(losses)), dice
+            counts.add(logits.argmax(1).cpu(), label[:, 0].cpu())
+        return float(np.mean(losses)), counts.dice(self.data.label_names)
 
 
 __all__ = ["PFSegTrainer", "WholeVolumeSampler", "sr_target", "whole_volume_shape"]

@@ -378,6 +378,32 @@ def resolve_recipe(config: TrainConfig) -> TrainConfig:
     return replace(config, **values) if values else config
 
 
+class DiceCounts:
+    """Per-class TP / FP / FN pooled over validation batches, and the Dice they give."""
+
+    def __init__(self, num_classes: int):
+        self.tp = torch.zeros(num_classes, dtype=torch.float64)
+        self.fp = torch.zeros_like(self.tp)
+        self.fn = torch.zeros_like(self.tp)
+
+    def add(self, pred: torch.Tensor, ref: torch.Tensor, ignore_label: int | None = None) -> None:
+        """Count a batch of predicted and reference label maps (voxels with ``ignore_label`` skipped)."""
+        valid = ref != ignore_label if ignore_label is not None else torch.ones_like(ref, dtype=torch.bool)
+        for c in range(1, len(self.tp)):
+            p, r = (pred == c) & valid, (ref == c) & valid
+            self.tp[c] += float((p & r).sum())
+            self.fp[c] += float((p & ~r).sum())
+            self.fn[c] += float((~p & r).sum())
+
+    def dice(self, label_names: dict[int, str]) -> dict[str, float]:
+        """Dice per foreground class, by name (NaN where the class is absent from both)."""
+        out = {}
+        for c in range(1, len(self.tp)):
+            denom = 2 * self.tp[c] + self.fp[c] + self.fn[c]
+            out[label_names.get(c, f"class_{c}")] = float(2 * self.tp[c] / denom) if denom > 0 else float("nan")
+        return out
+
+
 class Trainer:
     """The training loop as a handful of hooks; variants override one hook (convention 8).
 
@@ -545,10 +571,7 @@ class Trainer:
             oversample_foreground=self.config.oversample_foreground, seed=self.val_sampler_seed,
             ignore_label=self.config.ignore_label,
         )
-        k = self.num_classes
-        tp = torch.zeros(k, dtype=torch.float64)
-        fp = torch.zeros_like(tp)
-        fn = torch.zeros_like(tp)
+        counts = DiceCounts(self.num_classes)
         losses = []
         for _ in range(self.config.val_batches):
             images, labels = self.prepare_batch(*sampler.sample(), train=False)
@@ -558,23 +581,10 @@ class Trainer:
                     out = out[0]
                 base = self.loss_fn.loss if hasattr(self.loss_fn, "loss") else self.loss_fn
                 losses.append(float(base(out, labels)))
-            pred = out.argmax(1)
-            ref = labels[:, 0]
-            valid = torch.ones_like(ref, dtype=torch.bool)
-            if self.config.ignore_label is not None:
-                valid = ref != self.config.ignore_label
-            for c in range(1, k):
-                p, r = (pred == c) & valid, (ref == c) & valid
-                tp[c] += float((p & r).sum())
-                fp[c] += float((p & ~r).sum())
-                fn[c] += float((~p & r).sum())
+            counts.add(out.argmax(1), labels[:, 0], self.config.ignore_label)
         if self.world_size > 1:
-            tp, fp, fn = ddp.all_reduce_sum(tp, fp, fn)
-        dice = {}
-        for c in range(1, k):
-            denom = 2 * tp[c] + fp[c] + fn[c]
-            dice[self.data.label_names.get(c, f"class_{c}")] = float(2 * tp[c] / denom) if denom > 0 else float("nan")
-        return ddp.all_reduce_mean(float(np.mean(losses))), dice
+            counts.tp, counts.fp, counts.fn = ddp.all_reduce_sum(counts.tp, counts.fp, counts.fn)
+        return ddp.all_reduce_mean(float(np.mean(losses))), counts.dice(self.data.label_names)
 
     def on_epoch_end(self, event: EpochEnd) -> None:
         self.history.append(asdict(event))

@@ -203,6 +203,28 @@ def shutdown_worker(worker, stop: threading.Event | None, timeout: float = 120.0
     return finished
 
 
+class EngineJobOwner:
+    """For widgets that run one engine job at a time in ``self.worker``.
+
+    The widget keeps ``worker`` and ``_stop`` (from :func:`start_engine_worker`) and ``_progress``
+    (a :class:`ProgressRelay` or None).
+    """
+
+    worker = None
+    _stop: threading.Event | None = None
+    _progress = None
+
+    def shutdown(self, timeout: float = 120.0) -> bool:
+        """Viewer closing: stop the job at its next yield and wait for its thread (training saves
+        ``checkpoint_latest.pt`` first; prediction adds nothing)."""
+        worker, stop = self.worker, self._stop
+        self.worker = None
+        if self._progress is not None:
+            self._progress.close()
+            self._progress = None
+        return shutdown_worker(worker, stop, timeout)
+
+
 class _CloseWatcher(QObject):
     """Calls ``callback`` when the watched window receives its Close event."""
 

@@ -30,6 +30,7 @@ from qtpy.QtWidgets import (
 from ._common import (
     CheckpointPicker,
     DeviceCombo,
+    EngineJobOwner,
     ModelCombo,
     ProgressRelay,
     Stopped,
@@ -37,7 +38,6 @@ from ._common import (
     on_viewer_close,
     short_path,
     show_status,
-    shutdown_worker,
     start_engine_worker,
     status_label,
 )
@@ -46,7 +46,7 @@ from ._layers import ChannelPicker, InputError, LayerCombo, resolve_image_input
 logger = logging.getLogger(__name__)
 
 
-class SegmentWidget(QWidget):
+class SegmentWidget(EngineJobOwner, QWidget):
     """Segment an image layer with a trained checkpoint (sliding window, optional mirroring TTA).
 
     Args:
@@ -233,15 +233,6 @@ class SegmentWidget(QWidget):
             return
         self._stop.set()  # the worker closes the engine at its next tile and returns Stopped
         show_status(self.status, "Cancelling...")
-
-    def shutdown(self, timeout: float = 120.0) -> bool:
-        """Stop a running prediction (viewer closing) and wait for its thread; nothing is added."""
-        worker, stop = self.worker, self._stop
-        self.worker = None
-        if self._progress is not None:
-            self._progress.close()
-            self._progress = None
-        return shutdown_worker(worker, stop, timeout)
 
     def _on_event(self, event) -> None:
         stage = getattr(event, "stage", None)

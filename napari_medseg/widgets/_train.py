@@ -37,6 +37,7 @@ from qtpy.QtWidgets import (
 from ._common import (
     CheckpointPicker,
     DeviceCombo,
+    EngineJobOwner,
     ModelCombo,
     ProgressRelay,
     Stopped,
@@ -44,7 +45,6 @@ from ._common import (
     on_viewer_close,
     short_path,
     show_status,
-    shutdown_worker,
     start_engine_worker,
     status_label,
 )
@@ -57,7 +57,7 @@ logger = logging.getLogger(__name__)
 _ARCH_KEYS_FROM_PLAN = ("pool_kernels", "conv_kernels", "deep_supervision")
 
 
-class TrainWidget(QWidget):
+class TrainWidget(EngineJobOwner, QWidget):
     """Train a model from scratch or fine-tune a checkpoint, with live loss and Dice curves.
 
     Args:
@@ -468,18 +468,6 @@ class TrainWidget(QWidget):
         if self.worker is not None:
             self._stop.set()
             show_status(self.status, "Stopping (saving checkpoint_latest.pt)...")
-
-    def shutdown(self, timeout: float = 120.0) -> bool:
-        """Viewer closing: stop training at its next iteration and wait for the worker thread.
-
-        The engine saves ``checkpoint_latest.pt`` (atomically) before its thread ends.
-        """
-        worker, stop = self.worker, self._stop
-        self.worker = None
-        if self._progress is not None:
-            self._progress.close()
-            self._progress = None
-        return shutdown_worker(worker, stop, timeout)
 
     def resume(self) -> None:
         """Continue the stopped run from its ``checkpoint_latest.pt``."""

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from napari_medseg.engine.checkpoint import build_model, load_checkpoint
-from napari_medseg.engine.events import EpochEnd
+from napari_medseg.engine.events import EpochEnd, collect
 from napari_medseg.engine.inference import predict
 from napari_medseg.engine.training import (
     TrainConfig,
@@ -45,14 +45,7 @@ def test_loss_decreases_and_checkpoint_round_trips(tmp_path, model, shape, patch
         configuration="2d" if len(patch) == 2 else "3d_fullres", lr_schedule="constant",
         label_names={0: "background", 1: "ellipsoid"}, early_stopping_patience=0,
     )
-    events = []
-    gen = train(cfg, _cases(shape))
-    while True:
-        try:
-            events.append(next(gen))
-        except StopIteration as stop:
-            path = stop.value
-            break
+    events, path = collect(train(cfg, _cases(shape)))
     losses = [e.train_loss for e in events if isinstance(e, EpochEnd)]
     assert len(losses) == 4
     assert losses[-1] < losses[0], losses
@@ -90,15 +83,7 @@ def test_early_stopping_stops(tmp_path):
     cfg = TrainConfig(output_dir=str(tmp_path / "run"), model="unet-2d", model_kwargs=CASES[5][3], epochs=50,
                       iterations_per_epoch=1, val_batches=1, patch_size=(32, 32), batch_size=2, device="cpu",
                       lr=0.0, early_stopping_patience=2)  # lr 0: the validation loss never improves
-    events = list(_drain(train(cfg, _cases((8, 32, 32), n=1))))
+    events, _ = collect(train(cfg, _cases((8, 32, 32), n=1)))
     epochs = [e for e in events if isinstance(e, EpochEnd)]
     assert len(epochs) == 3
     assert load_checkpoint(str(tmp_path / "run" / "checkpoint_final.pt")).epoch == 2
-
-
-def _drain(gen):
-    while True:
-        try:
-            yield next(gen)
-        except StopIteration:
-            return

@@ -23,15 +23,7 @@ from napari_medseg.engine.checkpoint import (
 )
 from napari_medseg.engine.planning import Plan
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors gain nothing from threads, and on a busy 2-core machine OpenMP spinning makes
-    them ~100x slower; run these tests single-threaded."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 MODEL = "unet-3d-fullres"

@@ -26,12 +26,7 @@ from napari_medseg.models import create_model
 SHAPE = (20, 28, 26)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _checkpoint(path, model_name="pfseg", num_classes=3, kwargs=None):

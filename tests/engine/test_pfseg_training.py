@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from napari_medseg.engine.checkpoint import build_model, load_checkpoint
-from napari_medseg.engine.events import EpochEnd, Message
+from napari_medseg.engine.events import EpochEnd, Message, collect
 from napari_medseg.engine.patchfree import whole_volume_grid
 from napari_medseg.engine.pfseg_training import PFSegTrainer, WholeVolumeSampler, sr_target
 from napari_medseg.engine.training import (
@@ -24,12 +24,7 @@ from napari_medseg.io.phantom import make_phantom
 SHAPE = (24, 30, 30)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _cases(n=2, num_classes=3):
@@ -75,14 +70,7 @@ def test_sr_target_is_min_max_per_sample():
 
 
 def test_train_dispatches_to_pfseg_and_the_loss_decreases(tmp_path):
-    events = []
-    gen = train(_config(tmp_path), _cases())
-    while True:
-        try:
-            events.append(next(gen))
-        except StopIteration as stop:
-            path = stop.value
-            break
+    events, path = collect(train(_config(tmp_path), _cases()))
     assert any(isinstance(e, Message) and "whole volumes padded to 32x32x64" in e.text for e in events)
     epochs = [e for e in events if isinstance(e, EpochEnd)]
     losses = [e.train_loss for e in epochs]

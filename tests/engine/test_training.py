@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from napari_medseg.engine.checkpoint import load_checkpoint
-from napari_medseg.engine.events import EpochEnd, Progress
+from napari_medseg.engine.events import EpochEnd, Progress, collect
 from napari_medseg.engine.training import (
     TrainConfig,
     Trainer,
@@ -42,14 +42,7 @@ def _config(tmp_path, **kw):
 
 
 def test_events_and_checkpoint(tmp_path):
-    gen = train(_config(tmp_path), _cases())
-    events = []
-    while True:
-        try:
-            events.append(next(gen))
-        except StopIteration as stop:
-            path = stop.value
-            break
+    events, path = collect(train(_config(tmp_path), _cases()))
     epochs = [e for e in events if isinstance(e, EpochEnd)]
     assert [e.epoch for e in epochs] == [0, 1]
     assert all(np.isfinite(e.train_loss) for e in epochs)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from napari_medseg.engine.checkpoint import build_model, load_checkpoint
-from napari_medseg.engine.events import EpochEnd
+from napari_medseg.engine.events import EpochEnd, collect
 from napari_medseg.engine.optim import Lookahead
 from napari_medseg.engine.training import (
     TrainConfig,
@@ -41,15 +41,6 @@ def _cases(shape, n=2):
     return [(*make_phantom(shape, seed=i, noise=0.2), (1.0, 1.0, 1.0)) for i in range(n)]
 
 
-def _run(gen):
-    events = []
-    while True:
-        try:
-            events.append(next(gen))
-        except StopIteration as stop:
-            return events, stop.value
-
-
 @pytest.mark.parametrize(("model", "shape", "patch", "kwargs", "lr"), CASES, ids=[c[0] for c in CASES])
 def test_loss_decreases_and_checkpoint_round_trips(tmp_path, model, shape, patch, kwargs, lr):
     torch.set_num_threads(1)
@@ -60,7 +51,7 @@ def test_loss_decreases_and_checkpoint_round_trips(tmp_path, model, shape, patch
         configuration="2d" if len(patch) == 2 else "3d_fullres", lr_schedule="constant",
         label_names={0: "background", 1: "ellipsoid"}, early_stopping_patience=0,
     )
-    events, path = _run(train(cfg, _cases(shape)))
+    events, path = collect(train(cfg, _cases(shape)))
     losses = [e.train_loss for e in events if isinstance(e, EpochEnd)]
     assert len(losses) == 2 and losses[-1] < losses[0], losses
     ckpt = load_checkpoint(path)
@@ -86,7 +77,7 @@ def test_recipe_gives_lookahead_nadam_and_resume_restores_it(tmp_path):
     assert isinstance(trainer.optimizer, Lookahead)
     assert isinstance(trainer.optimizer.optimizer, torch.optim.NAdam)
     assert trainer.config.lr == pytest.approx(1e-3) and trainer.config.optimizer == "lookahead_nadam"
-    _, path = _run(trainer.run())
+    _, path = collect(trainer.run())
     saved = load_checkpoint(path).optimizer_state
     resumed = Trainer(TrainConfig(**{**cfg.to_dict(), "patch_size": (32, 32), "resume": path, "epochs": 2,
                                      "output_dir": str(tmp_path / "b")}), data)

@@ -9,13 +9,7 @@ import torch.nn.functional as F
 from napari_medseg.models import ModelError, count_parameters, create_model, get_model_spec
 from napari_medseg.models.pfseg import DoubleConv, PFSeg
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny 3D convs: threads only add overhead on a busy CI machine
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _dc(i: int, o: int) -> int:

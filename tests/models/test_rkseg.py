@@ -15,13 +15,7 @@ from napari_medseg.models.rkseg import RKSeg
 NAMES = ["rkseg-l", "rkseg-r"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster and immune to a busy CI machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def spec_formula(cin: int, c: int, k: int, n: int, classes: int) -> int:

@@ -12,13 +12,7 @@ from napari_medseg.models.sdn import SDN, ResSDN, SDNNestedUNet, SDNSweep, SDNUN
 TINY = {"n_layers": 2, "sdn_n_layers": 1, "state_size": 8, "base_width": 4}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster and immune to a busy CI machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def reference_sweep(states: torch.Tensor, sweep: SDNSweep) -> torch.Tensor:

@@ -12,7 +12,7 @@ import torch
 from rel_helpers import make_tiny_checkpoint, phantom_cases
 
 from napari_medseg.engine import inference
-from napari_medseg.engine.events import Message, Progress
+from napari_medseg.engine.events import Message, Progress, collect
 from napari_medseg.engine.inference import predict, sliding_window
 from napari_medseg.engine.oom import (
     InsufficientMemoryError,
@@ -70,15 +70,6 @@ def _patch_forward(monkeypatch, fail):
     return calls
 
 
-def _drive(gen):
-    events = []
-    while True:
-        try:
-            events.append(next(gen))
-        except StopIteration as stop:
-            return events, stop.value
-
-
 @pytest.mark.parametrize("make", OOMS, ids=OOM_IDS)
 def test_predict_retries_with_fewer_tiles(tmp_path, monkeypatch, make):
     ckpt = make_tiny_checkpoint(tmp_path / "m.pt")
@@ -86,7 +77,7 @@ def test_predict_retries_with_fewer_tiles(tmp_path, monkeypatch, make):
     kw = dict(device="cpu", mirror=False, step=0.5)
     reference = run_to_completion(predict(image, (1.0, 1.0, 1.0), [ckpt], batch_size=1, **kw))
     calls = _patch_forward(monkeypatch, lambda x: make() if x.shape[0] > 1 else None)
-    events, result = _drive(predict(image, (1.0, 1.0, 1.0), [ckpt], batch_size=4, **kw))
+    events, result = collect(predict(image, (1.0, 1.0, 1.0), [ckpt], batch_size=4, **kw))
     notes = [e.message for e in events if isinstance(e, Progress) and e.message.startswith("Out of memory")]
     assert len(notes) == 2, notes
     assert "retrying with 2 tile(s) per batch" in notes[0] and "4 tile(s) per batch" in notes[0]
@@ -109,7 +100,7 @@ def test_accumulates_on_cpu_after_fewer_tiles(tmp_path):
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB")
         return sliding_window(predictor, image, (8, 8, 8), 2, batch_size=bs, accumulate_device=acc)
 
-    events, logits = _drive(sliding_window_with_fallback(make_window, 2, "cuda", "cuda:0"))
+    events, logits = collect(sliding_window_with_fallback(make_window, 2, "cuda", "cuda:0"))
     assert tried == [(2, "cuda"), (1, "cuda"), (1, "cpu")]
     assert any("accumulating on cpu" in e.message for e in events)
     expected = run_to_completion(sliding_window(predictor, image, (8, 8, 8), 2, batch_size=2))
@@ -171,7 +162,7 @@ def test_training_halves_batch_and_patch_and_says_so(tmp_path, monkeypatch, make
         epochs=1, iterations_per_epoch=2, val_batches=1, patch_size=(16, 16, 16), batch_size=2, device="cpu",
         label_names={0: "background", 1: "ellipsoid"}, augment=False,
     )
-    events, path = _drive(train(cfg, phantom_cases(2)))
+    events, path = collect(train(cfg, phantom_cases(2)))
     notes = [e for e in events if isinstance(e, Message) and e.text.startswith("Out of memory")]
     assert len(notes) == 1, [getattr(e, "text", e) for e in events]
     assert notes[0].level == "warning"
