@@ -165,6 +165,14 @@ def _other_arch(ws):
     return lambda: build_model(ws / "m.pt")
 
 
+def _finetune_other_model(ws):
+    """Fine-tune an RKSeg run from a U-Net checkpoint: the architectures cannot share weights."""
+    ckpt = make_tiny_checkpoint(ws / "unet.pt")
+    cfg = TrainConfig(output_dir=str(ws / "run"), model="rkseg-l", epochs=1, iterations_per_epoch=1,
+                      val_batches=0, patch_size=(16, 16, 16), batch_size=1, device="cpu", init_checkpoint=ckpt)
+    return lambda: run_to_completion(train(cfg, phantom_cases(1)))
+
+
 def _other_classes(ws):
     path = make_tiny_checkpoint(ws / "m.pt")
     payload = torch.load(path, weights_only=True)
@@ -245,6 +253,8 @@ CASES = [
      TrainingError, r"The labels are empty: no case has any foreground voxel to learn from"),
     ("checkpoint-other-architecture", lambda ws, mp: _other_arch(ws),
      CheckpointError, r"does not fit: .*weight shape|does not fit: the weights"),
+    ("checkpoint-other-model-finetune", lambda ws, mp: _finetune_other_model(ws),
+     TrainingError, r"unet\.pt holds a 'unet-3d-fullres' model; the run asks for 'rkseg-l'"),
     ("checkpoint-other-channels", lambda ws, mp: _predict(make_tiny_checkpoint(ws / "m.pt", in_channels=2), np.zeros((16, 16, 16), np.float32)),
      CheckpointError, r"The checkpoint expects 2 input channel\(s\); the image has 1"),
     ("checkpoint-other-classes", lambda ws, mp: _other_classes(ws),
