@@ -213,6 +213,22 @@ class EngineJobOwner:
     worker = None
     _stop: threading.Event | None = None
     _progress = None
+    _close_watcher = None
+
+    def watch_window_close(self) -> None:
+        """Stop the job when the main window closes (call when a job starts: the widget is docked).
+
+        The window is found from the widget's own parents (Qt's public API): napari hands plugin
+        widgets a proxy of the viewer whose private ``window._qt_window`` must not be used.
+        """
+        root = self
+        while root.parentWidget() is not None:  # a floating dock keeps the main window as parent
+            root = root.parentWidget()
+        if root is self:
+            return  # not docked anywhere: nothing to watch
+        if self._close_watcher is not None and self._close_watcher.parent() is root:
+            return
+        self._close_watcher = _CloseWatcher(root, self.shutdown)
 
     def shutdown(self, timeout: float = 120.0) -> bool:
         """Viewer closing: stop the job at its next yield and wait for its thread (training saves
@@ -242,15 +258,6 @@ class _CloseWatcher(QObject):
             except Exception:  # noqa: BLE001 - closing must go on
                 logger.warning("error while stopping a worker on close", exc_info=True)
         return False
-
-
-def on_viewer_close(viewer, callback: Callable[[], None]) -> None:
-    """Call ``callback`` when ``viewer``'s main window closes (``viewer.close()``, the close button)."""
-    window = getattr(getattr(viewer, "window", None), "_qt_window", None)
-    if window is None:
-        logger.debug("viewer has no Qt window; workers are not stopped on close")
-        return
-    _CloseWatcher(window, callback)
 
 
 class ProgressRelay:

@@ -35,7 +35,6 @@ from ._common import (
     ProgressRelay,
     Stopped,
     describe_checkpoint,
-    on_viewer_close,
     short_path,
     show_status,
     start_engine_worker,
@@ -113,7 +112,6 @@ class SegmentWidget(EngineJobOwner, QWidget):
         self.cancel_button.clicked.connect(self.cancel)
         self.save_button.clicked.connect(lambda: self.save_labels())
         self._on_checkpoint()
-        on_viewer_close(self.viewer, self.shutdown)
 
     # ---------------------------------------------------------------------------- layout
     def _build_layout(self) -> None:
@@ -221,6 +219,7 @@ class SegmentWidget(EngineJobOwner, QWidget):
         self.run_button.setEnabled(False)
         self.cancel_button.setEnabled(True)
         logger.info("predict(%s, %s, %s)", image.reference.name, path, options)
+        self.watch_window_close()
         self.worker, self._stop = start_engine_worker(
             lambda: predict(image.array(), image.spacing, [path], **options),
             on_yield=self._on_event, on_return=self._on_result, on_error=self._on_error,

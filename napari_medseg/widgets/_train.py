@@ -42,7 +42,6 @@ from ._common import (
     ProgressRelay,
     Stopped,
     catalog_events,
-    on_viewer_close,
     short_path,
     show_status,
     start_engine_worker,
@@ -149,7 +148,6 @@ class TrainWidget(EngineJobOwner, QWidget):
 
         self._build_layout()
         self._connect()
-        on_viewer_close(self.viewer, self.shutdown)
         self._on_source()
         self._on_start_from()
         self._on_architecture()
@@ -458,6 +456,7 @@ class TrainWidget(EngineJobOwner, QWidget):
                     f"{short_path(config.output_dir, 1)}")
         self.status.setToolTip(config.output_dir)
         self._log(f"Output: {config.output_dir}")
+        self.watch_window_close()
         self.worker, self._stop = start_engine_worker(
             make_gen, on_yield=self._on_event, on_return=self._on_result, on_error=self._on_error,
             on_finish=self._on_finish,
