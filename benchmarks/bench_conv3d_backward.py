@@ -12,24 +12,13 @@ their ratio (ours / baseline; below 1 is faster).
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
+from _timing import median_time
 from torch import nn
 
 from napari_medseg.models import blocks, create_model
 from napari_medseg.models.fastconv import Conv3d
-
-
-def _median(fn, repeats=3):
-    fn()
-    out = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t0)
-    return statistics.median(out)
 
 
 def layer(cin, cout, shape, fast):
@@ -40,7 +29,7 @@ def layer(cin, cout, shape, fast):
         conv.zero_grad()
         conv(x).sum().backward()
 
-    return _median(step)
+    return median_time(step)
 
 
 def unet_step(fast, patch=(48, 64, 40)):
@@ -61,7 +50,7 @@ def unet_step(fast, patch=(48, 64, 40)):
         nn.functional.cross_entropy(model(x), y).backward()
         opt.step()
 
-    return _median(step)
+    return median_time(step)
 
 
 def main():

@@ -12,10 +12,9 @@ ratio column stays comparable between machines: "x baseline" = model time / base
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
+from _timing import median_time
 
 from napari_medseg.models import count_parameters, create_model, get_model_spec, list_models
 
@@ -29,13 +28,7 @@ OVERRIDE = {"sdn-unet": (128, 128), "sdn-unetpp": (128, 128)}
 
 
 def _time(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return median_time(fn, repeats)  # one warm-up call, then the median of ``repeats``
 
 
 def main() -> None:

@@ -18,11 +18,10 @@ Run on demand (not a test)::
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from collections.abc import Callable
 
 import torch
+from _timing import median_time
 
 from napari_medseg.models.registry import count_parameters, create_model
 from napari_medseg.models.rkseg import rkseg_l  # noqa: F401  (registers the RKSeg models)
@@ -62,13 +61,7 @@ def loop_sweep(states: torch.Tensor, sweep: SDNSweep) -> torch.Tensor:
 
 
 def _time(fn: Callable[[], object], repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return median_time(fn, repeats)  # one warm-up call, then the median of ``repeats``
 
 
 def bench_sweep(repeats: int, state_size: int = 150, with_layer: bool = True) -> None:

@@ -240,7 +240,8 @@ def sliding_window(
             :func:`optimize_predictor`).
         amp: Run the predictor under ``torch.autocast`` (float16) -- ``None``: on CUDA only.
         accumulate_dtype: dtype of the accumulator and of the result; ``torch.float16`` halves the
-            accumulator's memory on a GPU (on the CPU it is slower than float32).
+            accumulator's memory on a GPU (on the CPU it is slower than float32). In half
+            precision each axis of the tile weight is floored at 0.1, so that no weight rounds to 0.
 
     Yields:
         ``Progress("tiles", done, total)`` after every predictor call; ``total`` is the number of
@@ -289,6 +290,9 @@ def sliding_window(
     # The tile weight, a product of per-axis factors; the mirror average (a power of two: exact) is
     # folded into it, so each tile costs one fused multiply-add into the accumulator.
     factors = _axis_weights(patch, gaussian)
+    if accumulate_dtype in (torch.float16, torch.bfloat16):
+        # Corner weights (~1e-10 in 3D) would round to 0 in half precision: floor each axis at 0.1.
+        factors = [f.clamp(min=0.1) for f in factors]
     if slicewise:
         factors = [torch.ones(1, dtype=torch.float64), *factors]
     weight = _outer(factors).to(torch.float32)
@@ -367,8 +371,14 @@ def _normalise_by_coverage(
     step = max(1, slab_voxels // max(rest.numel(), 1))
     for z0 in range(0, logits.shape[1], step):
         cz = per_axis[0][z0 : z0 + step].reshape(-1, *([1] * rest.ndim))
-        denom = (cz * rest).to(device=logits.device, dtype=logits.dtype)
-        logits[:, z0 : z0 + step] /= denom
+        exact = logits.dtype in (torch.float32, torch.float64)
+        # float64 on the CPU, cast before moving (MPS has no float64)
+        denom = (cz * rest).to(logits.dtype if exact else torch.float32).to(logits.device)
+        if exact:
+            logits[:, z0 : z0 + step] /= denom
+        else:  # divide in float32: the weight sums can be outside half precision's range
+            sl = logits[:, z0 : z0 + step]
+            logits[:, z0 : z0 + step] = (sl.float() / denom).to(logits.dtype)
 
 
 # ----------------------------------------------------------------------------------- predict
@@ -415,8 +425,8 @@ def _as_channels_first(image: Any, spacing: Sequence[float]) -> tuple[np.ndarray
             f"Image of shape {image.shape} does not match a {len(spacing)}D spacing {spacing}: expected "
             f"{len(spacing)} spatial axes, optionally after a channel axis."
         )
-    if any(s <= 0 for s in spacing):
-        raise InferenceError(f"Spacing must be positive, got {spacing}.")
+    if not all(math.isfinite(s) and s > 0 for s in spacing):
+        raise InferenceError(f"Spacing must be finite and positive, got {spacing}.")
     return image.astype(np.float32, copy=False), spacing, len(spacing) == 2
 
 
@@ -551,7 +561,7 @@ def predict(
     total = sum(counts.values())
     done = 0
     mean: np.ndarray | None = None
-    for plan, members, pre, props in prepared:
+    for idx, (plan, members, pre, props) in enumerate(prepared):
         nbytes = (num_classes * 2 + 1 + pre.shape[0]) * int(np.prod(pre.shape[1:])) * 4
         acc_dev = _accumulation_device(dev, nbytes)
         tensor = torch.from_numpy(np.ascontiguousarray(pre, dtype=np.float32)).to(acc_dev)
@@ -581,7 +591,8 @@ def predict(
                 torch.cuda.empty_cache()
         with torch.inference_mode():
             group_mean = (group_sum.div_(len(members)) if len(members) > 1 else group_sum).cpu().numpy()
-        del group_sum, tensor
+        del group_sum, tensor, window, pre
+        prepared[idx] = None  # free the preprocessed image before the restore (peak memory)
         restored = np.asarray(restore_probabilities(group_mean, props, plan, overwrite_input=True), dtype=np.float32)
         restored *= len(members) / len(ckpts)
         mean = restored if mean is None else np.add(mean, restored, out=mean)

@@ -132,8 +132,8 @@ def _resize_image_channel(
         slices = [_zoom_to(np.ascontiguousarray(s), target2d, order) for s in moved]
         out = np.moveaxis(np.stack(slices), 0, axis)
         out = _resize_one_axis(out, axis, shape[axis], order_z)
-    if clip and out.size:
-        out = np.clip(out, arr.min(), arr.max())
+    if clip and out.size:  # out is always a new array here: clip in place (no temporary)
+        np.clip(out, arr.min(), arr.max(), out=out)
     return np.ascontiguousarray(out)
 
 
@@ -221,7 +221,18 @@ def resample_to_shape(
     if is_seg:
         return np.stack([resize_segmentation(c, new_shape, order, order_z, axis) for c in arr])
     data = arr if np.issubdtype(arr.dtype, np.floating) else arr.astype(np.float32)
-    return np.stack([_resize_image_channel(c, new_shape, order, order_z, axis, clip) for c in data])
+    if len(data) == 0:
+        return np.empty((0, *new_shape), data.dtype)
+    # Fill a preallocated output channel by channel: one channel's temporary at a time, not C + C.
+    first = _resize_image_channel(data[0], new_shape, order, order_z, axis, clip)
+    if len(data) == 1:
+        return first[None]
+    out = np.empty((len(data), *first.shape), first.dtype)
+    out[0] = first
+    del first
+    for c in range(1, len(data)):
+        out[c] = _resize_image_channel(data[c], new_shape, order, order_z, axis, clip)
+    return out
 
 
 def resample_image(

@@ -370,3 +370,136 @@ def test_predict_file_writes_labels_in_source_geometry(tmp_path, phantom):
         run(predict_file([src, src2], tmp_path / "x.nii.gz", [path], device="cpu"))
     with pytest.raises(InferenceError, match="must end with"):
         next(predict_file(src, tmp_path / "x.png", [path], device="cpu"))
+
+
+# ------------------------------------------------------------------------------ speed / memory levers
+def _naive_window(predictor, image, patch, k, step=0.5):
+    """Reference blend: explicit weight-sum volume, one tile at a time (what the window must equal)."""
+    starts = compute_tile_starts(image.shape[1:], patch, step)
+    w = gaussian_importance(patch)
+    acc = torch.zeros(k, *image.shape[1:], dtype=torch.float64)
+    cov = torch.zeros(image.shape[1:], dtype=torch.float64)
+    import itertools
+
+    for pos in itertools.product(*starts):
+        region = tuple(slice(s, s + p) for s, p in zip(pos, patch))
+        out = predictor(image[(slice(None), *region)][None])[0]
+        acc[(slice(None), *region)] += out.double() * w
+        cov[region] += w
+    return (acc / cov).float()
+
+
+@pytest.mark.parametrize("shape,patch", [((23, 30, 19), (8, 12, 8)), ((37, 29), (16, 16))])
+def test_window_equals_naive_blend_with_tile_dependent_predictor(shape, patch):
+    image = torch.randn(1, *shape)
+
+    def predictor(x):  # depends on the whole tile, so a wrong weight or coverage shows
+        return torch.cat([x * x.mean(dim=tuple(range(1, x.ndim)), keepdim=True), torch.tanh(x)], 1)
+
+    _, out = run(sliding_window(predictor, image, patch, 2, batch_size=2))
+    assert torch.allclose(out, _naive_window(predictor, image, patch, 2), atol=1e-5)
+
+
+def test_coverage_separable_equals_explicit_map():
+    from napari_medseg.engine.inference import _axis_weights, _normalise_by_coverage, _outer
+
+    padded, patch = (21, 17, 30), (8, 8, 12)
+    starts = compute_tile_starts(padded, patch, 0.5)
+    import itertools
+
+    regions = [tuple(slice(s, s + p) for s, p in zip(pos, patch)) for pos in itertools.product(*starts)]
+    factors = _axis_weights(patch, True)
+    weight = _outer(factors).float()
+    assert torch.allclose(weight, gaussian_importance(patch))
+    logits = torch.rand(3, *padded) + 0.5
+    a, b = logits.clone(), logits.clone()
+    _normalise_by_coverage(a, weight, factors, starts, regions, separable=True, slab_voxels=100)  # many slabs
+    _normalise_by_coverage(b, weight, factors, starts, regions, separable=False)
+    assert torch.allclose(a, b, rtol=1e-5)
+
+
+def test_channels_last_gives_the_same_logits():
+    from napari_medseg.engine.inference import optimize_predictor
+    from napari_medseg.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("unet-3d-fullres", 1, 3, 3, **KW3).eval()
+    image = torch.randn(1, 9, 20, 18)
+    _, ref = run(sliding_window(model, image, (8, 16, 16), 3, batch_size=2))
+    import copy
+
+    cl = optimize_predictor(copy.deepcopy(model), channels_last=True)
+    assert next(p for p in cl.parameters() if p.ndim == 5).is_contiguous(memory_format=torch.channels_last_3d)
+    _, out = run(sliding_window(cl, image, (8, 16, 16), 3, batch_size=2, channels_last=True))
+    assert torch.allclose(out, ref, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_compiled_predictor_gives_the_same_logits():
+    """torch.compile through optimize_predictor (the "eager" backend: dynamo's tracing without the
+    C++ build; starting dynamo alone takes seconds, hence a small network)."""
+    from napari_medseg.engine.inference import optimize_predictor
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv3d(1, 3, 3, padding=1), torch.nn.LeakyReLU(0.01)).eval()
+    image = torch.randn(1, 9, 20, 18)
+    _, ref = run(sliding_window(model, image, (8, 16, 16), 3, batch_size=2))
+    compiled = optimize_predictor(model, compile=True, compile_backend="eager")
+    assert compiled is not model and callable(compiled)
+    _, out = run(sliding_window(compiled, image, (8, 16, 16), 3, batch_size=2))
+    assert torch.allclose(out, ref, atol=1e-5)
+
+
+def test_accumulate_dtype_and_amp_flag():
+    image = torch.randn(1, 19, 13)
+    _, ref = run(sliding_window(repeat_k(2), image, (8, 8), 2))
+    _, half = run(sliding_window(repeat_k(2), image, (8, 8), 2, accumulate_dtype=torch.float16))
+    assert half.dtype == torch.float16 and torch.allclose(half.float(), ref, atol=1e-2)
+    big = torch.randn(1, 40, 37, 45)  # 3D corners: float32 weights ~1e-10 there, 0 in float16
+    _, ref3 = run(sliding_window(repeat_k(2), big, (16, 16, 16), 2))
+    _, half3 = run(sliding_window(repeat_k(2), big, (16, 16, 16), 2, accumulate_dtype=torch.float16))
+    assert torch.isfinite(half3).all() and torch.allclose(half3.float(), ref3, atol=1e-2)
+    _, off = run(sliding_window(repeat_k(2), image, (8, 8), 2, amp=False))
+    assert torch.equal(off, ref)  # on the CPU the default is no autocast
+    with pytest.raises(InferenceError, match="accumulate_dtype"):
+        run(sliding_window(repeat_k(2), image, (8, 8), 2, accumulate_dtype=torch.int32))
+
+
+def test_mirroring_does_not_modify_an_aliased_output():
+    image = torch.randn(1, 12, 10)
+    _, out = run(sliding_window(lambda x: x, image, (8, 8), 1, mirror_axes=(0, 1)))
+    assert torch.allclose(out, image, atol=1e-5)  # identity is flip-equivariant: TTA changes nothing
+
+
+def test_inplace_softmax_and_slab_argmax_match_the_plain_ones():
+    from napari_medseg.engine.inference import _argmax_labels, _softmax_
+
+    x = torch.randn(4, 7, 5, 6)
+    ref = torch.softmax(x, dim=0)
+    out = _softmax_(x.clone(), slab_voxels=40)  # several slabs
+    assert torch.allclose(out, ref, atol=1e-7)
+    probs = np.random.default_rng(0).random((5, 7, 5, 6)).astype(np.float32)
+    probs[:, 0, 0, 0] = 0.5  # a tie: the first maximum wins, as np.argmax
+    labels = _argmax_labels(probs, slab_voxels=40)
+    assert labels.dtype == np.uint8 and np.array_equal(labels, np.argmax(probs, axis=0))
+    assert _argmax_labels(np.zeros((300, 2, 3), np.float32)).dtype == np.uint16
+
+
+def test_restore_probabilities_overwrite_input_skips_the_copy():
+    from napari_medseg.engine.preprocessing import preprocess_case, restore_probabilities
+
+    image = np.random.default_rng(1).random((6, 10, 9)).astype(np.float32) + 1  # no zeros: no crop
+    plan = _plan(spacing=(2.0, 1.0, 1.0))
+    pre, _, props = preprocess_case(image, (2.0, 1.0, 1.0), plan)
+    assert pre.shape[1:] == image.shape  # same spacing: nothing resampled
+    probs = np.random.default_rng(2).random((2, *pre.shape[1:])).astype(np.float32)
+    copied = restore_probabilities(probs, props, plan)
+    shared = restore_probabilities(probs, props, plan, overwrite_input=True)
+    assert np.array_equal(copied, probs) and np.array_equal(shared, probs)
+    assert not np.shares_memory(copied, probs) and np.shares_memory(shared, probs)
+    cropped = image.copy()
+    cropped[:, :2] = 0  # a crop box: padded back, background 1 outside
+    pre, _, props = preprocess_case(cropped, (2.0, 1.0, 1.0), plan)
+    p = np.random.default_rng(3).random((2, *pre.shape[1:])).astype(np.float32)
+    out = restore_probabilities(p, props, plan, overwrite_input=True)
+    assert out.shape == (2, *image.shape) and (out[0, :, :2] == 1).all() and (out[1, :, :2] == 0).all()
