@@ -165,14 +165,7 @@ class PFSegTrainer(Trainer):
         with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
             seg, sr = self.model(downsample(images), guidance_crop(images))
             loss = self.loss_fn(seg, sr, labels, target, mask)
-        if not torch.isfinite(loss):
-            raise TrainingError("The training loss became NaN/Inf; lower the learning rate.")
-        self.scaler.scale(loss).backward()
-        self.scaler.unscale_(self.optimizer)
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        return float(loss.detach())
+        return self._optimize(loss)
 
     @torch.no_grad()
     def validate(self) -> tuple[float | None, dict[str, float]]:

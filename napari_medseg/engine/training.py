@@ -545,6 +545,10 @@ class Trainer:
         with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
             out = self.model(images)
             loss = self._loss(out, labels)
+        return self._optimize(loss)
+
+    def _optimize(self, loss: torch.Tensor) -> float:
+        """Backward (AMP-scaled), gradient clipping and the optimiser step; returns the loss."""
         if not torch.isfinite(loss):
             raise TrainingError("The training loss became NaN/Inf; lower the learning rate.")
         self.scaler.scale(loss).backward()
