@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from napari_medseg.engine.checkpoint import CheckpointError, save_checkpoint
-from napari_medseg.engine.events import Progress
+from napari_medseg.engine.events import Progress, collect
 from napari_medseg.engine.inference import (
     InferenceError,
     PredictionResult,
@@ -23,25 +23,7 @@ from napari_medseg.engine.planning import Plan
 from napari_medseg.engine.postprocessing import keep_largest_component
 from napari_medseg.io.phantom import make_phantom
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors gain nothing from threads, and on a busy 2-core machine OpenMP spinning makes
-    them ~100x slower; run these tests single-threaded."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def run(gen):
-    """Drive an engine generator; return (events, result)."""
-    events = []
-    while True:
-        try:
-            events.append(next(gen))
-        except StopIteration as stop:
-            return events, stop.value
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def repeat_k(k):
@@ -89,7 +71,7 @@ def test_tile_starts_nnunet_rule():
 @pytest.mark.parametrize("batch_size", [1, 3])
 def test_identity_reconstruction(shape, patch, step, batch_size):
     image = torch.randn(1, *shape)
-    events, out = run(sliding_window(repeat_k(3), image, patch, 3, step=step, batch_size=batch_size))
+    events, out = collect(sliding_window(repeat_k(3), image, patch, 3, step=step, batch_size=batch_size))
     assert out.shape == (3, *shape) and out.dtype == torch.float32
     assert torch.allclose(out, image.expand(3, *shape), atol=1e-5)
     n = count_tiles(shape, patch, step)
@@ -108,7 +90,7 @@ def test_slicewise_2d_patch_on_volume(batch_size):
         calls.append(tuple(x.shape))
         return torch.cat([x, x[:, :1] * 2], 1)
 
-    events, out = run(sliding_window(predictor, image, (16, 16), 3, batch_size=batch_size))
+    events, out = collect(sliding_window(predictor, image, (16, 16), 3, batch_size=batch_size))
     assert all(len(s) == 4 and s[2:] == (16, 16) for s in calls)  # 2D tiles
     assert torch.allclose(out[:2], image, atol=1e-5) and torch.allclose(out[2], 2 * image[0], atol=1e-5)
     n = 9 * 2 * 2
@@ -122,8 +104,8 @@ def test_mirroring_equivariant_equals_plain_and_non_equivariant_differs():
     def equivariant(x):  # point-wise: commutes with flips
         return torch.cat([x, -2 * x], 1)
 
-    _, plain = run(sliding_window(equivariant, image, (8, 8, 8), 2))
-    events, tta = run(sliding_window(equivariant, image, (8, 8, 8), 2, mirror_axes=(0, 1, 2)))
+    _, plain = collect(sliding_window(equivariant, image, (8, 8, 8), 2))
+    events, tta = collect(sliding_window(equivariant, image, (8, 8, 8), 2, mirror_axes=(0, 1, 2)))
     assert torch.allclose(plain, tta, atol=1e-5)
     assert events[-1].total == count_tiles((12, 20, 17), (8, 8, 8)) * 8 == len(events)
 
@@ -132,12 +114,12 @@ def test_mirroring_equivariant_equals_plain_and_non_equivariant_differs():
     def biased(x):  # adds a ramp along the last axis: not flip-equivariant
         return torch.cat([x + ramp, x], 1)
 
-    _, plain = run(sliding_window(biased, image, (8, 8, 8), 2))
-    _, tta = run(sliding_window(biased, image, (8, 8, 8), 2, mirror_axes=(2,)))
+    _, plain = collect(sliding_window(biased, image, (8, 8, 8), 2))
+    _, tta = collect(sliding_window(biased, image, (8, 8, 8), 2, mirror_axes=(2,)))
     assert not torch.allclose(plain, tta, atol=1e-3)
     # flipping the ramp back and averaging gives the constant 3.5 everywhere
     assert torch.allclose(tta[0], image[0] + 3.5, atol=1e-5)
-    _, tta_other = run(sliding_window(biased, image, (8, 8, 8), 2, mirror_axes=(0,)))
+    _, tta_other = collect(sliding_window(biased, image, (8, 8, 8), 2, mirror_axes=(0,)))
     assert torch.allclose(tta_other, plain, atol=1e-5)  # the ramp is symmetric under axis-0 flips
 
 
@@ -161,19 +143,19 @@ def test_cancellation_stops_between_tiles():
 
 def test_predictor_list_deep_supervision_and_bad_output():
     image = torch.randn(1, 10, 10)
-    _, out = run(sliding_window([lambda x: 2 * x, lambda x: 4 * x], image, (8, 8), 1))
+    _, out = collect(sliding_window([lambda x: 2 * x, lambda x: 4 * x], image, (8, 8), 1))
     assert torch.allclose(out, 3 * image, atol=1e-5)
-    _, out = run(sliding_window(lambda x: [x, x[..., ::2, ::2]], image, (8, 8), 1))
+    _, out = collect(sliding_window(lambda x: [x, x[..., ::2, ::2]], image, (8, 8), 1))
     assert torch.allclose(out, image, atol=1e-5)
     with pytest.raises(InferenceError, match="expected"):
-        run(sliding_window(lambda x: x, image, (8, 8), 2))
+        collect(sliding_window(lambda x: x, image, (8, 8), 2))
     with pytest.raises(InferenceError):
-        run(sliding_window(lambda x: x, image, (8, 8, 8), 1))
+        collect(sliding_window(lambda x: x, image, (8, 8, 8), 1))
 
 
 def test_uniform_weights_and_devices():
     image = torch.randn(1, 19, 13)
-    _, out = run(sliding_window(repeat_k(2), image, (8, 8), 2, gaussian=False, device="cpu",
+    _, out = collect(sliding_window(repeat_k(2), image, (8, 8), 2, gaussian=False, device="cpu",
                                 accumulate_device="cpu", batch_size=5))
     assert torch.allclose(out, image.expand(2, 19, 13), atol=1e-5)
 
@@ -229,7 +211,7 @@ def phantom():
 def test_predict_3d_source_shape_any_spacing(tmp_path, phantom):
     image, _ = phantom
     path = _ckpt(tmp_path, "a.pt", _plan())
-    events, res = run(predict(image, (2.0, 1.0, 1.0), [path], device="cpu", mirror=True,
+    events, res = collect(predict(image, (2.0, 1.0, 1.0), [path], device="cpu", mirror=True,
                               return_probabilities=True, return_uncertainty=True))
     assert isinstance(res, PredictionResult)
     assert res.labels.shape == image.shape and res.labels.dtype == np.uint8
@@ -245,7 +227,7 @@ def test_predict_3d_source_shape_any_spacing(tmp_path, phantom):
     assert len({e.total for e in tiles}) == 1 and tiles[-1].current == tiles[-1].total
     assert tiles[-1].total % 8 == 0  # 8 mirror combinations per tile
 
-    _, res2 = run(predict(image, (3.0, 0.8, 0.7), [path], device="cpu", mirror=False))
+    _, res2 = collect(predict(image, (3.0, 0.8, 0.7), [path], device="cpu", mirror=False))
     assert res2.labels.shape == image.shape
     assert res2.probabilities is None and res2.uncertainty is None
 
@@ -255,9 +237,9 @@ def test_predict_ensemble_averages_softmax(tmp_path, phantom):
     a = _ckpt(tmp_path, "a.pt", _plan(), seed=0)
     b = _ckpt(tmp_path, "b.pt", _plan(spacing=(2.5, 1.3, 1.2)), seed=1)
     kw = dict(device="cpu", mirror=False, return_probabilities=True, return_uncertainty=True)
-    _, ra = run(predict(image, (2.0, 1.0, 1.0), [a], **kw))
-    _, rb = run(predict(image, (2.0, 1.0, 1.0), [b], **kw))
-    events, rab = run(predict(image, (2.0, 1.0, 1.0), [a, b], **kw))
+    _, ra = collect(predict(image, (2.0, 1.0, 1.0), [a], **kw))
+    _, rb = collect(predict(image, (2.0, 1.0, 1.0), [b], **kw))
+    events, rab = collect(predict(image, (2.0, 1.0, 1.0), [a, b], **kw))
     manual = (ra.probabilities + rb.probabilities) / 2
     assert np.allclose(rab.probabilities, manual, atol=1e-5)
     assert not np.allclose(ra.probabilities, rb.probabilities, atol=1e-3)
@@ -266,7 +248,7 @@ def test_predict_ensemble_averages_softmax(tmp_path, phantom):
     assert np.allclose(rab.uncertainty, entropy, atol=1e-4)
     tiles = [e for e in events if e.stage == "tiles"]
     assert tiles[-1].current == tiles[-1].total == sum(
-        e.total for e in [[x for x in run(predict(image, (2.0, 1.0, 1.0), [c], **kw))[0]
+        e.total for e in [[x for x in collect(predict(image, (2.0, 1.0, 1.0), [c], **kw))[0]
                            if x.stage == "tiles"][-1] for c in (a, b)])
 
 
@@ -279,25 +261,25 @@ def test_ensemble_sharing_a_plan_preprocesses_once(tmp_path, phantom, monkeypatc
     calls = []
     real = preprocessing.preprocess_case
     monkeypatch.setattr(preprocessing, "preprocess_case", lambda *a, **k: calls.append(1) or real(*a, **k))
-    _, res = run(predict(image, (2.0, 1.0, 1.0), paths, device="cpu", mirror=False))
+    _, res = collect(predict(image, (2.0, 1.0, 1.0), paths, device="cpu", mirror=False))
     assert len(calls) == 1 and res.labels.shape == image.shape
 
 
 def test_predict_2d_model_on_volume_and_on_2d_image(tmp_path, phantom):
     image, _ = phantom
     path = _ckpt(tmp_path, "2d.pt", _plan("2d", patch=(16, 16)))
-    events, res = run(predict(image, (2.0, 1.0, 1.0), [path], device="cpu", mirror=True, batch_size=4))
+    events, res = collect(predict(image, (2.0, 1.0, 1.0), [path], device="cpu", mirror=True, batch_size=4))
     assert res.labels.shape == image.shape
     tiles = [e for e in events if e.stage == "tiles"]
     assert tiles[-1].current == tiles[-1].total and tiles[-1].total % 4 == 0  # 4 flips in 2D
-    _, res2 = run(predict(image[7], (1.0, 1.0), [path], device="cpu", mirror=False))
+    _, res2 = collect(predict(image[7], (1.0, 1.0), [path], device="cpu", mirror=False))
     assert res2.labels.shape == image.shape[1:]
 
 
 def test_largest_component_in_predict(tmp_path, phantom):
     image, _ = phantom
     path = _ckpt(tmp_path, "a.pt", _plan())
-    _, res = run(predict(image, (2.0, 1.0, 1.0), [path], device="cpu", mirror=False,
+    _, res = collect(predict(image, (2.0, 1.0, 1.0), [path], device="cpu", mirror=False,
                          largest_component=True))
     from scipy import ndimage
 
@@ -350,7 +332,7 @@ def test_predict_file_writes_labels_in_source_geometry(tmp_path, phantom):
                       translate=(-5.0, 3.0, 10.0))
     path = _ckpt(tmp_path, "a.pt", _plan())
     out = tmp_path / "out" / "case.nii.gz"
-    events, res = run(predict_file(src, out, [path], device="cpu", mirror=False))
+    events, res = collect(predict_file(src, out, [path], device="cpu", mirror=False))
     assert events[-1].stage == "postprocess"
     written, source = read_nifti(out), read_nifti(src)
     assert written.data.shape == image.shape and np.array_equal(written.data, res.labels)
@@ -359,7 +341,7 @@ def test_predict_file_writes_labels_in_source_geometry(tmp_path, phantom):
     # nnU-Net style: one file per channel
     src2 = write_nifti(tmp_path / "case_0001.nii.gz", image * 2, geometry=source)
     two = _ckpt(tmp_path, "two.pt", _plan(channels=2), channels=2)
-    _, res2 = run(predict_file([src, src2], tmp_path / "two.nii.gz", [two], device="cpu", mirror=False,
+    _, res2 = collect(predict_file([src, src2], tmp_path / "two.nii.gz", [two], device="cpu", mirror=False,
                                save_probabilities=True))
     assert res2.labels.shape == image.shape
     with np.load(tmp_path / "two.npz") as npz:
@@ -367,7 +349,7 @@ def test_predict_file_writes_labels_in_source_geometry(tmp_path, phantom):
         assert npz["probabilities"].shape == (2, *image.shape)
     assert sorted(p.name for p in tmp_path.glob("two*")) == ["two.nii.gz", "two.npz", "two.pt"]
     with pytest.raises(CheckpointError, match="the image has 2"):
-        run(predict_file([src, src2], tmp_path / "x.nii.gz", [path], device="cpu"))
+        collect(predict_file([src, src2], tmp_path / "x.nii.gz", [path], device="cpu"))
     with pytest.raises(InferenceError, match="must end with"):
         next(predict_file(src, tmp_path / "x.png", [path], device="cpu"))
 
@@ -396,7 +378,7 @@ def test_window_equals_naive_blend_with_tile_dependent_predictor(shape, patch):
     def predictor(x):  # depends on the whole tile, so a wrong weight or coverage shows
         return torch.cat([x * x.mean(dim=tuple(range(1, x.ndim)), keepdim=True), torch.tanh(x)], 1)
 
-    _, out = run(sliding_window(predictor, image, patch, 2, batch_size=2))
+    _, out = collect(sliding_window(predictor, image, patch, 2, batch_size=2))
     assert torch.allclose(out, _naive_window(predictor, image, patch, 2), atol=1e-5)
 
 
@@ -425,12 +407,12 @@ def test_channels_last_gives_the_same_logits():
     torch.manual_seed(0)
     model = create_model("unet-3d-fullres", 1, 3, 3, **KW3).eval()
     image = torch.randn(1, 9, 20, 18)
-    _, ref = run(sliding_window(model, image, (8, 16, 16), 3, batch_size=2))
+    _, ref = collect(sliding_window(model, image, (8, 16, 16), 3, batch_size=2))
     import copy
 
     cl = optimize_predictor(copy.deepcopy(model), channels_last=True)
     assert next(p for p in cl.parameters() if p.ndim == 5).is_contiguous(memory_format=torch.channels_last_3d)
-    _, out = run(sliding_window(cl, image, (8, 16, 16), 3, batch_size=2, channels_last=True))
+    _, out = collect(sliding_window(cl, image, (8, 16, 16), 3, batch_size=2, channels_last=True))
     assert torch.allclose(out, ref, atol=1e-4)
 
 
@@ -443,31 +425,31 @@ def test_compiled_predictor_gives_the_same_logits():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv3d(1, 3, 3, padding=1), torch.nn.LeakyReLU(0.01)).eval()
     image = torch.randn(1, 9, 20, 18)
-    _, ref = run(sliding_window(model, image, (8, 16, 16), 3, batch_size=2))
+    _, ref = collect(sliding_window(model, image, (8, 16, 16), 3, batch_size=2))
     compiled = optimize_predictor(model, compile=True, compile_backend="eager")
     assert compiled is not model and callable(compiled)
-    _, out = run(sliding_window(compiled, image, (8, 16, 16), 3, batch_size=2))
+    _, out = collect(sliding_window(compiled, image, (8, 16, 16), 3, batch_size=2))
     assert torch.allclose(out, ref, atol=1e-5)
 
 
 def test_accumulate_dtype_and_amp_flag():
     image = torch.randn(1, 19, 13)
-    _, ref = run(sliding_window(repeat_k(2), image, (8, 8), 2))
-    _, half = run(sliding_window(repeat_k(2), image, (8, 8), 2, accumulate_dtype=torch.float16))
+    _, ref = collect(sliding_window(repeat_k(2), image, (8, 8), 2))
+    _, half = collect(sliding_window(repeat_k(2), image, (8, 8), 2, accumulate_dtype=torch.float16))
     assert half.dtype == torch.float16 and torch.allclose(half.float(), ref, atol=1e-2)
     big = torch.randn(1, 40, 37, 45)  # 3D corners: float32 weights ~1e-10 there, 0 in float16
-    _, ref3 = run(sliding_window(repeat_k(2), big, (16, 16, 16), 2))
-    _, half3 = run(sliding_window(repeat_k(2), big, (16, 16, 16), 2, accumulate_dtype=torch.float16))
+    _, ref3 = collect(sliding_window(repeat_k(2), big, (16, 16, 16), 2))
+    _, half3 = collect(sliding_window(repeat_k(2), big, (16, 16, 16), 2, accumulate_dtype=torch.float16))
     assert torch.isfinite(half3).all() and torch.allclose(half3.float(), ref3, atol=1e-2)
-    _, off = run(sliding_window(repeat_k(2), image, (8, 8), 2, amp=False))
+    _, off = collect(sliding_window(repeat_k(2), image, (8, 8), 2, amp=False))
     assert torch.equal(off, ref)  # on the CPU the default is no autocast
     with pytest.raises(InferenceError, match="accumulate_dtype"):
-        run(sliding_window(repeat_k(2), image, (8, 8), 2, accumulate_dtype=torch.int32))
+        collect(sliding_window(repeat_k(2), image, (8, 8), 2, accumulate_dtype=torch.int32))
 
 
 def test_mirroring_does_not_modify_an_aliased_output():
     image = torch.randn(1, 12, 10)
-    _, out = run(sliding_window(lambda x: x, image, (8, 8), 1, mirror_axes=(0, 1)))
+    _, out = collect(sliding_window(lambda x: x, image, (8, 8), 1, mirror_axes=(0, 1)))
     assert torch.allclose(out, image, atol=1e-5)  # identity is flip-equivariant: TTA changes nothing
 
 
