@@ -209,10 +209,13 @@ def run_nnunet(pred, image, device):
     return call
 
 
-def run_monai(plain, image, patch, args, device):
+def run_monai(plain, image, patch, args, device, slicewise: bool = False):
+    """MONAI's ``sliding_window_inference``; ``slicewise``: a 2D ``patch`` over (1, y, x) windows."""
     from monai.inferers import sliding_window_inference
 
     def predictor(x):
+        if slicewise:  # (B, C, 1, p, p) windows -> the 2D network -> back to 3D
+            x = x[:, :, 0]
         out = plain(x)
         if args.mirror_axes:  # the same flip TTA as the others, inside the predictor
             import itertools
@@ -222,12 +225,14 @@ def run_monai(plain, image, patch, args, device):
             for c in combos:
                 out = out + plain(x.flip(c)).flip(c)
             out = out / (len(combos) + 1)
-        return out
+        return out[:, :, None] if slicewise else out
+
+    window = (1, *patch) if slicewise else patch
 
     def call():
         with torch.inference_mode(), torch.autocast("cuda", enabled=device.type == "cuda"):
             out = sliding_window_inference(
-                image[None].to(device), patch, args.batch_size, predictor, overlap=0.5, mode="gaussian",
+                image[None].to(device), window, args.batch_size, predictor, overlap=0.5, mode="gaussian",
                 sigma_scale=0.125, sw_device=device, device=device,
             )[0]
         if device.type == "cuda":

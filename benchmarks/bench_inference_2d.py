@@ -25,39 +25,11 @@ from bench_inference import (
     build_ours,
     build_plain,
     nnunet_predictor,
+    run_monai,
     run_nnunet,
     run_ours,
     unet_config,
 )
-
-
-def run_monai_2d(plain, image, patch, args, device):
-    from monai.inferers import sliding_window_inference
-
-    def predictor(x):  # (B, C, 1, p, p) windows -> the 2D network -> back to 3D
-        x2 = x[:, :, 0]
-        out = plain(x2)
-        if args.mirror_axes:
-            import itertools
-
-            axes = [a + 2 for a in args.mirror_axes]
-            combos = [c for r in range(1, len(axes) + 1) for c in itertools.combinations(axes, r)]
-            for c in combos:
-                out = out + plain(x2.flip(c)).flip(c)
-            out = out / (len(combos) + 1)
-        return out[:, :, None]
-
-    def call():
-        with torch.inference_mode(), torch.autocast("cuda", enabled=device.type == "cuda"):
-            out = sliding_window_inference(
-                image[None].to(device), (1, *patch), args.batch_size, predictor, overlap=0.5, mode="gaussian",
-                sigma_scale=0.125, sw_device=device, device=device,
-            )[0]
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return out
-
-    return call
 
 
 def main() -> None:
@@ -96,7 +68,7 @@ def main() -> None:
     if "nnunet" not in args.skip:
         contenders["nnunet"] = run_nnunet(nnunet_predictor(plain, patch, args.classes, args, device), image, device)
     if "monai" not in args.skip:
-        contenders["monai"] = run_monai_2d(plain, image, patch, args, device)
+        contenders["monai"] = run_monai(plain, image, patch, args, device, slicewise=True)
     outs = {name: fn() for name, fn in contenders.items()}
     for name, out in outs.items():
         if name != "ours":
