@@ -453,6 +453,15 @@ def _load_all(checkpoints: Any) -> list[Checkpoint]:
     return ckpts
 
 
+def tta_mirror_axes(ckpt: Checkpoint, mirror: bool = True) -> tuple[int, ...]:
+    """Patch axes to mirror at test time: those the model was trained to see mirrored (nnU-Net's
+    rule), all of them when the checkpoint does not say, none without ``mirror``."""
+    if not mirror:
+        return ()
+    trained = ckpt.train_config.get("mirror_axes")
+    return tuple(range(ckpt.spatial_dims)) if trained is None else tuple(int(a) for a in trained)
+
+
 def _plan_of(ckpt: Checkpoint) -> Plan:
     try:
         plan = Plan.from_dict(ckpt.plan)
@@ -547,11 +556,7 @@ def predict(
         yield Progress("preprocess", g + 1, len(groups))
 
     def axes(i: int) -> tuple[int, ...]:
-        # Mirror over the axes the model was trained to see mirrored (nnU-Net's rule); all by default.
-        if not mirror:
-            return ()
-        trained = ckpts[i].train_config.get("mirror_axes")
-        return tuple(range(ckpts[i].spatial_dims)) if trained is None else tuple(int(a) for a in trained)
+        return tta_mirror_axes(ckpts[i], mirror)
 
     counts = {
         i: count_tiles(pre.shape[1:], plan.patch_size, step, axes(i))
@@ -738,4 +743,5 @@ __all__ = [
     "predict",
     "predict_file",
     "sliding_window",
+    "tta_mirror_axes",
 ]

@@ -289,7 +289,7 @@ def predict_patchfree(
         VolumeTooLargeError: the whole volume does not fit in the device's free memory.
         CheckpointError: a checkpoint cannot take this image.
     """
-    from napari_medseg.engine.inference import _finish, _label_names, _plan_of
+    from napari_medseg.engine.inference import _finish, _label_names, _plan_of, tta_mirror_axes
     from napari_medseg.engine.preprocessing import preprocess_case, restore_probabilities
 
     for ck in ckpts:
@@ -302,10 +302,7 @@ def predict_patchfree(
     dev = resolve_device(device)
 
     def axes(ck: Checkpoint) -> tuple[int, ...]:
-        if not mirror:
-            return ()
-        trained = ck.train_config.get("mirror_axes")
-        return (0, 1, 2) if trained is None else tuple(int(a) for a in trained)
+        return tta_mirror_axes(ck, mirror)
 
     total = sum(2 ** len(axes(ck)) for ck in ckpts)
     yield Progress("preprocess", 0, len(ckpts))
