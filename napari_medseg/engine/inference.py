@@ -190,6 +190,11 @@ def optimize_predictor(model: torch.nn.Module, *, channels_last: bool = False, c
         has_3d = any(p.ndim == 5 for p in model.parameters())
         model.to(memory_format=torch.channels_last_3d if has_3d else torch.channels_last)
     if compile:
+        # Inductor fuses the stock graph itself; the hand-written channels-last CPU forward of
+        # NNUNet (models/cpu_inference.py) would only get in its way.
+        for module in model.modules():
+            if hasattr(module, "cpu_fast_path"):
+                module.cpu_fast_path = False
         options = {"freezing": True} if compile_backend == "inductor" and compile_mode is None else None
         return torch.compile(model, mode=compile_mode, backend=compile_backend, dynamic=False, options=options)
     return model
@@ -225,6 +230,7 @@ def sliding_window(
             its first element.
         image: ``(C, *spatial)`` tensor, 2D or 3D. With a 2D ``patch_size`` on a 3D image, the
             image is processed slice by slice along spatial axis 0 (slices batched as tiles).
+            A :class:`~.preprocessing.LazyNormalizedImage` is read tile by tile (on the CPU).
         patch_size: Tile size (spatial). Axes of the image smaller than the patch are zero-padded
             (centred) and cropped back afterwards.
         num_classes: ``K``, channels of the predictor output.
@@ -251,7 +257,8 @@ def sliding_window(
         Blended logits ``(K, *spatial)`` in ``accumulate_dtype`` (float32 by default) on
         ``accumulate_device``.
     """
-    if not isinstance(image, torch.Tensor):
+    lazy = not isinstance(image, torch.Tensor) and hasattr(image, "materialize")
+    if not isinstance(image, torch.Tensor) and not lazy:
         image = torch.as_tensor(np.asarray(image))
     if image.ndim not in (3, 4):
         raise InferenceError(f"Expected a (C, y, x) or (C, z, y, x) image tensor, got shape {tuple(image.shape)}.")
@@ -263,10 +270,11 @@ def sliding_window(
     slicewise = len(full_patch) != len(patch_size)
     patch = full_patch[1:] if slicewise else full_patch
     combos = _mirror_combos(mirror_axes, len(patch))
-    device = torch.device(device) if device is not None else image.device
-    acc_dev = torch.device(accumulate_device) if accumulate_device is not None else image.device
+    image_device = torch.device("cpu") if lazy else image.device
+    device = torch.device(device) if device is not None else image_device
+    acc_dev = torch.device(accumulate_device) if accumulate_device is not None else image_device
     amp = device.type == "cuda" if amp is None else bool(amp)
-    if image.device != device and acc_dev == device:
+    if not lazy and image.device != device and acc_dev == device:
         image = image.to(device)  # once, not per tile
     memory_format = None
     if channels_last:
@@ -276,6 +284,8 @@ def sliding_window(
     pad_lo = [max(p - s, 0) // 2 for s, p in zip(spatial, full_patch)]
     pad_hi = [max(p - s, 0) - lo for s, p, lo in zip(spatial, full_patch, pad_lo)]
     if any(pad_lo) or any(pad_hi):
+        if lazy:  # an axis smaller than the patch: small enough to hold whole
+            image = torch.from_numpy(image.materialize())
         pairs = [v for lo, hi in zip(reversed(pad_lo), reversed(pad_hi)) for v in (lo, hi)]
         image = F.pad(image, pairs, mode="constant", value=0.0)
     padded = tuple(image.shape[1:])
@@ -515,7 +525,7 @@ def predict(
     Raises:
         CheckpointError: unreadable checkpoints, or an image they cannot take (checked before compute).
     """
-    from napari_medseg.engine.preprocessing import preprocess_case, restore_probabilities
+    from napari_medseg.engine.preprocessing import LazyNormalizedImage, preprocess_case, restore_probabilities
 
     ckpts = _load_all(checkpoints)
     data, spacing, is_2d = _as_channels_first(image, spacing)
@@ -551,7 +561,9 @@ def predict(
             )
             pre, _, props = cascade_input(data, spacing, plan, prev)
         else:
-            pre, _, props = preprocess_case(data, spacing, plan)  # a 2D image becomes one slice
+            # A 2D image becomes one slice; without resampling the image stays lazy (tiles are
+            # normalised when read: no float32 copy of the volume).
+            pre, _, props = preprocess_case(data, spacing, plan, lazy=True)
         prepared.append((plan, members, pre, props))
         yield Progress("preprocess", g + 1, len(groups))
 
@@ -569,14 +581,19 @@ def predict(
     for idx, (plan, members, pre, props) in enumerate(prepared):
         nbytes = (num_classes * 2 + 1 + pre.shape[0]) * int(np.prod(pre.shape[1:])) * 4
         acc_dev = _accumulation_device(dev, nbytes)
-        tensor = torch.from_numpy(np.ascontiguousarray(pre, dtype=np.float32)).to(acc_dev)
+        if isinstance(pre, LazyNormalizedImage) and acc_dev.type != "cpu":
+            pre = pre.materialize()  # accumulating on the GPU: the image goes there once
+        tensor = pre if isinstance(pre, LazyNormalizedImage) else (
+            torch.from_numpy(np.ascontiguousarray(pre, dtype=np.float32)).to(acc_dev)
+        )
         group_sum = None
         for i in members:
             model = build_model(ckpts[i], dev)
 
             def window(bs, acc, model=model, tensor=tensor, plan=plan, i=i, done=done):
                 # One rung of the out-of-memory ladder (engine.oom): fewer tiles, then CPU accumulation.
-                src = tensor if acc == tensor.device else tensor.to(acc)
+                lazy = isinstance(tensor, LazyNormalizedImage)
+                src = tensor if lazy or acc == tensor.device else tensor.to(acc)
                 return _relay(sliding_window(
                     model, src, plan.patch_size, num_classes, step=step, batch_size=bs,
                     mirror_axes=axes(i), device=dev, accumulate_device=acc,

@@ -158,24 +158,46 @@ def target_spacing_for(
     return tuple(float(s if k else p) for s, p, k in zip(spacing_t, plan.spacing, keep))
 
 
-def normalize(
-    image: np.ndarray, plan: Plan, mask: np.ndarray | None = None
-) -> np.ndarray:
-    """Normalise every channel of ``image`` ``(C, *spatial)`` by the plan's scheme (float32 copy).
+@dataclass(frozen=True)
+class ChannelNorm:
+    """How one channel is normalised: ``scheme`` ``"ct"`` (clip to ``[lo, hi]``, then
+    ``(x - mean) / std``), ``"zscore"`` (``(x - mean) / std``) or ``"none"``; ``masked``: voxels
+    outside the nonzero mask are set to 0 afterwards."""
 
-    Args:
-        image: Resampled image.
-        plan: Provides ``normalization``, ``intensity_stats`` and ``use_mask_for_norm``.
-        mask: Nonzero mask on the same grid (needed where ``use_mask_for_norm`` is set).
-    """
+    scheme: str
+    mean: float = 0.0
+    std: float = 1.0
+    lo: float = -np.inf
+    hi: float = np.inf
+    masked: bool = False
+
+    def apply(self, x: np.ndarray, out: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+        """Normalise ``x`` into float32 ``out`` (same shape) with in-place float32 arithmetic."""
+        x = x.astype(np.float32, copy=False)
+        if self.scheme == "ct":
+            np.clip(x, self.lo, self.hi, out=out)
+            out -= self.mean
+            out /= max(self.std, 1e-8)
+        elif self.scheme == "zscore":
+            np.subtract(x, self.mean, out=out)
+            out /= self.std + 1e-8
+        else:
+            out[...] = x
+        if self.masked and mask is not None:
+            out[~mask] = 0
+        return out
+
+
+def normalization_params(image: np.ndarray, plan: Plan, mask: np.ndarray | None = None) -> list[ChannelNorm]:
+    """Per-channel :class:`ChannelNorm` of ``image`` ``(C, *spatial)`` under the plan's scheme
+    (``zscore`` reads the image's own mean and std, inside ``mask`` where ``use_mask_for_norm``)."""
     n = image.shape[0]
     schemes = _per_channel(plan.normalization, n, "normalization")
     use_mask = _per_channel(plan.use_mask_for_norm or [False], n, "use_mask_for_norm")
-    out = np.empty(image.shape, np.float32)
-    for c in range(n):  # in place in ``out``: no full-size temporaries (the same float32 arithmetic)
+    params = []
+    for c in range(n):
         scheme = _NORM_ALIASES.get(str(schemes[c]).lower())
-        x = image[c].astype(np.float32, copy=False)
-        y = out[c]
+        masked = bool(use_mask[c]) and mask is not None
         if scheme is None:
             raise PreprocessingError(
                 f"Unknown normalization {schemes[c]!r} for channel {c}; use 'ct', 'zscore' or 'none'"
@@ -192,21 +214,68 @@ def normalize(
                 raise PreprocessingError(
                     f"intensity_stats[{c}] needs mean, std, percentile_00_5 and percentile_99_5; got {stats}"
                 ) from err
-            np.clip(x, lo, hi, out=y)
-            y -= mean
-            y /= max(std, 1e-8)
+            params.append(ChannelNorm("ct", mean, std, lo, hi, masked))
         elif scheme == "zscore":
-            m = mask if use_mask[c] and mask is not None else None
-            vals = x[m] if m is not None else x
+            x = image[c].astype(np.float32, copy=False)
+            vals = x[mask] if masked else x
             mean, std = (float(vals.mean()), float(vals.std())) if vals.size else (0.0, 1.0)
-            del vals
-            np.subtract(x, mean, out=y)
-            y /= std + 1e-8
+            del vals, x
+            params.append(ChannelNorm("zscore", mean, std, masked=masked))
         else:
-            y[...] = x
-        if use_mask[c] and mask is not None:
-            y[~mask] = 0
+            params.append(ChannelNorm("none", masked=masked))
+    return params
+
+
+def normalize(
+    image: np.ndarray, plan: Plan, mask: np.ndarray | None = None
+) -> np.ndarray:
+    """Normalise every channel of ``image`` ``(C, *spatial)`` by the plan's scheme (float32 copy).
+
+    Args:
+        image: Resampled image.
+        plan: Provides ``normalization``, ``intensity_stats`` and ``use_mask_for_norm``.
+        mask: Nonzero mask on the same grid (needed where ``use_mask_for_norm`` is set).
+    """
+    out = np.empty(image.shape, np.float32)
+    for c, norm in enumerate(normalization_params(image, plan, mask)):
+        norm.apply(image[c], out[c], mask)  # in place in ``out``: no full-size temporaries
     return out
+
+
+class LazyNormalizedImage:
+    """A preprocessed image that is never stored: tiles are normalised when they are read.
+
+    For a case that needs no resampling, preprocessing is a crop and a transpose (views of the
+    caller's array) and a per-channel affine map: :func:`sliding_window` reads tiles from this
+    object, so prediction does not hold a float32 copy of the whole volume (one volume less at the
+    peak). Indexing (``image[:, z0:z1, y0:y1, x0:x1]``) returns the same float32 values as
+    :func:`normalize` would, as a ``torch`` tensor.
+    """
+
+    def __init__(self, raw: np.ndarray, norms: Sequence[ChannelNorm], mask: np.ndarray | None) -> None:
+        self.raw, self.norms, self.mask = raw, list(norms), mask
+        self.shape = tuple(int(s) for s in raw.shape)
+        self.ndim = raw.ndim
+
+    def __getitem__(self, key) -> "torch.Tensor":  # noqa: F821 - torch is imported lazily
+        import torch
+
+        if not (isinstance(key, tuple) and key and key[0] == slice(None)):
+            raise TypeError("LazyNormalizedImage takes [:, spatial slices...]")
+        spatial = key[1:]
+        mask = self.mask[spatial] if self.mask is not None else None
+        raw = self.raw[(slice(None), *spatial)]
+        out = np.empty(raw.shape, np.float32)
+        for c, norm in enumerate(self.norms):
+            norm.apply(raw[c], out[c], mask)
+        return torch.from_numpy(out)
+
+    def materialize(self) -> np.ndarray:
+        """The whole preprocessed image ``(C, *spatial)`` float32 (what :func:`normalize` returns)."""
+        out = np.empty(self.shape, np.float32)
+        for c, norm in enumerate(self.norms):
+            norm.apply(self.raw[c], out[c], self.mask)
+        return out
 
 
 def _check_finite(img: np.ndarray) -> None:
@@ -228,7 +297,9 @@ def preprocess_case(
     spacing: Sequence[float],
     plan: Plan,
     label: np.ndarray | None = None,
-) -> tuple[np.ndarray, np.ndarray | None, CaseProperties]:
+    *,
+    lazy: bool = False,
+) -> tuple[np.ndarray | LazyNormalizedImage, np.ndarray | None, CaseProperties]:
     """Crop, transpose, resample and normalise one case for the network.
 
     Args:
@@ -237,6 +308,9 @@ def preprocess_case(
         spacing: Spacing per spatial axis, napari order, mm.
         plan: The configuration's plan.
         label: Integer label map with the image's spatial shape, or ``None``.
+        lazy: When the case needs no resampling (and has no label), return the image as a
+            :class:`LazyNormalizedImage` (views of ``image``, normalised tile by tile when read)
+            instead of a float32 copy: prediction then holds one volume less.
 
     Returns:
         ``(image (C, *grid) float32, label (*grid) int16 or None, properties)`` where ``grid`` is the
@@ -252,8 +326,10 @@ def preprocess_case(
         raise PreprocessingError(f"The plan expects {plan.num_channels} channel(s), the image has {img.shape[0]}")
     tf, _ = _check_plan(plan)
     if not np.issubdtype(img.dtype, np.floating):
-        img = img.astype(np.float32)
-    _check_finite(img)
+        if not lazy:  # lazily, tiles are cast when read (integers are finite)
+            img = img.astype(np.float32)
+    else:
+        _check_finite(img)
     lab = None
     if label is not None:
         lab = np.asarray(label)
@@ -292,17 +368,8 @@ def preprocess_case(
     target = target_spacing_for(sp_t, plan, keep)
     new_shape = compute_new_shape(img.shape[1:], sp_t, target)
     axis = separate_z_axis(sp_t, target)
-    if tuple(new_shape) != tuple(img.shape[1:]):  # identity: skip the copy (normalize makes one)
-        img = resample_to_shape(img, new_shape, is_seg=False, axis=axis, order=3, order_z=0)
+    identity = tuple(new_shape) == tuple(img.shape[1:])
     needs_mask = any(_per_channel(plan.use_mask_for_norm or [False], img.shape[0], "use_mask_for_norm"))
-    if needs_mask:
-        mask = resample_to_shape(mask[None].astype(np.uint8), new_shape, True, axis=axis)[0].astype(bool)
-    if lab is not None:
-        lab = resample_to_shape(lab[None], new_shape, is_seg=True, axis=axis, order=1, order_z=0)[0]
-
-    # 4. normalise
-    img = normalize(img, plan, mask if needs_mask else None)
-
     props = CaseProperties(
         original_shape=tuple(int(s) for s in orig_shape),
         original_spacing=tuple(float(s) for s in spacing),
@@ -311,6 +378,20 @@ def preprocess_case(
         shape_after_resample=tuple(int(s) for s in new_shape),
         spacing_after_resample=target,
     )
+    if lazy and identity and lab is None:
+        mask = mask if needs_mask else None
+        return LazyNormalizedImage(img, normalization_params(img, plan, mask), mask), None, props
+    if not np.issubdtype(img.dtype, np.floating):  # deferred above in case it stayed lazy
+        img = img.astype(np.float32)
+    if not identity:  # identity: skip the copy (normalize makes one)
+        img = resample_to_shape(img, new_shape, is_seg=False, axis=axis, order=3, order_z=0)
+    if needs_mask:
+        mask = resample_to_shape(mask[None].astype(np.uint8), new_shape, True, axis=axis)[0].astype(bool)
+    if lab is not None:
+        lab = resample_to_shape(lab[None], new_shape, is_seg=True, axis=axis, order=1, order_z=0)[0]
+
+    # 4. normalise
+    img = normalize(img, plan, mask if needs_mask else None)
     return np.ascontiguousarray(img, dtype=np.float32), lab, props
 
 

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from napari_medseg.models import cpu_inference
 from napari_medseg.models.blocks import ConvNormAct, conv_nd, conv_transpose_nd, init_he_
 from napari_medseg.models.registry import ModelError, ModelSpec, register_model
 
@@ -165,6 +166,9 @@ class NNUNet(nn.Module):
             else nn.ModuleList()
         )
         self._deep_supervision = bool(deep_supervision)
+        # Inference on the CPU takes the channels-last, in-place forward (models/cpu_inference.py)
+        # when nothing needs autograd; set False to always run the stock nn.Module graph.
+        self.cpu_fast_path = True
         self.apply(init_he_)
 
     @property
@@ -211,6 +215,8 @@ class NNUNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         """Logits ``(B, num_classes, *spatial)``, or the deep-supervision list in training mode."""
         self._check_input(x)
+        if cpu_inference.applicable(self, x):
+            return cpu_inference.forward(self, x)
         skips = []
         for stage in self.encoder[:-1]:
             x = stage(x)

@@ -217,3 +217,63 @@ def test_errors():
     _, y, props = preprocess_case(img, (1, 1, 1), plan)
     with pytest.raises(PreprocessingError, match="plan grid"):
         restore_probabilities(np.ones((2, 3, 3, 3)), props, plan)
+
+
+@pytest.mark.parametrize(
+    "dtype, normalization, use_mask, transpose",
+    [
+        (np.float32, ("zscore",), [False], (0, 1, 2)),
+        (np.float32, ("zscore",), [True], (1, 0, 2)),
+        (np.int16, ("ct",), [False], (0, 1, 2)),
+        (np.float64, ("none",), [False], (2, 0, 1)),
+    ],
+)
+def test_lazy_image_equals_the_eager_preprocessing(anisotropic_case, dtype, normalization, use_mask, transpose):
+    """Without resampling, predict reads tiles from a LazyNormalizedImage: same values, no copy."""
+    from napari_medseg.engine.preprocessing import LazyNormalizedImage
+
+    img, _, spacing = anisotropic_case
+    img = (img * 40).astype(dtype)
+    stats = [{"mean": 90.0, "std": 30.0, "percentile_00_5": 20.0, "percentile_99_5": 200.0}]
+    plan = make_plan(tuple(spacing[a] for a in transpose), transpose=transpose, normalization=normalization,
+                     use_mask_for_norm=use_mask, intensity_stats=stats)
+    eager, _, props = preprocess_case(img, spacing, plan)
+    lazy, _, lazy_props = preprocess_case(img, spacing, plan, lazy=True)
+    assert isinstance(lazy, LazyNormalizedImage) and lazy_props == props
+    assert lazy.shape == eager.shape
+    assert np.shares_memory(lazy.raw, img)  # views of the caller's array, no float32 volume
+    np.testing.assert_array_equal(lazy.materialize(), eager)
+    tile = (slice(None), slice(1, 7), slice(3, 12), slice(0, 5))
+    got = lazy[tile]
+    assert got.dtype.is_floating_point and tuple(got.shape) == eager[tile].shape
+    np.testing.assert_array_equal(got.numpy(), eager[tile])
+
+
+def test_lazy_only_without_resampling_or_label(anisotropic_case):
+    img, lab, spacing = anisotropic_case
+    resampled, _, _ = preprocess_case(img, spacing, make_plan((1.0, 1.0, 1.0)), lazy=True)
+    assert isinstance(resampled, np.ndarray)  # a resampled image is stored
+    with_label, _, _ = preprocess_case(img, spacing, make_plan(spacing), lab, lazy=True)
+    assert isinstance(with_label, np.ndarray)
+
+
+def test_lazy_image_through_the_sliding_window():
+    """The sliding window reads a LazyNormalizedImage tile by tile; padding materialises it."""
+    import torch
+
+    from napari_medseg.engine.events import collect
+    from napari_medseg.engine.inference import sliding_window
+
+    rng = np.random.default_rng(2)
+    img = rng.normal(100, 20, (1, 20, 24, 12)).astype(np.float32)  # axis 2 smaller than the patch
+    plan = make_plan((1, 1, 1))
+    eager, _, _ = preprocess_case(img, (1, 1, 1), plan)
+    lazy, _, _ = preprocess_case(img, (1, 1, 1), plan, lazy=True)
+
+    def predictor(t):  # a fixed, position-independent map of the tile
+        return torch.cat([t, -t, t * t], dim=1)
+
+    for patch in ((8, 16, 16), (8, 8, 8)):
+        a = collect(sliding_window(predictor, torch.from_numpy(eager), patch, 3))[1]
+        b = collect(sliding_window(predictor, lazy, patch, 3))[1]
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
