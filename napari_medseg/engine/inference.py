@@ -215,6 +215,7 @@ def sliding_window(
     channels_last: bool = False,
     amp: bool | None = None,
     accumulate_dtype: torch.dtype = torch.float32,
+    relative: bool = False,
 ) -> Generator[Progress, None, torch.Tensor]:
     """Run ``predictor`` over overlapping tiles of ``image`` and blend the logits.
 
@@ -248,14 +249,18 @@ def sliding_window(
         accumulate_dtype: dtype of the accumulator and of the result; ``torch.float16`` halves the
             accumulator's memory on a GPU (on the CPU it is slower than float32). In half
             precision each axis of the tile weight is floored at 0.1, so that no weight rounds to 0.
+        relative: Accumulate the logits relative to class 0 (``l_k - l_0`` for ``k >= 1``): the
+            result has ``num_classes - 1`` channels, one volume less. Softmax and argmax do not
+            change under that shift (class 0's relative logit is 0), and blending is linear, so
+            nothing is lost; :func:`predict` uses it when only labels are wanted.
 
     Yields:
         ``Progress("tiles", done, total)`` after every predictor call; ``total`` is the number of
         tiles times the number of mirror combinations (see :func:`count_tiles`).
 
     Returns:
-        Blended logits ``(K, *spatial)`` in ``accumulate_dtype`` (float32 by default) on
-        ``accumulate_device``.
+        Blended logits ``(K, *spatial)`` (``(K - 1, *spatial)`` when ``relative``) in
+        ``accumulate_dtype`` (float32 by default) on ``accumulate_device``.
     """
     lazy = not isinstance(image, torch.Tensor) and hasattr(image, "materialize")
     if not isinstance(image, torch.Tensor) and not lazy:
@@ -311,7 +316,10 @@ def sliding_window(
         weight[weight == 0] = weight[weight > 0].min()
     weight = weight.to(acc_dev)
     tile_weight = weight / len(combos) if len(combos) > 1 else weight
-    logits = torch.zeros((num_classes, *padded), dtype=accumulate_dtype, device=acc_dev)
+    if relative and num_classes < 2:
+        raise InferenceError("relative logits need at least 2 classes.")
+    channels = num_classes - 1 if relative else num_classes
+    logits = torch.zeros((channels, *padded), dtype=accumulate_dtype, device=acc_dev)
     logger.debug("Sliding window: %d tiles x %d mirrorings, patch %s", len(regions), len(combos), full_patch)
 
     done = 0
@@ -346,6 +354,8 @@ def sliding_window(
         with torch.inference_mode():
             if slicewise:
                 summed = summed.unsqueeze(2)
+            if relative:  # in place: summed is ours (a copy, or the predictor's fresh output)
+                summed = summed[:, 1:].sub_(summed[:, :1])
             for i, region in enumerate(batch):
                 logits[(slice(None), *region)].addcmul_(summed[i], tile_weight)
         del summed, tiles, out
@@ -525,7 +535,13 @@ def predict(
     Raises:
         CheckpointError: unreadable checkpoints, or an image they cannot take (checked before compute).
     """
-    from napari_medseg.engine.preprocessing import LazyNormalizedImage, preprocess_case, restore_probabilities
+    from napari_medseg.engine.preprocessing import (
+        LazyNormalizedImage,
+        is_resampled,
+        preprocess_case,
+        restore_labels,
+        restore_probabilities,
+    )
 
     ckpts = _load_all(checkpoints)
     data, spacing, is_2d = _as_channels_first(image, spacing)
@@ -577,9 +593,17 @@ def predict(
     }
     total = sum(counts.values())
     done = 0
+    # Labels only, one checkpoint, no resampling back: accumulate logits relative to class 0
+    # (num_classes - 1 volumes) and take the argmax on the plan grid; the softmax, the restore of
+    # K probability volumes and their mean are never needed (the same labels: argmax is unchanged
+    # by softmax and by the shift, and restoring without resampling is a crop and a transpose).
+    labels_only = (
+        len(ckpts) == 1 and num_classes >= 2 and not (return_probabilities or return_uncertainty)
+        and not is_resampled(prepared[0][3], prepared[0][0])
+    )
     mean: np.ndarray | None = None
     for idx, (plan, members, pre, props) in enumerate(prepared):
-        nbytes = (num_classes * 2 + 1 + pre.shape[0]) * int(np.prod(pre.shape[1:])) * 4
+        nbytes = (num_classes * (1 if labels_only else 2) + 1 + pre.shape[0]) * int(np.prod(pre.shape[1:])) * 4
         acc_dev = _accumulation_device(dev, nbytes)
         if isinstance(pre, LazyNormalizedImage) and acc_dev.type != "cpu":
             pre = pre.materialize()  # accumulating on the GPU: the image goes there once
@@ -596,13 +620,26 @@ def predict(
                 src = tensor if lazy or acc == tensor.device else tensor.to(acc)
                 return _relay(sliding_window(
                     model, src, plan.patch_size, num_classes, step=step, batch_size=bs,
-                    mirror_axes=axes(i), device=dev, accumulate_device=acc,
+                    mirror_axes=axes(i), device=dev, accumulate_device=acc, relative=labels_only,
                 ), done, total)
 
             logits = yield from sliding_window_with_fallback(
                 window, batch_size, acc_dev, dev, what=f"an image of {'x'.join(map(str, pre.shape))} voxels",
             )
             done += counts[i]
+            if labels_only:
+                del model, tensor, window, pre
+                prepared[idx] = None
+                yield Progress("postprocess", 0, 1)
+                labels = _argmax_relative(logits)
+                del logits  # before the restore: the K - 1 volumes are the peak
+                labels = restore_labels(labels, props, plan)
+                if largest_component:
+                    labels = keep_largest_component(labels, range(1, num_classes))
+                result = PredictionResult(labels=labels)
+                result.label_names = _label_names(ckpts[0])
+                yield Progress("postprocess", 1, 1)
+                return result
             with torch.inference_mode():
                 probs = _softmax_(logits)  # in place: no second K-channel volume
                 if group_sum is not None and group_sum.device != probs.device:  # one member fell back to CPU
@@ -649,6 +686,23 @@ def _argmax_labels(mean: np.ndarray, slab_voxels: int = 1 << 22) -> np.ndarray:
     step = max(1, slab_voxels // max(1, math.prod(mean.shape[2:])))
     for z0 in range(0, mean.shape[1], step):
         labels[z0 : z0 + step] = np.argmax(mean[:, z0 : z0 + step], axis=0)
+    return labels
+
+
+def _argmax_relative(relative: torch.Tensor, slab_voxels: int = 1 << 22) -> np.ndarray:
+    """Labels from logits relative to class 0 (``(K - 1, *spatial)``, see ``sliding_window(...,
+    relative=True)``): ``argmax`` over ``[0, l_1 - l_0, ...]``, first class on ties, as uint8
+    (uint16 beyond 256 classes), a slab at a time."""
+    k = relative.shape[0] + 1
+    labels = np.empty(tuple(relative.shape[1:]), np.uint8 if k <= 256 else np.uint16)
+    step = max(1, slab_voxels // max(1, math.prod(relative.shape[2:])))
+    with torch.inference_mode():
+        for z0 in range(0, relative.shape[1], step):
+            slab = relative[:, z0 : z0 + step].float()
+            best, idx = slab.max(0)  # the first maximum on ties
+            idx += 1
+            idx.masked_fill_(best <= 0, 0)  # class 0 (relative logit 0) wins ties
+            labels[z0 : z0 + step] = idx.cpu().numpy()
     return labels
 
 

@@ -407,6 +407,13 @@ def _geometry_3d(props: CaseProperties, plan: Plan):
     return props.original_shape, props.bbox, props.shape_after_crop, props.original_spacing
 
 
+def is_resampled(props: CaseProperties, plan: Plan) -> bool:
+    """Whether preprocessing changed the grid (beyond the crop and the transpose)."""
+    tf, _ = _check_plan(plan)
+    crop_shape = _geometry_3d(props, plan)[2]
+    return tuple(props.shape_after_resample) != tuple(int(crop_shape[a]) for a in tf)
+
+
 def _check_grid(arr: np.ndarray, props: CaseProperties, what: str) -> None:
     if tuple(arr.shape[-3:]) != tuple(props.shape_after_resample):
         raise PreprocessingError(
@@ -466,8 +473,14 @@ def restore_labels(labels: np.ndarray, props: CaseProperties, plan: Plan) -> np.
     tf, tb = _check_plan(plan)
     orig_shape, bbox, crop_shape, _ = _geometry_3d(props, plan)
     crop_t = [crop_shape[a] for a in tf]
-    out = resample_to_shape(labels[None], crop_t, True, order=0)[0]
+    out = labels
+    if tuple(crop_t) != tuple(labels.shape):  # an unchanged grid needs no (copying) resample
+        out = resample_to_shape(labels[None], crop_t, True, order=0)[0]
     out = np.transpose(out, tb)
+    covers = all(lo == 0 and hi == n for (lo, hi), n in zip(bbox, orig_shape))
+    if covers and tuple(out.shape) == tuple(orig_shape):  # nothing cropped: no padding back
+        out = np.ascontiguousarray(out)
+        return out[0] if props.is_2d_input else out
     full = np.zeros(orig_shape, labels.dtype)
     full[_slicer(bbox)] = out
     return full[0] if props.is_2d_input else full

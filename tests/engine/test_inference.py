@@ -485,3 +485,69 @@ def test_restore_probabilities_overwrite_input_skips_the_copy():
     p = np.random.default_rng(3).random((2, *pre.shape[1:])).astype(np.float32)
     out = restore_probabilities(p, props, plan, overwrite_input=True)
     assert out.shape == (2, *image.shape) and (out[0, :, :2] == 1).all() and (out[1, :, :2] == 0).all()
+
+
+# ------------------------------------------- labels only: logits relative to class 0 (K - 1 volumes)
+@pytest.mark.parametrize("mirror_axes, batch_size", [((), 1), ((0, 2), 2)])
+def test_relative_window_is_the_shifted_full_window(mirror_axes, batch_size):
+    image = torch.randn(1, 21, 30, 18)
+
+    def predictor(x):  # 3 classes, tile-dependent
+        m = x.mean(dim=tuple(range(1, x.ndim)), keepdim=True)
+        return torch.cat([x * m, torch.tanh(x), x.flip(-1) - 0.3], 1)
+
+    _, full = collect(sliding_window(predictor, image, (8, 12, 8), 3, mirror_axes=mirror_axes, batch_size=batch_size))
+    _, rel = collect(sliding_window(predictor, image, (8, 12, 8), 3, mirror_axes=mirror_axes, batch_size=batch_size,
+                                    relative=True))
+    assert rel.shape == (2, 21, 30, 18)
+    assert torch.allclose(rel, full[1:] - full[:1], atol=1e-5)
+    from napari_medseg.engine.inference import _argmax_relative
+
+    assert np.array_equal(_argmax_relative(rel), full.argmax(0).numpy().astype(np.uint8))
+
+
+def test_argmax_relative_ties_pick_the_first_class():
+    from napari_medseg.engine.inference import _argmax_relative
+
+    rel = torch.tensor([[0.0, 1.0, -1.0, 2.0], [0.0, 1.0, 0.0, -5.0]]).reshape(2, 1, 1, 4)
+    # columns: all tie at 0 -> 0; classes 1, 2 tie at 1 -> 1; class 2 ties class 0 at 0 -> 0; class 1 -> 1
+    assert _argmax_relative(rel).ravel().tolist() == [0, 1, 0, 1]
+    with pytest.raises(InferenceError, match="2 classes"):
+        collect(sliding_window(lambda x: x, torch.randn(1, 8, 8, 8), (8, 8, 8), 1, relative=True))
+
+
+@pytest.mark.parametrize("classes", [2, 3])
+def test_predict_labels_only_route_gives_the_probabilities_routes_labels(tmp_path, phantom, classes, monkeypatch):
+    """Labels-only prediction (relative logits, argmax on the plan grid, labels restored) equals
+    the argmax of the restored probabilities, with a crop and a transpose to undo."""
+    import napari_medseg.engine.inference as inf
+
+    image, _ = phantom
+    padded = np.pad(image - image.min() + 1.0, ((1, 2), (3, 0), (0, 2)))  # crop box to restore
+    plan = _plan(classes=classes)
+    plan.transpose_forward, plan.transpose_backward = [1, 0, 2], [1, 0, 2]
+    plan.spacing = (1.0, 2.0, 1.0)  # the transposed spacing: no resampling
+    path = _ckpt(tmp_path, "t.pt", plan, classes=classes)
+    calls = []
+    real = inf.sliding_window
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("relative", False))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(inf, "sliding_window", spy)
+    _, labels_only = collect(predict(padded, (2.0, 1.0, 1.0), [path], device="cpu", mirror=True))
+    _, with_probs = collect(predict(padded, (2.0, 1.0, 1.0), [path], device="cpu", mirror=True,
+                                    return_probabilities=True))
+    assert calls == [True, False]
+    assert labels_only.probabilities is None and labels_only.labels.dtype == np.uint8
+    assert labels_only.label_names == with_probs.label_names
+    agree = (labels_only.labels == with_probs.labels).mean()
+    assert agree > 0.999, agree  # float rounding may flip an exact near-tie, nothing more
+    assert np.array_equal(labels_only.labels, with_probs.probabilities.argmax(0)) or agree > 0.999
+    assert (labels_only.labels[:1] == 0).all()  # outside the crop box: background
+
+    calls.clear()  # resampling back, or an ensemble: the probabilities route
+    collect(predict(padded, (3.0, 1.0, 1.0), [path], device="cpu", mirror=False))
+    collect(predict(padded, (2.0, 1.0, 1.0), [path, path], device="cpu", mirror=False))
+    assert calls == [False, False, False]
