@@ -16,6 +16,11 @@ interleaved (ours, nnU-Net, MONAI, ours, ...); the medians give the ratios (belo
 baseline). The achieved GFLOP/s (network FLOPs of all tile evaluations / time) is reported as a
 fraction of the measured FLOP/s of one large conv3d on this machine.
 
+On the CPU, ours runs the channels-last inference forward of ``NNUNet`` (``models/cpu_inference.py``,
+taken automatically in eval mode without gradients); ``--stock-forward`` adds our window with the
+stock ``nn.Module`` forward as a contender, and ``--levers`` includes it, so that what the window and
+what the forward buy can be told apart.
+
 ``--compile`` adds our window with ``optimize_predictor(model, compile=True)`` (torch.compile, inductor
 freezing) as a fourth contender and prints its compile time. ``--levers`` also times our window with
 each other speed lever toggled, against our default.
