@@ -93,11 +93,7 @@ def applicable(model: nn.Module, x: torch.Tensor) -> bool:
         return False
     if not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
         return False
-    cached = getattr(model, "_cpu_fast_supported", None)
-    if cached is None:
-        cached = supports(model)
-        model._cpu_fast_supported = cached
-    return cached
+    return supports(model)  # a walk over a few dozen modules: microseconds against a forward
 
 
 class _WeightCache:

@@ -116,9 +116,11 @@ def test_environment_switch(monkeypatch):
 
 def test_unsupported_block_falls_back_to_stock_forward():
     model = _model(3)
-    model.encoder[0][1][2] = nn.ReLU()  # not a LeakyReLU: the fast forward must not be used
+    x = torch.randn(1, 1, 16, 16, 16)
     with torch.no_grad():
-        assert not cpu_inference.applicable(model, torch.randn(1, 1, 16, 16, 16))
+        assert cpu_inference.applicable(model, x)
+        model.encoder[0][1][2] = nn.ReLU()  # not a LeakyReLU: the fast forward must not be used
+        assert not cpu_inference.applicable(model, x)
 
 
 def test_weight_cache_follows_new_weights():
