@@ -433,7 +433,10 @@ def _relay(gen: Generator, offset: int, total: int) -> Generator[Progress, None,
 
 
 def _as_channels_first(image: Any, spacing: Sequence[float]) -> tuple[np.ndarray, tuple, bool]:
-    """Return ``(C, *spatial)`` float32, the spacing, and whether the image is 2D."""
+    """Return ``(C, *spatial)``, the spacing, and whether the image is 2D.
+
+    Numbers keep their dtype (preprocessing casts them: a lazily preprocessed integer CT is cast
+    tile by tile, never as a float32 volume); anything else is cast to float32 here."""
     image = np.asarray(image)
     spacing = tuple(float(s) for s in spacing)
     if len(spacing) not in (2, 3):
@@ -447,7 +450,9 @@ def _as_channels_first(image: Any, spacing: Sequence[float]) -> tuple[np.ndarray
         )
     if not all(math.isfinite(s) and s > 0 for s in spacing):
         raise InferenceError(f"Spacing must be finite and positive, got {spacing}.")
-    return image.astype(np.float32, copy=False), spacing, len(spacing) == 2
+    if image.dtype.kind not in "biuf":
+        image = image.astype(np.float32)
+    return image, spacing, len(spacing) == 2
 
 
 def _accumulation_device(device: torch.device, nbytes: int) -> torch.device:

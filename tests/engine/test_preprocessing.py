@@ -277,3 +277,37 @@ def test_lazy_image_through_the_sliding_window():
         a = collect(sliding_window(predictor, torch.from_numpy(eager), patch, 3))[1]
         b = collect(sliding_window(predictor, lazy, patch, 3))[1]
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_predict_keeps_an_integer_image_uncast(tmp_path, monkeypatch):
+    """An int16 image reaches the lazy preprocessing as int16 (no float32 volume is made)."""
+    import torch
+
+    from napari_medseg.engine import inference
+    from napari_medseg.engine.checkpoint import save_checkpoint
+    from napari_medseg.engine.events import collect
+    from napari_medseg.engine.preprocessing import LazyNormalizedImage
+    from napari_medseg.models import create_model
+
+    kw = {"pool_kernels": [[2, 2, 2]], "conv_kernels": [[3, 3, 3]] * 2, "base_width": 4}
+    plan = make_plan((1.0, 1.0, 1.0), num_classes=2)
+    plan.patch_size, plan.pool_kernels, plan.conv_kernels = (8, 8, 8), kw["pool_kernels"], kw["conv_kernels"]
+    torch.manual_seed(0)
+    model = create_model("unet-3d-fullres", 1, 2, 3, **kw)
+    path = save_checkpoint(tmp_path / "c.pt", model, model_name="unet-3d-fullres", model_kwargs=kw,
+                           in_channels=1, num_classes=2, spatial_dims=3, plan=plan,
+                           label_names={0: "background", 1: "fg"})
+    seen = []
+    real = inference.sliding_window
+
+    def spy(predictor, image, *args, **kwargs):
+        seen.append(image)
+        return real(predictor, image, *args, **kwargs)
+
+    monkeypatch.setattr(inference, "sliding_window", spy)
+    img = (np.random.default_rng(0).normal(0, 300, (12, 16, 10))).astype(np.int16)
+    _, res = collect(inference.predict(img, (1.0, 1.0, 1.0), [path], device="cpu", mirror=False))
+    assert isinstance(seen[0], LazyNormalizedImage) and seen[0].raw.dtype == np.int16
+    _, ref = collect(inference.predict(img.astype(np.float32), (1.0, 1.0, 1.0), [path], device="cpu",
+                                       mirror=False))
+    assert np.array_equal(res.labels, ref.labels)
