@@ -258,6 +258,17 @@ def run_monai(plain, image, patch, args, device, slicewise: bool = False):
     return call
 
 
+def warm_up_and_compare(contenders) -> None:
+    """Run every contender once (the warm-up) and print how far each one's logits are from ours."""
+    outs = {name: fn() for name, fn in contenders.items()}
+    for name, out in outs.items():
+        if name != "ours":
+            ref, other = outs["ours"].float().cpu(), out.float().cpu()
+            agree = (ref.argmax(0) == other.argmax(0)).float().mean().item()
+            print(f"  agreement ours vs {name}: max |logit diff| {(ref - other).abs().max().item():.2e}, "
+                  f"argmax equal on {agree * 100:.3f}% of voxels")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--size", type=int, nargs="+", default=[160], help="volume edge (or z y x), default 160")
@@ -314,14 +325,7 @@ def main() -> None:
         contenders["nnunet"] = run_nnunet(nnunet_predictor(plain, patch, args.classes, args, device), image, device)
     if "monai" not in args.skip:
         contenders["monai"] = run_monai(plain, image, patch, args, device)
-    outs = {name: fn() for name, fn in contenders.items()}  # warm-up, and the agreement check
-    for name, out in outs.items():
-        if name != "ours":
-            ref, other = outs["ours"].float().cpu(), out.float().cpu()
-            agree = (ref.argmax(0) == other.argmax(0)).float().mean().item()
-            print(f"  agreement ours vs {name}: max |logit diff| {(ref - other).abs().max().item():.2e}, "
-                  f"argmax equal on {agree * 100:.3f}% of voxels")
-    del outs
+    warm_up_and_compare(contenders)
     cpu: dict[str, list[float]] = {}
     times = interleaved(
         contenders, args.repeats, warmup=0,

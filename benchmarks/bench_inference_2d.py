@@ -29,6 +29,7 @@ from bench_inference import (
     run_nnunet,
     run_ours,
     unet_config,
+    warm_up_and_compare,
 )
 
 
@@ -69,14 +70,7 @@ def main() -> None:
         contenders["nnunet"] = run_nnunet(nnunet_predictor(plain, patch, args.classes, args, device), image, device)
     if "monai" not in args.skip:
         contenders["monai"] = run_monai(plain, image, patch, args, device, slicewise=True)
-    outs = {name: fn() for name, fn in contenders.items()}
-    for name, out in outs.items():
-        if name != "ours":
-            ref, other = outs["ours"].float().cpu(), out.float().cpu()
-            agree = (ref.argmax(0) == other.argmax(0)).float().mean().item()
-            print(f"  agreement ours vs {name}: max |logit diff| {(ref - other).abs().max().item():.2e}, "
-                  f"argmax equal on {agree * 100:.3f}% of voxels")
-    del outs
+    warm_up_and_compare(contenders)
     cpu: dict[str, list[float]] = {}
     times = interleaved(contenders, args.repeats, warmup=0,
                         on_repeat=lambda r, n, dt: print(f"  repeat {r + 1} {n:12s} {dt:8.2f} s", flush=True), cpu_times=cpu)

@@ -236,10 +236,7 @@ def normalize(
         plan: Provides ``normalization``, ``intensity_stats`` and ``use_mask_for_norm``.
         mask: Nonzero mask on the same grid (needed where ``use_mask_for_norm`` is set).
     """
-    out = np.empty(image.shape, np.float32)
-    for c, norm in enumerate(normalization_params(image, plan, mask)):
-        norm.apply(image[c], out[c], mask)  # in place in ``out``: no full-size temporaries
-    return out
+    return LazyNormalizedImage(image, normalization_params(image, plan, mask), mask).materialize()
 
 
 class LazyNormalizedImage:
@@ -271,7 +268,8 @@ class LazyNormalizedImage:
         return torch.from_numpy(out)
 
     def materialize(self) -> np.ndarray:
-        """The whole preprocessed image ``(C, *spatial)`` float32 (what :func:`normalize` returns)."""
+        """The whole preprocessed image ``(C, *spatial)`` float32 (what :func:`normalize` returns);
+        each channel is written in place: no full-size temporaries."""
         out = np.empty(self.shape, np.float32)
         for c, norm in enumerate(self.norms):
             norm.apply(self.raw[c], out[c], self.mask)
