@@ -1,18 +1,24 @@
-"""napari reader hook (npe2) for NIfTI volumes (``.nii``, ``.nii.gz``).
+"""napari reader hook (npe2): NIfTI, NRRD, MetaImage, DICOM series (folders or files) and DICOM-SEG.
 
-``napari_get_reader(path)`` returns a reader function for one NIfTI file or a list of them, and
-``None`` for anything else (other extensions, folders, missing files, mixed lists); it never
-raises. The reader function returns napari layer data tuples (no napari import needed):
+``napari_get_reader(path)`` returns :func:`read_layers` for a readable file (by name: ``.nii``,
+``.nii.gz``, ``.nrrd``, ``.nhdr``, ``.mha``, ``.mhd``, ``.dcm``; or by the DICOM magic), a folder
+holding DICOM files, or a list of them; ``None`` for anything else. It never raises. The reader
+function returns napari layer data tuples (no napari import needed):
 
-- images: ``scale`` = voxel spacing and ``translate`` = the affine's origin, both napari order;
-  4D files give one image layer per channel (``channel_axis=0``);
+- every layer is placed in world space: ``scale`` = voxel spacing, ``translate`` = the world
+  position of voxel 0, ``affine`` = the rotation/flips/shear (see :mod:`napari_medseg.io.world`),
+  so ``layer.data_to_world(voxel)`` is the file's RAS+ coordinate in ``(S, A, R)`` order and layers
+  from different files, formats and orientations of one patient overlay;
 - ``metadata = {"medseg_geometry": <plain geometry dict>, "medseg_source": <path>}`` so that the
-  writer can put a label map back on the source grid;
-- a corrupt file makes the reader function raise :class:`~napari_medseg.io.NiftiError` with a
-  clear message (napari shows it as a notification).
+  writer can put a label map back on the source grid (and write DICOM-SEG for DICOM sources);
+- a DICOM folder gives one layer per series, named by ``SeriesDescription``; DICOM-SEG files give
+  Labels layers with ``metadata["medseg_label_names"]``; a series that cannot be read is skipped
+  with a warning (napari shows it) while the others open;
+- a corrupt file makes the reader function raise a :class:`~napari_medseg.io.VolumeError`
+  (:class:`~napari_medseg.io.NiftiError` for NIfTI) with a clear message.
 
-**Label rule.** A file opens as a Labels layer when any of these holds and its voxels are
-integers (or integral floats, which are converted):
+**Label rule.** A file opens as a Labels layer when it is a DICOM-SEG, or when any of these holds
+and its voxels are integers (or integral floats, which are converted):
 
 1. it lies in a ``labelsTr`` or ``labelsTs`` folder (nnU-Net raw layout);
 2. its file name (lower case) contains ``_seg``, ``seg.``, ``label``, ``mask`` or ``aal``;
@@ -22,7 +28,7 @@ integers (or integral floats, which are converted):
    neighbouring voxel pairs that touch a non-zero voxel are equal. The last test keeps
    8-bit scans (which always have <= 256 values) as images.
 
-Otherwise it opens as an Image layer.
+DICOM image series always open as images. Everything else opens as an Image layer.
 """
 
 from __future__ import annotations
@@ -34,7 +40,19 @@ from typing import Any
 
 import numpy as np
 
-from napari_medseg.io import NiftiError, Volume, geometry_from_volume, is_nifti_path, read_nifti
+from napari_medseg.io import (
+    VOLUME_EXTENSIONS,
+    NiftiError,
+    Volume,
+    VolumeError,
+    geometry_from_volume,
+    is_volume_path,
+    layer_transform,
+    read_dicom_series,
+    read_volume,
+    volume_format,
+)
+from napari_medseg.io.world import display_axes, to_layer_order
 
 logger = logging.getLogger(__name__)
 
@@ -43,30 +61,32 @@ LABEL_FOLDERS = ("labelstr", "labelsts")
 LABEL_NAME_HINTS = ("_seg", "seg.", "label", "mask", "aal")
 MAX_LABEL_VALUES = 256
 MIN_EQUAL_NEIGHBOURS = 0.5
+#: The ``filename_patterns`` of the manifest's reader (folders are accepted too).
+FILE_PATTERNS = tuple(f"*{ext}" for ext in VOLUME_EXTENSIONS)
 
 
 def _acceptable(path: Any) -> bool:
     if not isinstance(path, (str, os.PathLike)):
         return False
     p = os.fspath(path)
-    return isinstance(p, str) and is_nifti_path(p) and os.path.isfile(p)
+    return isinstance(p, str) and is_volume_path(p)
 
 
 def napari_get_reader(path: Any) -> Callable[[Any], list[LayerData]] | None:
-    """Return :func:`read_nifti_layers` when every path is an existing NIfTI file, else ``None``."""
+    """Return :func:`read_layers` when every path is a readable volume file or DICOM folder, else ``None``."""
     try:
         paths = list(path) if isinstance(path, (list, tuple)) else [path]
         if paths and all(_acceptable(p) for p in paths):
-            return read_nifti_layers
+            return read_layers
     except Exception:  # a reader hook must never raise
         logger.debug("napari_get_reader(%r) failed", path, exc_info=True)
     return None
 
 
 def layer_name(path: str) -> str:
-    """File name without ``.nii``/``.nii.gz``."""
-    base = os.path.basename(path)
-    for ext in (".nii.gz", ".nii"):
+    """File (or folder) name without its volume extension."""
+    base = os.path.basename(os.path.normpath(path))
+    for ext in sorted(VOLUME_EXTENSIONS, key=len, reverse=True):
         if base.lower().endswith(ext):
             return base[: -len(ext)]
     return base
@@ -98,6 +118,8 @@ def is_label_volume(vol: Volume) -> bool:
     """Apply the label rule of this module's docstring to a volume read from ``vol.path``."""
     if vol.channel_axis is not None:
         return False
+    if vol.header.get("format") == "dicom":
+        return "seg" in (vol.header.get("dicom") or {})
     path = vol.path or ""
     folder = os.path.basename(os.path.dirname(os.path.abspath(path))).lower() if path else ""
     name = os.path.basename(path).lower()
@@ -130,9 +152,18 @@ def _as_label_array(data: np.ndarray) -> np.ndarray:
     return data.astype(np.int64)
 
 
-def _warn_oblique(vol: Volume) -> None:
-    """Warn when the affine has shear (non-orthogonal axes): napari shows the grid axis-aligned (scale and
-    translate only), while files written back keep the original affine."""
+def _default_name(vol: Volume) -> str:
+    if vol.header.get("format") == "dicom":
+        from napari_medseg.io.dicom import dicom_volume_name
+
+        return dicom_volume_name(vol)
+    return layer_name(vol.path) if vol.path else "volume"
+
+
+def _warn_shear(vol: Volume) -> None:
+    """Warn when the affine has shear (non-orthogonal voxel axes): scanners do not store that, so it
+    is usually a damaged or hand-made header. napari places the layer with the shear; files saved
+    from it keep the original affine."""
     m = np.asarray(vol.affine, dtype=np.float64)[:3, :3]
     cols = np.linalg.norm(m, axis=0)
     if not np.all(cols > 0):
@@ -141,53 +172,92 @@ def _warn_oblique(vol: Volume) -> None:
     shear = float(np.max(np.abs(gram - np.eye(3))))
     if shear > 1e-3:
         logger.warning(
-            "%s: the affine has shear (largest off-diagonal of the direction cosines' Gram matrix %.3g); "
-            "napari shows the voxel grid without it, and label files saved from it keep the original affine",
+            "%s: the affine has shear (largest off-diagonal of the direction cosines' Gram matrix %.3g): "
+            "the voxel axes are not perpendicular, which scanners do not produce; check the header. "
+            "napari shows it sheared, and files saved from it keep the original affine",
             vol.path, shear,
         )
 
 
 def volume_to_layer_data(vol: Volume, *, as_labels: bool | None = None, name: str | None = None) -> list[LayerData]:
-    """Turn a :class:`Volume` into napari layer data tuples (image or labels).
+    """Turn a :class:`Volume` into napari layer data tuples (image or labels) placed in world space.
+
+    A volume whose axes are permuted against the world axes (coronal or sagittal acquisitions)
+    is shown through a transposed view, ``np.transpose(vol.data, axes)``, so that napari's 2D view
+    can draw it; ``metadata["medseg_geometry"]["layer_axes"]`` records ``axes`` and the writers
+    transpose back (:mod:`napari_medseg.io.world`).
 
     Args:
         vol: The volume; its geometry goes into ``metadata["medseg_geometry"]``.
         as_labels: Force a Labels (``True``) or Image (``False``) layer; ``None`` applies the rule.
-        name: Layer name; defaults to the file name.
+        name: Layer name; defaults to the file name (the series description for DICOM).
     """
     path = vol.path or ""
-    name = name or (layer_name(path) if path else "volume")
-    _warn_oblique(vol)
+    if vol.ndim_spatial == 3:
+        _warn_shear(vol)
+    name = name or _default_name(vol)
     labels = is_label_volume(vol) if as_labels is None else as_labels
-    meta = {"medseg_geometry": geometry_from_volume(vol), "medseg_source": path}
-    kwargs: dict[str, Any] = {
-        "name": name,
-        "scale": tuple(vol.spacing),
-        "translate": tuple(vol.translate),
-        "metadata": meta,
-    }
+    axes = display_axes(vol.affine, vol.ndim_spatial)
+    geometry = geometry_from_volume(vol)
+    geometry["layer_axes"] = list(axes)
+    meta: dict[str, Any] = {"medseg_geometry": geometry, "medseg_source": path}
+    names = vol.header.get("label_names")
+    if isinstance(names, dict) and names:
+        meta["medseg_label_names"] = {0: "background", **{int(k): str(v) for k, v in names.items()}}
+    kwargs: dict[str, Any] = {"name": name, "metadata": meta, **layer_transform(vol.affine, vol.spacing, axes)}
+    data = to_layer_order(vol.data, axes)
     if labels:
-        return [(_as_label_array(vol.data), kwargs, "labels")]
+        return [(np.ascontiguousarray(_as_label_array(data)), kwargs, "labels")]
     if vol.channel_axis == 0:
         n = vol.num_channels
         kwargs["channel_axis"] = 0
         kwargs["name"] = [f"{name} [{c}]" for c in range(n)]
         kwargs["metadata"] = [dict(meta, medseg_channel=c) for c in range(n)]
-    return [(vol.data, kwargs, "image")]
+    return [(data, kwargs, "image")]
 
 
-def read_nifti_layers(path: str | os.PathLike | list) -> list[LayerData]:
-    """Read one or more NIfTI files into layer data tuples.
-
-    Raises:
-        NiftiError: A file is corrupt or unsupported (the message names it).
-    """
-    paths = path if isinstance(path, (list, tuple)) else [path]
-    layers: list[LayerData] = []
-    for p in paths:
-        vol = read_nifti(p)
-        layers.extend(volume_to_layer_data(vol))
+def _unique_names(layers: list[LayerData]) -> list[LayerData]:
+    seen: dict[str, int] = {}
+    for _data, kwargs, _kind in layers:
+        if isinstance(kwargs["name"], str):
+            count = seen.get(kwargs["name"], 0)
+            seen[kwargs["name"]] = count + 1
+            if count:
+                kwargs["name"] = f"{kwargs['name']} ({count + 1})"
     return layers
 
 
-__all__ = ["NiftiError", "napari_get_reader", "read_nifti_layers", "volume_to_layer_data", "is_label_volume"]
+def read_layers(path: str | os.PathLike | list) -> list[LayerData]:
+    """Read files and DICOM folders into layer data tuples.
+
+    DICOM files given together (a list) are grouped into their series; a single DICOM file opens
+    its whole series (its siblings in the folder); a folder opens every series it holds.
+
+    Raises:
+        VolumeError: A file is corrupt or unsupported, or no series of a DICOM folder could be read
+            (the message names the file and the problem).
+    """
+    paths = [os.fspath(p) for p in (path if isinstance(path, (list, tuple)) else [path])]
+    dicom_files = [p for p in paths if os.path.isfile(p) and volume_format(p) == "dicom"]
+    layers: list[LayerData] = []
+    for p in paths:
+        if p in dicom_files:
+            continue
+        if os.path.isdir(p):
+            for vol in read_dicom_series(p):
+                layers.extend(volume_to_layer_data(vol))
+        else:
+            layers.extend(volume_to_layer_data(read_volume(p)))
+    if len(dicom_files) == 1:
+        layers.extend(volume_to_layer_data(read_volume(dicom_files[0])))
+    elif dicom_files:
+        for vol in read_dicom_series(dicom_files):
+            layers.extend(volume_to_layer_data(vol))
+    return _unique_names(layers)
+
+
+#: The previous name of :func:`read_layers` (it read NIfTI only).
+read_nifti_layers = read_layers
+
+__all__ = ["FILE_PATTERNS", "NiftiError", "VolumeError", "is_label_volume", "napari_get_reader",
+           "read_layers", "read_nifti_layers", "volume_to_layer_data"]

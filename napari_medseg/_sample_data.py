@@ -1,8 +1,11 @@
-"""napari sample data (npe2): the Colin27 deep-grey-matter crop and a synthetic phantom.
+"""napari sample data (npe2): the Colin27 deep-grey-matter crop (NIfTI, and re-stored as an
+oblique DICOM series with a DICOM-SEG) and a synthetic phantom.
 
-The Colin27 files ship in ``napari_medseg/data`` (made by ``scripts/make_sample_data.py``; see
+The Colin27 files ship in ``napari_medseg/data`` (made by ``scripts/make_sample_data.py``; the
+DICOM series and its SEG by ``python -m napari_medseg.io._sample_dicom``; see
 ``data/ATTRIBUTION.md``). Label names go into ``metadata["medseg_label_names"]`` as
-``{int: str}`` (background included).
+``{int: str}`` (background included). Every layer carries its world placement (``scale``,
+``translate``, ``affine``), so the NIfTI and the oblique DICOM sample overlay in world space.
 """
 
 from __future__ import annotations
@@ -13,11 +16,20 @@ from importlib import resources
 import numpy as np
 
 from napari_medseg._reader import LayerData, volume_to_layer_data
-from napari_medseg.io import Volume, affine_from_spacing, geometry_from_volume, read_nifti
+from napari_medseg.io import (
+    Volume,
+    affine_from_spacing,
+    geometry_from_volume,
+    read_dicom_seg,
+    read_nifti,
+    read_volume,
+)
 from napari_medseg.io.phantom import make_phantom
 
 COLIN_T1 = "colin27_t1_deepgm.nii.gz"
 COLIN_LABELS = "colin27_deepgm_labels.nii.gz"
+COLIN_DICOM = "colin27_dicom"
+COLIN_DICOM_SEG = "colin27_dicom_labels_seg.dcm"
 PHANTOM_SPACING = (2.0, 1.0, 1.0)
 
 
@@ -41,6 +53,14 @@ def colin27_deepgm() -> list[LayerData]:
     )
     labels[0][1]["metadata"]["medseg_label_names"] = colin27_label_names()
     return image + labels
+
+
+def colin27_dicom() -> list[LayerData]:
+    """The Colin27 crop as a synthetic oblique DICOM series (MR, 1.2 x 1.2 x 2 mm) and its DICOM-SEG."""
+    series = read_volume(data_path(COLIN_DICOM))
+    seg = read_dicom_seg(data_path(COLIN_DICOM_SEG), reference=series)
+    return (volume_to_layer_data(series, as_labels=False)
+            + volume_to_layer_data(seg, as_labels=True, name="Colin27 deep GM labels (DICOM-SEG)"))
 
 
 def phantom() -> list[LayerData]:

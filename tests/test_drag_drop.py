@@ -39,3 +39,76 @@ def test_drop_nifti_on_window(make_napari_viewer, tmp_path):
     np.testing.assert_allclose(layer.scale, [2.5, 0.9, 0.8])
     np.testing.assert_allclose(layer.translate, [30.0, 5.0, -10.0])
     np.testing.assert_allclose(np.asarray(layer.metadata["medseg_geometry"]["affine"]), affine, atol=1e-6)
+
+
+def _drop(viewer, path) -> None:
+    from qtpy.QtCore import QMimeData, QPointF, Qt, QUrl
+    from qtpy.QtGui import QDropEvent
+
+    mime = QMimeData()
+    mime.setUrls([QUrl.fromLocalFile(str(path))])
+    event = QDropEvent(QPointF(5, 5), Qt.DropAction.CopyAction, mime, Qt.MouseButton.LeftButton,
+                       Qt.KeyboardModifier.NoModifier)
+    viewer.window._qt_viewer.dropEvent(event)
+
+
+def test_drop_dicom_folder_on_window(make_napari_viewer, tmp_path, qtbot):
+    """A DICOM series folder dropped on the window: napari asks which reader (its builtin reader also
+    claims folders), the user picks napari-medseg and ticks "remember"; the series opens in world
+    space, and the next drop of that folder opens without asking."""
+    from napari.settings import get_settings
+
+    from napari_medseg.io._dicom_synth import write_dicom_series
+
+    affine = np.array([[-0.7, 0.0, 0.1, 60.0], [0.0, -0.7, 0.0, 80.0], [0.0, 0.0, 2.0, -20.0], [0, 0, 0, 1.0]])
+    affine[:3, 2] = np.cross(affine[:3, 0], affine[:3, 1]) / 0.49 * 2.0
+    data = np.random.default_rng(2).integers(-1000, 1000, (6, 16, 18)).astype(np.int16)
+    folder = tmp_path / "CT series"
+    write_dicom_series(folder, data, affine, modality="CT", intercept=-1024, description="Abdomen CT",
+                       shuffle_seed=1)
+    viewer = make_napari_viewer()
+    before = dict(get_settings().plugins.extension2reader)
+    try:
+        _drop_and_choose(viewer, folder, data)
+    finally:  # the remembered folder choice must not outlive the test
+        get_settings().plugins.extension2reader = before
+
+
+def _drop_and_choose(viewer, folder, data) -> None:
+    from napari.settings import get_settings
+    from qtpy.QtCore import QTimer
+    from qtpy.QtWidgets import QApplication
+
+    from napari_medseg.io import read_volume
+
+    seen = []
+
+    def choose_medseg():
+        dialogs = [w for w in QApplication.topLevelWidgets() if type(w).__name__ == "QtReaderDialog" and w.isVisible()]
+        if not dialogs:
+            QTimer.singleShot(50, choose_medseg)
+            return
+        dialog = dialogs[0]
+        seen.append(sorted(b.text() for b in dialog.reader_btn_group.buttons()))
+        for button in dialog.reader_btn_group.buttons():
+            if button.text() == "napari-medseg":
+                button.setChecked(True)
+        dialog.persist_checkbox.setChecked(True)
+        dialog.accept()
+
+    QTimer.singleShot(50, choose_medseg)
+    _drop(viewer, folder)
+    assert seen and "napari-medseg" in seen[0]
+    assert len(viewer.layers) == 1
+    layer = viewer.layers[0]
+    assert layer.name == "Abdomen CT"
+    np.testing.assert_array_equal(layer.data, data)
+    vol = read_volume(folder)
+    for voxel in [(0, 0, 0), (5, 15, 17)]:
+        ras = vol.affine @ np.array([voxel[2], voxel[1], voxel[0], 1.0])
+        np.testing.assert_allclose(layer.data_to_world(voxel), ras[:3][::-1], atol=1e-6)
+    assert layer.metadata["medseg_geometry"]["dicom"]["series_description"] == "Abdomen CT"
+    remembered = [k for k, v in get_settings().plugins.extension2reader.items() if v == "napari-medseg"]
+    assert any(k.rstrip("/").endswith("CT series") for k in remembered), remembered
+    _drop(viewer, folder)  # remembered: no dialog this time
+    assert len(viewer.layers) == 2 and len(seen) == 1

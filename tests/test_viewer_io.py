@@ -174,3 +174,133 @@ def test_screenshot_with_colin27_overlay(make_napari_viewer, tmp_path):
     if os.environ.get("MEDSEG_SCREENSHOTS") == "1":
         DOCS.mkdir(exist_ok=True)
         viewer.screenshot(path=str(DOCS / "screenshot_io.png"), canvas_only=False, flash=False)
+
+
+# ------------------------------------------------------------------------- DICOM, world space
+def _dicom_series(folder: Path, affine: np.ndarray, shape=(8, 20, 24), description="CT oblique") -> np.ndarray:
+    from napari_medseg.io._dicom_synth import write_dicom_series
+
+    data = np.random.default_rng(5).integers(-500, 800, shape).astype(np.int16)
+    write_dicom_series(folder, data, affine, modality="CT", intercept=-1024, description=description,
+                       shuffle_seed=4, seed=str(folder))
+    return data
+
+
+def _file_world(ds, voxel) -> np.ndarray:
+    """(S, A, R) world position of napari voxel (k, j, i) computed from a DICOM file's own attributes."""
+    _, j, i = voxel
+    row, col = np.asarray(ds.ImageOrientationPatient[:3], float), np.asarray(ds.ImageOrientationPatient[3:], float)
+    lps = np.asarray(ds.ImagePositionPatient, float) + i * row * float(ds.PixelSpacing[1]) + j * col * float(ds.PixelSpacing[0])
+    ras = lps * np.array([-1.0, -1.0, 1.0])
+    return ras[::-1]
+
+
+def test_open_dicom_folder_in_world_space(make_napari_viewer, tmp_path):
+    import pydicom
+
+    q, _ = np.linalg.qr(OBLIQUE[:3, :3])  # the oblique LPS-like directions, made orthonormal
+    affine = OBLIQUE.copy()
+    affine[:3, :3] = q * np.sign(np.diag(_)) @ np.diag([0.78, 0.79, 2.5])  # 0.78 x 0.79 mm pixels, 2.5 mm slices
+    data = _dicom_series(tmp_path / "dicom", affine)
+    viewer = make_napari_viewer()
+    (layer,) = viewer.open(str(tmp_path / "dicom"), plugin=PLUGIN)
+    assert type(layer).__name__ == "Image" and layer.name == "CT oblique"
+    np.testing.assert_array_equal(layer.data, data)  # shuffled files, sorted along the normal
+    files = {int(pydicom.dcmread(p).InstanceNumber): pydicom.dcmread(p) for p in (tmp_path / "dicom").iterdir()}
+    by_position = sorted(files.values(), key=lambda ds: np.dot(np.asarray(ds.ImagePositionPatient, float),
+                                                               np.cross(np.asarray(ds.ImageOrientationPatient[:3], float),
+                                                                        np.asarray(ds.ImageOrientationPatient[3:], float))))
+    for voxel in [(0, 0, 0), (7, 19, 23), (3, 5, 11)]:
+        np.testing.assert_allclose(layer.data_to_world(voxel), _file_world(by_position[voxel[0]], voxel), atol=1e-4)
+    geom = layer.metadata["medseg_geometry"]
+    assert geom["format"] == "dicom" and len(geom["dicom"]["instances"]) == 8
+
+
+def test_dicom_seg_painted_and_saved_from_the_viewer(make_napari_viewer, tmp_path):
+    from napari_medseg.io import read_volume, write_volume
+    from napari_medseg.widgets._layers import check_same_grid, resolve_image_input
+
+    affine = np.array([[-0.7, 0, 0, 90.0], [0, 0, 2.0, -30.0], [0, -0.8, 0, 40.0], [0, 0, 0, 1]])  # coronal, LPS-like
+    _dicom_series(tmp_path / "study", affine, description="CT coronal")
+    source = read_volume(tmp_path / "study")
+    seg = np.zeros(source.data.shape, np.uint8)
+    seg[2:5, 5:12, 6:14] = 1
+    write_volume(tmp_path / "study" / "seg.dcm", seg, source, is_label=True, label_names={1: "tumour"})
+    viewer = make_napari_viewer()
+    image, labels = viewer.open(str(tmp_path / "study"), plugin=PLUGIN)
+    assert type(labels).__name__ == "Labels" and labels.metadata["medseg_label_names"][1] == "tumour"
+    check_same_grid(resolve_image_input([image]), labels)  # the SEG lies on the series' grid
+    # a coronal series: napari shows it through a transposed view (slice axis along A, not S)
+    assert labels.metadata["medseg_geometry"]["layer_axes"] == [1, 0, 2]
+    assert labels.data.shape == (20, 8, 24) and image.data.shape == (20, 8, 24)
+    np.testing.assert_array_equal(labels.data, np.transpose(seg, (1, 0, 2)))
+    labels.data[1:4, 6, 1:4] = 2  # a correction, as the brush would paint it
+    labels.metadata["medseg_label_names"][2] = "oedema"
+    out = str(tmp_path / "corrected.dcm")
+    assert labels.save(out, plugin=PLUGIN) == [out]
+    back = read_volume(out)  # the file keeps the series' own layout
+    np.testing.assert_array_equal(back.data, np.transpose(labels.data, (1, 0, 2)))
+    assert back.data[6, 2, 2] == 2
+    np.testing.assert_allclose(back.affine, source.affine, atol=1e-6)
+    assert back.header["label_names"] == {"1": "tumour", "2": "oedema"}
+    (reopened,) = viewer.open(out, plugin=PLUGIN)
+    np.testing.assert_array_equal(reopened.data, labels.data)
+    for voxel in [(2, 6, 2), (8, 3, 10)]:
+        np.testing.assert_allclose(reopened.data_to_world(voxel), image.data_to_world(voxel), atol=1e-6)
+
+
+def test_nifti_and_oblique_dicom_sample_overlay(make_napari_viewer):
+    """The shipped Colin27 crop as NIfTI (axis-aligned) and as an oblique DICOM series: at the world
+    position of each DICOM voxel the NIfTI holds the same intensity (up to resampling)."""
+    from scipy import ndimage
+
+    viewer = make_napari_viewer()
+    viewer.open_sample(PLUGIN, "colin27_deepgm")
+    viewer.open_sample(PLUGIN, "colin27_dicom")
+    nifti, dicom = viewer.layers["Colin27 T1"], viewer.layers["Colin27 T1 oblique (synthetic)"]
+    seg = viewer.layers["Colin27 deep GM labels (DICOM-SEG)"]
+    assert not np.allclose(dicom.affine.affine_matrix, np.eye(4))  # truly oblique
+    rng = np.random.default_rng(0)
+    voxels = np.stack([rng.integers(5, n - 5, 400) for n in dicom.data.shape], axis=1)
+    world = np.array([dicom.data_to_world(tuple(v)) for v in voxels])
+    inside = np.array([nifti.world_to_data(w) for w in world])
+    ok = np.all((inside > 1) & (inside < np.array(nifti.data.shape) - 2), axis=1)
+    assert ok.sum() > 200
+    expected = ndimage.map_coordinates(nifti.data.astype(np.float32), inside[ok].T, order=1)
+    got = dicom.data[tuple(voxels[ok].T)]
+    assert np.corrcoef(expected, got)[0, 1] > 0.99
+    assert np.abs(expected - got).mean() < 2.0
+    labels_nifti = viewer.layers["Colin27 deep GM labels"]
+    lab_inside = np.round(np.array([labels_nifti.world_to_data(w) for w in world[ok]])).astype(int)
+    agree = labels_nifti.data[tuple(lab_inside.T)] == seg.data[tuple(voxels[ok].T)]
+    assert agree.mean() > 0.95  # the DICOM-SEG overlays the NIfTI labels in world space
+
+
+def test_screenshot_dicom_series_and_segmentation(make_napari_viewer):
+    viewer = make_napari_viewer(show=True)
+    viewer.window.resize(1200, 800)
+    viewer.open_sample(PLUGIN, "colin27_dicom")
+    image, labels = viewer.layers["Colin27 T1 oblique (synthetic)"], viewer.layers["Colin27 deep GM labels (DICOM-SEG)"]
+    viewer.dims.ndisplay = 2
+    k = int(np.argmax((labels.data > 0).sum(axis=(1, 2))))  # the slice with most labels
+    viewer.dims.set_point(0, float(image.data_to_world((k, 0, 0))[0]))
+    viewer.camera.orientation2d = ("up", "right")
+    viewer.reset_view()
+    # napari's 2D view draws every slice of an oblique layer where slice 0 lies in-plane (it drops the
+    # out-of-slice part of the transform), so centre on slice 0's middle
+    middle = image.data_to_world((0, image.data.shape[1] / 2, image.data.shape[2] / 2))
+    viewer.camera.center = tuple(float(c) for c in middle[1:])
+    viewer.camera.zoom *= 1.4
+    labels.opacity = 0.55
+    with_labels = viewer.screenshot(canvas_only=True, flash=False)
+    labels.visible = False
+    without = viewer.screenshot(canvas_only=True, flash=False)
+    labels.visible = True
+    changed = np.any(with_labels[..., :3] != without[..., :3], axis=-1)
+    assert changed.mean() > 0.01
+    gray = without[..., :3].astype(int)
+    assert (np.abs(gray[..., 0] - gray[..., 1]) < 3).mean() > 0.95
+    assert (gray.sum(axis=-1) > 60).mean() > 0.1  # the scan is drawn
+    if os.environ.get("MEDSEG_SCREENSHOTS") == "1":
+        DOCS.mkdir(exist_ok=True)
+        viewer.screenshot(path=str(DOCS / "screenshot_dicom.png"), canvas_only=False, flash=False)

@@ -28,8 +28,8 @@ from __future__ import annotations
 import gzip
 import logging
 import os
-import secrets
 import struct
+import time
 import zlib
 from collections.abc import Sequence
 
@@ -37,6 +37,8 @@ import nibabel as nib
 import numpy as np
 from nibabel.openers import ImageOpener
 
+from ._dtypes import image_dtype, label_dtype
+from .atomic import AtomicWriteError, atomic_path
 from .volume import NiftiError, Volume, affine_from_spacing, geometry_from_volume
 
 __all__ = ["MAX_VOXELS", "NIFTI_EXTENSIONS", "is_nifti_path", "read_nifti", "write_nifti"]
@@ -214,40 +216,11 @@ def _read_checked(img: nib.Nifti1Image, path: str) -> Volume:
 
 # ----------------------------------------------------------------------------------- writing
 def _label_dtype(data: np.ndarray, path: str) -> np.dtype:
-    if data.dtype.kind == "b":
-        return np.dtype(np.uint8)
-    if data.dtype.kind == "f":
-        if not np.all(np.isfinite(data)):
-            raise NiftiError(f"{path}: label map contains NaN or infinite values")
-        if data.size and not np.array_equal(data, np.round(data)):
-            raise NiftiError(f"{path}: label map has non-integer values; labels must be integers")
-    elif data.dtype.kind not in "iu":
-        raise NiftiError(f"{path}: cannot write a label map of type {data.dtype}")
-    lo = data.min() if data.size else 0
-    hi = data.max() if data.size else 0
-    if lo < 0:
-        raise NiftiError(f"{path}: label map has negative values (min {lo}); labels must be >= 0")
-    for dt in (np.uint8, np.uint16, np.int32):
-        if hi <= np.iinfo(dt).max:
-            return np.dtype(dt)
-    raise NiftiError(f"{path}: label value {hi} does not fit in int32")
+    return label_dtype(data, path, NiftiError)
 
 
 def _image_dtype(data: np.ndarray, path: str) -> np.dtype:
-    kind, dt = data.dtype.kind, data.dtype
-    if kind == "b":
-        return np.dtype(np.uint8)
-    if kind == "f":
-        return np.dtype(np.float32)
-    if kind in "iu":
-        if dt.itemsize < 8:
-            return dt
-        lo, hi = (data.min(), data.max()) if data.size else (0, 0)
-        for cand in (np.int16, np.int32):
-            if np.iinfo(cand).min <= lo and hi <= np.iinfo(cand).max:
-                return np.dtype(cand)
-        return np.dtype(np.float64)
-    raise NiftiError(f"{path}: cannot write voxel type {dt} to NIfTI")
+    return image_dtype(data, path, NiftiError)
 
 
 def _fallback_affine(zooms: Sequence[float], shape: Sequence[int]) -> np.ndarray:
@@ -293,42 +266,15 @@ def _build_header(geom: dict, arr_shape: tuple[int, ...], dtype: np.dtype, nsp: 
 
 
 def _atomic_save(img: nib.Nifti1Image, path: str) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    ext = ".nii.gz" if path.lower().endswith(".gz") else ".nii"
-    if not os.path.isdir(folder):
-        what = "is not a folder" if os.path.exists(folder) else "does not exist"
-        raise NiftiError(f"{path}: cannot write: the parent folder {folder} {what}")
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.{secrets.token_hex(6)}.tmp{ext}")
-    try:  # O_EXCL: never clobber; mode 0o666 minus the umask, like an ordinary new file
-        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-    except OSError as exc:
-        raise NiftiError(f"{path}: cannot write to folder {folder}: {exc.strerror or exc}") from exc
+    """Save through :func:`~napari_medseg.io.atomic.atomic_path` (temp file, fsync, rename)."""
     try:
-        nib.save(img, tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        delay = os.environ.get("MEDSEG_TEST_SAVE_DELAY")  # tests widen the write -> rename window
-        if delay:
-            import time
-
-            time.sleep(float(delay))
-        os.replace(tmp, path)
-    except BaseException as exc:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        if isinstance(exc, OSError):
-            raise NiftiError(f"{path}: cannot write: {exc.strerror or exc}") from exc
-        raise
-    try:  # make the rename durable; not all platforms allow opening folders
-        dfd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
+        with atomic_path(path) as tmp:
+            nib.save(img, tmp)
+            delay = os.environ.get("MEDSEG_TEST_SAVE_DELAY")  # tests widen the write -> rename window
+            if delay:
+                time.sleep(float(delay))
+    except AtomicWriteError as exc:
+        raise NiftiError(str(exc)) from exc
 
 
 def write_nifti(

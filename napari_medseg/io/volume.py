@@ -1,10 +1,11 @@
 """The in-memory volume (array + geometry) that every reader returns and every writer takes.
 
-Axis convention (``docs/interfaces.md``): arrays are in *napari order*, the NIfTI voxel axes
-reversed, ``(k, j, i)`` written ``(z, y, x)``; multi-channel data is channels first
+Axis convention (``docs/interfaces.md``, ``docs/formats.md``): arrays are in *napari order*, the
+file's voxel axes reversed, ``(k, j, i)`` written ``(z, y, x)``; multi-channel data is channels first
 ``(C, z, y, x)``; a 2D file gives ``(y, x)``. ``spacing`` is per spatial axis in napari order
-(the NIfTI zooms reversed). ``affine`` is the NIfTI 4x4 ``(i, j, k, 1) -> (x, y, z, 1)`` matrix
-exactly as in the file.
+(the zooms reversed). ``affine`` is the 4x4 ``(i, j, k, 1) -> (x, y, z, 1)`` voxel to world matrix
+in RAS+ millimetres, whatever the format: NIfTI's affine exactly as in the file; DICOM, NRRD and
+MetaImage geometry (LPS or another space) converted to RAS+.
 
 The geometry travels as a plain, JSON-able dict (what napari layers keep in
 ``metadata["medseg_geometry"]``), so that a label map saved from napari lands on the source scan in
@@ -14,16 +15,43 @@ any other viewer.
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+import functools
+import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["NiftiError", "Volume", "affine_from_spacing", "geometry_from_volume"]
+__all__ = ["NiftiError", "Volume", "VolumeError", "affine_from_spacing", "geometry_from_volume"]
 
 
-class NiftiError(ValueError):
+class VolumeError(ValueError):
+    """A volume file (any format) cannot be read or written; the message names the file and the problem."""
+
+
+class NiftiError(VolumeError):
     """A NIfTI file cannot be read or written; the message names the file and the problem."""
+
+
+def foreign_errors_as(what: str) -> Callable:
+    """Decorator for a reader ``f(path, ...)``: any exception other than :class:`VolumeError` (a
+    parser's ``struct.error``, ``NotImplementedError`` on a corrupt value, ...) becomes a
+    :class:`VolumeError` that names the path, ``what`` was being read and the original error."""
+
+    def wrap(func: Callable) -> Callable:
+        @functools.wraps(func)
+        def inner(path, *args, **kwargs):
+            try:
+                return func(path, *args, **kwargs)
+            except VolumeError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the boundary where foreign errors become ours
+                where = os.fspath(path) if isinstance(path, (str, os.PathLike)) else f"{len(path)} paths"
+                raise VolumeError(f"{where}: {what} is corrupt or unsupported ({type(exc).__name__}: {exc})") from exc
+
+        return inner
+
+    return wrap
 
 
 @dataclass
@@ -33,7 +61,7 @@ class Volume:
     Attributes:
         data: ``(z, y, x)``, ``(C, z, y, x)`` when ``channel_axis == 0``, or ``(y, x)`` for 2D files.
         spacing: Voxel size per spatial axis, napari order, in mm.
-        affine: 4x4 float64 voxel ``(i, j, k)`` to world (RAS+ mm) matrix, as in the file.
+        affine: 4x4 float64 voxel ``(i, j, k)`` to world (RAS+ mm) matrix.
         header: Plain JSON-able geometry dict (see :func:`geometry_from_volume`).
         channel_axis: ``0`` when ``data`` has a leading channel axis, else ``None``.
         path: Source file, when the volume was read from disk.
@@ -118,13 +146,17 @@ def affine_from_spacing(
 def geometry_from_volume(vol: Volume) -> dict:
     """Return the plain-dict geometry of ``vol`` (what goes in ``metadata["medseg_geometry"]``).
 
-    The dict is a deep copy of ``vol.header`` (all NIfTI fields read from the file: affine, qform,
-    sform and their codes, zooms, xyzt_units, on-disk dtype) with ``affine``, ``spacing``,
-    ``spatial_shape`` and ``channel_axis`` refreshed from the volume. A volume built in memory
+    The dict is a deep copy of ``vol.header`` (what the source format's writer needs: for NIfTI the
+    qform, sform and their codes, zooms, xyzt_units, on-disk dtype; for DICOM the ``"dicom"`` UIDs,
+    instances and positions; for NRRD the ``"nrrd"`` space, directions, origin and measurement
+    frame; for MetaImage the ``"metaimage"`` LPS direction and origin; ``"format"`` names the
+    source) with ``affine``, ``spacing``, ``spatial_shape`` and ``channel_axis`` refreshed from the
+    volume. A volume built in memory
     (empty header) gets a geometry made from its affine and spacing alone. Every value is a JSON
     type (nested lists, floats, ints, strings, ``None``).
     """
     geom = copy.deepcopy(dict(vol.header))
+    geom.pop("layer_axes", None)  # a volume's data is always in its own (file) order
     geom["affine"] = [[float(v) for v in row] for row in vol.affine]
     geom["spacing"] = [float(s) for s in vol.spacing]
     geom["spatial_shape"] = [int(s) for s in vol.spatial_shape]

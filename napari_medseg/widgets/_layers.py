@@ -135,7 +135,8 @@ class ImageInput:
         layers: The chosen layers (the first gives the geometry).
         num_channels: Channels.
         spatial_shape: Spatial shape, napari order.
-        spacing: Voxel size per spatial axis (the layer's scale), napari order.
+        spacing: Voxel size per spatial axis in world units, napari order (the layer's scale for
+            layers from this plugin's readers; measured through the whole transform otherwise).
     """
 
     layers: list
@@ -162,15 +163,49 @@ class ImageInput:
         return np.stack([np.asarray(layer.data, dtype=np.float32) for layer in self.layers])
 
     def spatial_transform(self) -> dict:
-        """``scale``, ``translate`` and ``affine`` of the spatial axes, for result layers."""
+        """``scale``, ``translate``, ``rotate``, ``shear`` and ``affine`` of the spatial axes, for result layers.
+
+        Result layers get the reference layer's whole data-to-world transform, so they land on the
+        same world positions (rotation, flips and shear of a DICOM, NRRD or oblique NIfTI source
+        included: :mod:`napari_medseg.io.world`), not only the same scale and origin.
+        """
         ref = self.reference
         n = self.spatial_dims
         matrix = np.asarray(ref.affine.affine_matrix)[-(n + 1):, -(n + 1):]
         return {
             "scale": tuple(float(s) for s in ref.scale[-n:]),
             "translate": tuple(float(t) for t in ref.translate[-n:]),
+            "rotate": np.asarray(ref.rotate)[-n:, -n:],
+            "shear": _shear_block(ref.shear, ref.ndim, n),
             "affine": matrix,
         }
+
+
+def _shear_block(shear, ndim: int, n: int) -> np.ndarray:
+    """The trailing ``n x n`` block of napari's upper-triangular shear (given as a vector or matrix)."""
+    arr = np.asarray(shear, dtype=np.float64)
+    if arr.ndim == 2:
+        return arr[-n:, -n:]
+    mat = np.eye(ndim)
+    if arr.size:
+        mat[np.triu(np.ones((ndim, ndim), bool), 1)] = arr
+    return mat[-n:, -n:]
+
+
+def world_spacing(layer, n: int) -> tuple[float, ...]:
+    """Voxel size (world units, mm for this plugin's layers) of the last ``n`` axes of ``layer``.
+
+    Measured through the layer's whole data-to-world transform, so it is right whether the voxel
+    size sits in ``scale`` (this plugin's readers) or in ``affine`` (other readers).
+    """
+    lead = (0,) * (layer.ndim - n)
+    origin = np.asarray(layer.data_to_world(lead + (0,) * n), dtype=np.float64)
+    out = []
+    for axis in range(n):
+        step = [0] * n
+        step[axis] = 1
+        out.append(float(np.linalg.norm(np.asarray(layer.data_to_world(lead + tuple(step))) - origin)))
+    return tuple(out)
 
 
 class InputError(ValueError):
@@ -203,7 +238,9 @@ def resolve_image_input(layers: list) -> ImageInput:
             raise InputError("A 4-D layer must be the only channel entry (it is read as C, z, y, x).")
     if len(shape) not in (2, 3):
         raise InputError(f"Layer {ref.name!r} has {len(shape)} spatial axes; images must be 2D or 3D.")
-    spacing = tuple(abs(float(s)) for s in ref.scale[-len(shape):])
+    spacing = world_spacing(ref, len(shape))
+    if not all(np.isfinite(spacing)) or min(spacing) <= 0:
+        raise InputError(f"Layer {ref.name!r} has a degenerate transform (voxel size {spacing}).")
     return ImageInput(list(layers), channels, shape, spacing)
 
 
@@ -211,21 +248,24 @@ def check_same_grid(image: ImageInput, layer) -> None:
     """Refuse a labels layer that does not lie on the image's voxel grid.
 
     Same shape is not enough: a labels layer with another voxel size, origin or orientation (as
-    napari places it) would teach the model a shifted or stretched segmentation.
+    napari places it in world space) would teach the model a shifted or stretched segmentation.
+    Everything is compared in world coordinates, so layers that split the same transform
+    differently between scale, translate, rotate, shear and affine still match.
 
     Raises:
-        InputError: the shapes, scale, translate or affine differ.
+        InputError: the shapes, world voxel size, origin or orientation differ.
     """
     n = image.spatial_dims
     if tuple(layer.data.shape) != image.spatial_shape:
         raise InputError(
             f"Labels {layer.name!r} have shape {tuple(layer.data.shape)}; the image's is {image.spatial_shape}."
         )
-    ref = image.spatial_transform()
-    scale = tuple(float(v) for v in layer.scale[-n:])
-    translate = tuple(float(v) for v in layer.translate[-n:])
-    for what, mine, theirs in (("voxel size (scale)", scale, ref["scale"]),
-                               ("origin (translate)", translate, ref["translate"])):
+    lead = tuple(0 for _ in range(image.reference.ndim - n))
+    spacing = world_spacing(layer, n)
+    origin = tuple(float(v) for v in np.asarray(layer.data_to_world((0,) * n))[-n:])
+    ref_origin = tuple(float(v) for v in np.asarray(image.reference.data_to_world(lead + (0,) * n))[-n:])
+    for what, mine, theirs in (("voxel size (scale)", spacing, image.spacing),
+                               ("origin (translate)", origin, ref_origin)):
         if not np.allclose(mine, theirs, rtol=1e-4, atol=1e-4):
             raise InputError(
                 f"Labels {layer.name!r} are not on the image's grid: {what} {mine} vs the image's "
@@ -233,7 +273,6 @@ def check_same_grid(image: ImageInput, layer) -> None:
             )
     # Rotation, shear and affine: the voxel corners must land on the same world points.
     corners = [np.zeros(n)] + [np.eye(n)[i] * max(image.spatial_shape[i] - 1, 1) for i in range(n)]
-    lead = tuple(0 for _ in range(image.reference.ndim - n))
     for corner in corners:
         a = np.asarray(image.reference.data_to_world(lead + tuple(corner)))[-n:]
         b = np.asarray(layer.data_to_world(tuple(corner)))[-n:]

@@ -49,6 +49,31 @@ def test_get_reader_accepts_only_existing_nifti(tmp_path):
         assert napari_get_reader(bad) is None, bad
 
 
+def test_get_reader_accepts_every_volume_format(tmp_path):
+    import nrrd
+    import SimpleITK as sitk
+
+    from napari_medseg._reader import read_layers
+    from napari_medseg.io._dicom_synth import write_dicom_series
+
+    data = np.random.default_rng(0).normal(size=(4, 5, 6)).astype(np.float32)
+    nrrd.write(str(tmp_path / "a.nrrd"), data)
+    sitk.WriteImage(sitk.GetImageFromArray(data), str(tmp_path / "a.mha"))
+    files = write_dicom_series(tmp_path / "dicom", data * 10, np.eye(4), stored_dtype=np.int16, slope=1)
+    bare = tmp_path / "dicom" / "IM0001"  # DICOM files often have no extension: the magic tells
+    os.rename(files[0], bare)
+    (tmp_path / "no_dicom").mkdir()
+    (tmp_path / "no_dicom" / "x.txt").write_text("x")
+    for ok in ("a.nrrd", "a.mha", "dicom", "dicom/IM0001", "dicom/slice_0001.dcm"):
+        assert napari_get_reader(str(tmp_path / ok)) is read_layers, ok
+    assert napari_get_reader([str(tmp_path / "a.nrrd"), str(tmp_path / "dicom")]) is read_layers
+    assert napari_get_reader(str(tmp_path / "no_dicom")) is None
+    assert napari_get_reader(str(tmp_path / "no_dicom" / "x.txt")) is None
+    layers = read_layers([str(tmp_path / "dicom" / "slice_0001.dcm"), str(tmp_path / "dicom" / "slice_0002.dcm")])
+    assert len(layers) == 1 and layers[0][0].shape == (2, 5, 6)  # the files given, grouped into their series
+    assert read_layers(str(bare))[0][0].shape == (4, 5, 6)  # one file stands for its whole series
+
+
 def test_non_nifti_file(tmp_path):
     png = tmp_path / "picture.png"
     png.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(100))
