@@ -63,9 +63,9 @@ def main() -> None:
     from importlib import resources
 
     from napari_medseg._sample_data import colin27_deepgm
-    from napari_medseg.engine.checkpoint import load_checkpoint
-    from napari_medseg.engine.events import collect
+    from napari_medseg.engine.checkpoints import load_checkpoint
     from napari_medseg.engine.inference import predict
+    from napari_medseg.engine.jobs import collect
 
     image, meta, _ = colin27_deepgm()[0]
     ckpt = load_checkpoint(str(resources.files("napari_medseg").joinpath("checkpoints", "colin27_deepgm_unet3d.pt")))

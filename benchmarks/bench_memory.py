@@ -43,7 +43,7 @@ def child(args) -> None:
     import torch
     from _timing import peak_rss_mb, timed
 
-    from napari_medseg.engine.checkpoint import load_checkpoint
+    from napari_medseg.engine.checkpoints import load_checkpoint
     from napari_medseg.engine.inference import predict
 
     torch.set_num_threads(args.threads)
@@ -79,7 +79,7 @@ def child(args) -> None:
 def make_checkpoint(path: str, args) -> None:
     import torch
 
-    from napari_medseg.engine.checkpoint import save_checkpoint
+    from napari_medseg.engine.checkpoints import save_checkpoint
     from napari_medseg.engine.planning import Plan
     from napari_medseg.models import create_model
 

@@ -54,7 +54,7 @@ def _child_memory(shape: tuple[int, ...]) -> None:
 
     model = create_model("pfseg", 1, 2).eval()
     hr = torch.randn(1, 1, *shape)
-    from napari_medseg.engine.patchfree import downsample, guidance_crop
+    from napari_medseg.engine.inference.variants.patchfree import downsample, guidance_crop
 
     lr, guide = downsample(hr), guidance_crop(hr)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -94,7 +94,7 @@ def memory(sizes, threads: int) -> None:
 
 def timing(sizes, repeats: int) -> None:
     from napari_medseg.engine.inference import count_tiles, sliding_window
-    from napari_medseg.engine.patchfree import forward_whole_volume
+    from napari_medseg.engine.inference.variants.patchfree import forward_whole_volume
     from napari_medseg.engine.planning import plan_experiment
     from napari_medseg.models import count_parameters, create_model
 

@@ -27,12 +27,10 @@ import torch
 from _timing import interleaved, median, report
 from bench_inference import assert_same, build_ours, build_plain, unet_config
 
-from napari_medseg.engine.training import Trainer
+from napari_medseg.engine.training import DeepSupervisionLoss, DiceCELoss, Trainer
 
 
 def ours_step(model, classes: int, device: torch.device):
-    from napari_medseg.engine.losses import DeepSupervisionLoss, DiceCELoss
-
     ns = SimpleNamespace(
         model=model, device=device, amp=device.type == "cuda",
         optimizer=torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.99, weight_decay=3e-5, nesterov=True),
@@ -40,7 +38,8 @@ def ours_step(model, classes: int, device: torch.device):
         scaler=torch.amp.GradScaler("cuda", enabled=device.type == "cuda"),
         config=SimpleNamespace(grad_clip=12.0),
     )
-    ns._loss = functools.partial(Trainer._loss, ns)
+    ns.compute_loss = functools.partial(Trainer.compute_loss, ns)
+    ns.optimize = functools.partial(Trainer.optimize, ns)
     return lambda images, labels: Trainer.train_step(ns, images, labels[:, None])  # (B, 1, ...) labels
 
 

@@ -12,7 +12,8 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Generator, Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 from . import __version__
@@ -21,52 +22,57 @@ logger = logging.getLogger("napari_medseg")
 
 
 # --------------------------------------------------------------------------- helpers
-def drive(gen: Generator, *, quiet: bool = False) -> Any:
-    """Run an engine generator to completion with one tqdm bar per stage; return its result.
+class TerminalProgress:
+    """An ``on_event`` callback for the API's long jobs: one tqdm bar per stage on stderr, epoch
+    lines and messages above them. ``quiet`` shows nothing."""
 
-    Ctrl-C closes the generator, so training saves a resumable checkpoint before exiting.
-    """
-    from tqdm import tqdm
+    def __init__(self, quiet: bool = False) -> None:
+        self.quiet = quiet
+        self.bars: dict[str, Any] = {}
 
-    from .engine.events import EpochEnd, Message, Progress
+    def __call__(self, event: Any) -> None:
+        from tqdm import tqdm
 
-    bars: dict[str, tqdm] = {}
-    try:
-        while True:
-            try:
-                event = next(gen)
-            except StopIteration as stop:
-                return stop.value
-            if quiet:
-                continue
-            if isinstance(event, Progress):
-                bar = bars.get(event.stage)
-                if bar is None or (event.total and bar.total != event.total) or event.current < bar.n:
-                    if bar is not None:
-                        bar.close()
-                    bar = bars[event.stage] = tqdm(
-                        total=event.total or None, desc=event.stage, leave=False, dynamic_ncols=True,
-                        file=sys.stderr,
-                    )
-                bar.update(event.current - bar.n)
-                if event.message:
-                    bar.set_postfix_str(event.message, refresh=False)
-            elif isinstance(event, EpochEnd):
-                dice = ", ".join(f"{k} {v:.3f}" for k, v in event.val_dice.items())
-                val = f"{event.val_loss:.4f}" if event.val_loss is not None else "-"
-                tqdm.write(
-                    f"epoch {event.epoch + 1}/{event.epochs}  train loss {event.train_loss:.4f}  "
-                    f"val loss {val}  Dice [{dice}]  lr {event.lr:.2e}  {event.elapsed_s:.0f}s",
-                    file=sys.stderr,
+        from .engine.jobs import EpochEnd, Message, Progress
+
+        if self.quiet:
+            return
+        if isinstance(event, Progress):
+            bar = self.bars.get(event.stage)
+            if bar is None or (event.total and bar.total != event.total) or event.current < bar.n:
+                if bar is not None:
+                    bar.close()
+                bar = self.bars[event.stage] = tqdm(
+                    total=event.total or None, desc=event.stage, leave=False, dynamic_ncols=True, file=sys.stderr,
                 )
-            elif isinstance(event, Message):
-                tqdm.write(f"[{event.level}] {event.text}", file=sys.stderr)
-    except KeyboardInterrupt:
-        gen.close()
-        raise
-    finally:
-        for bar in bars.values():
+            bar.update(event.current - bar.n)
+            if event.message:
+                bar.set_postfix_str(event.message, refresh=False)
+        elif isinstance(event, EpochEnd):
+            dice = ", ".join(f"{k} {v:.3f}" for k, v in event.val_dice.items())
+            val = f"{event.val_loss:.4f}" if event.val_loss is not None else "-"
+            tqdm.write(
+                f"epoch {event.epoch + 1}/{event.epochs}  train loss {event.train_loss:.4f}  "
+                f"val loss {val}  Dice [{dice}]  lr {event.lr:.2e}  {event.elapsed_s:.0f}s",
+                file=sys.stderr,
+            )
+        elif isinstance(event, Message):
+            tqdm.write(f"[{event.level}] {event.text}", file=sys.stderr)
+
+    def close(self) -> None:
+        for bar in self.bars.values():
             bar.close()
+        self.bars.clear()
+
+
+@contextmanager
+def terminal_progress(quiet: bool = False) -> Iterator[TerminalProgress]:
+    """A :class:`TerminalProgress` whose bars are closed at the end."""
+    progress = TerminalProgress(quiet)
+    try:
+        yield progress
+    finally:
+        progress.close()
 
 
 def _json_arg(text: str | None) -> dict:
@@ -96,51 +102,25 @@ def _mirror_axes(text: str | None) -> tuple[int, ...] | None:
     return () if text.strip().lower() == "none" else _ints(text)
 
 
-def _write_json(path: str, obj: Any) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as fh:
-        json.dump(obj, fh, indent=2)
-    os.replace(tmp, path)
-
-
 # --------------------------------------------------------------------------- commands
 def cmd_plan(args: argparse.Namespace) -> int:
-    from .engine.checkpoint import to_plain
-    from .engine.data import load_raw_dataset
-    from .engine.planning import compute_fingerprint, plan_from_fingerprint, plans_to_json
-    from .io import read_nifti
+    from tqdm import tqdm
 
-    raw = load_raw_dataset(args.dataset)
+    from . import api
 
-    def cases():
-        import numpy as np
-        from tqdm import tqdm
-
-        for rc in tqdm(raw.cases, desc="fingerprint", leave=False, file=sys.stderr):
-            vols = [read_nifti(p) for p in rc.image_paths]
-            image = np.stack([v.data for v in vols])
-            label = read_nifti(rc.label_path).data if rc.label_path else None
-            yield image, vols[0].spacing, label
-
-    fingerprint = compute_fingerprint(cases())
-    plans = plan_from_fingerprint(
-        fingerprint, modality=tuple(raw.modality),
-        num_classes=max(raw.num_classes, int(fingerprint.get("num_classes") or 2)),
-    )
-    out = args.output or os.path.join(args.dataset, "plans.json")
-    plans_to_json(plans, out)
-    _write_json(os.path.join(os.path.dirname(os.path.abspath(out)), "fingerprint.json"), to_plain(fingerprint))
+    with tqdm(desc="fingerprint", leave=False, file=sys.stderr) as bar:
+        plans = api.plan(args.dataset, args.output, on_case=lambda name: bar.update(1))
     for name, plan in plans.items():
         print(
             f"{name:20s} patch {'x'.join(map(str, plan.patch_size)):>12s}  batch {plan.batch_size:4d}  "
             f"spacing {'x'.join(f'{s:.3g}' for s in plan.spacing)}  pools {len(plan.pool_kernels)}"
         )
-    print(f"wrote {out}")
+    print(f"wrote {args.output or os.path.join(args.dataset, 'plans.json')}")
     return 0
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    from .engine.training import TrainConfig, train
+def _train_config(args: argparse.Namespace) -> Any:
+    from .api import TrainConfig
 
     if args.config:
         with open(args.config) as fh:
@@ -165,14 +145,16 @@ def cmd_train(args: argparse.Namespace) -> int:
         "resume": args.resume,
         "ignore_label": args.ignore_label,
         "loss": args.loss,
-        "previous_stage": args.previous_stage,
         "mirror_axes": _mirror_axes(args.mirror_axes),
         "early_stopping_patience": args.early_stopping,
         "num_threads": args.threads,
+        "rank_report_dir": args.rank_report,
     }
     for key, value in overrides.items():
         if value is not None:
             setattr(config, key, value)
+    if args.previous_stage:  # the cascade's option, kept with the variant's other settings
+        config.variant_options["previous_stage"] = args.previous_stage
     if args.model_kwargs:
         config.model_kwargs = _json_arg(args.model_kwargs)
     if args.no_augment:
@@ -183,110 +165,114 @@ def cmd_train(args: argparse.Namespace) -> int:
         config.amp = False
     if args.resume and not args.output:
         config.output_dir = os.path.dirname(os.path.abspath(args.resume))
-    from .engine.distributed import distributed_session, is_main_process
+    return config
 
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from . import api
+    from .engine.runtime.distributed import distributed_session, is_main_process
+
+    config = _train_config(args)
     # Under torchrun: one process per GPU (NCCL) or per CPU share (gloo); only rank 0 prints.
     with distributed_session(config.device, backend=args.dist_backend):
         main_rank = is_main_process()
-        path = drive(train(config, args.dataset), quiet=args.quiet or not main_rank)
+        with terminal_progress(args.quiet or not main_rank) as progress:
+            path = api.train(config, args.dataset, on_event=progress)
     if main_rank:
         print(f"checkpoint: {path}")
     return 0
 
 
+#: ``--format`` -> the output file ending.
+OUTPUT_FORMATS = {"nifti": ".nii.gz", "nrrd": ".nrrd", "mha": ".mha", "dicom-seg": ".dcm"}
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
-    from .engine.inference import predict_file
+    from . import api
+    from .io import WRITE_EXTENSIONS
 
     inputs = _list_inputs(args.input)
     if not inputs:
-        raise SystemExit(f"error: no .nii/.nii.gz files found at {args.input}")
-    single = len(inputs) == 1 and os.path.isfile(args.input)
-    if single and (args.output.endswith(".nii") or args.output.endswith(".nii.gz")):
+        raise SystemExit(f"error: no image files or DICOM series found at {args.input}")
+    out_lower = args.output.lower()
+    if len(inputs) == 1 and out_lower.endswith(WRITE_EXTENSIONS) and not os.path.isdir(args.output):
         outputs = [args.output]
     else:
+        if out_lower.endswith(WRITE_EXTENSIONS):
+            raise SystemExit(f"error: {len(inputs)} inputs need an output folder, not the file name {args.output}")
+        ending = OUTPUT_FORMATS[args.format or ("dicom-seg" if all(_is_dicom(p) for p in inputs) else "nifti")]
         os.makedirs(args.output, exist_ok=True)
-        outputs = [os.path.join(args.output, _case_name(p) + ".nii.gz") for p in inputs]
+        outputs = [os.path.join(args.output, _case_name(p) + ending) for p in inputs]
+    config = api.PredictConfig(
+        device=args.device, mirror=not args.no_mirror, step=args.step, batch_size=args.batch_size,
+        largest_component=args.largest_component, save_probabilities=args.save_probabilities,
+    )
     for src, dst in zip(inputs, outputs):
-        drive(
-            predict_file(
-                src, dst, args.checkpoint, device=args.device, mirror=not args.no_mirror, step=args.step,
-                batch_size=args.batch_size, largest_component=args.largest_component,
-                save_probabilities=args.save_probabilities,
-            ),
-            quiet=args.quiet,
-        )
+        with terminal_progress(args.quiet) as progress:
+            api.predict_file(src, dst, args.checkpoint, config, on_event=progress)
         print(f"{src} -> {dst}")
     return 0
 
 
+def _is_dicom(path: str) -> bool:
+    """A DICOM file, or a folder holding DICOM files itself (a series; a folder of series folders
+    is a batch of inputs)."""
+    from .io import volume_format
+    from .io.dicom_scan import looks_like_dicom
+
+    if os.path.isdir(path):
+        files = (os.path.join(path, f) for f in sorted(os.listdir(path)) if not f.startswith("."))
+        return any(os.path.isfile(f) and looks_like_dicom(f) for f in files)
+    return volume_format(path) == "dicom"
+
+
+def _stem(path: str) -> str:
+    """The file (or folder) name without its image file ending."""
+    name = os.path.basename(os.path.normpath(path))
+    for ext in (".nii.gz", ".seg.nrrd", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm"):
+        if name.lower().endswith(ext):
+            return name[: -len(ext)]
+    return name
+
+
 def _case_name(path: str) -> str:
-    name = os.path.basename(path)
-    for ext in (".nii.gz", ".nii"):
-        if name.endswith(ext):
-            name = name[: -len(ext)]
+    name = _stem(path)
     if len(name) > 5 and name[-5] == "_" and name[-4:].isdigit():
         name = name[:-5]  # nnU-Net channel suffix _0000
     return name
 
 
 def _list_inputs(path: str) -> list[str]:
-    if os.path.isfile(path):
+    """The images to segment at ``path``: a file, a DICOM series folder, or a folder of image files
+    and DICOM series folders (multi-channel nnU-Net cases by their ``_0000`` file)."""
+    from .io import is_volume_path
+
+    if os.path.isfile(path) or (os.path.isdir(path) and _is_dicom(path)):
         return [path]
     if not os.path.isdir(path):
         raise SystemExit(f"error: {path} does not exist")
-    files = sorted(
-        os.path.join(path, f) for f in os.listdir(path) if f.endswith((".nii.gz", ".nii"))
-    )
+    entries = sorted(os.path.join(path, f) for f in os.listdir(path) if not f.startswith("."))
+    found = [e for e in entries if (os.path.isdir(e) and _is_dicom(e))
+             or (os.path.isfile(e) and is_volume_path(e) and not e.lower().endswith(".dcm"))]
     # Multi-channel cases (_0000, _0001, ...) are predicted from their first channel file.
-    firsts = [f for f in files if not _has_channel_suffix(f) or f.endswith(("_0000.nii.gz", "_0000.nii"))]
-    return firsts
-
-
-def _has_channel_suffix(path: str) -> bool:
-    return _case_name(path) != os.path.basename(path).split(".nii")[0]
-
-
-def _label_names(args: argparse.Namespace, ref_dir: str) -> dict[int, str]:
-    source = args.labels or os.path.join(os.path.dirname(os.path.abspath(ref_dir)), "dataset.json")
-    if os.path.isfile(source):
-        with open(source) as fh:
-            labels = json.load(fh).get("labels", {})
-        out = {}
-        for k, v in labels.items():
-            if str(k).lstrip("-").isdigit():
-                out[int(k)] = str(v)
-            else:
-                out[int(v)] = str(k)
-        return out
-    return {}
+    return [f for f in found if _case_name(f) == _stem(f) or _stem(f).endswith("_0000")]
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .engine.checkpoint import to_plain
-    from .engine.metrics import evaluate_folder, format_table
+    from . import api
+    from .engine.evaluation import format_table
 
-    labels = _label_names(args, args.reference)
-    if not labels:
-        import numpy as np
-
-        from .io import read_nifti
-
-        first = sorted(f for f in os.listdir(args.reference) if f.endswith((".nii", ".nii.gz")))
-        if not first:
-            raise SystemExit(f"error: no reference label files in {args.reference}")
-        values = np.unique(read_nifti(os.path.join(args.reference, first[0])).data)
-        labels = {int(v): f"class_{int(v)}" for v in values}
-        labels[0] = "background"
-    result = evaluate_folder(args.predictions, args.reference, labels)
-    print(format_table(result))
+    labels = api.dataset_label_names(args.labels) if args.labels else None
     out = args.json or os.path.join(args.predictions, "summary.json")
-    _write_json(out, to_plain(result))
+    result = api.evaluate(args.predictions, args.reference, labels, summary_json=out)
+    print(format_table(result))
     print(f"wrote {out}")
     return 0
 
 
 def cmd_find_best(args: argparse.Namespace) -> int:
-    from .engine.selection import find_best
+    from . import api
+    from .io.atomic import atomic_write_json
 
     runs = {}
     for item in args.run:
@@ -295,29 +281,24 @@ def cmd_find_best(args: argparse.Namespace) -> int:
         else:
             name, path = os.path.basename(os.path.normpath(item)), item
         runs[name] = path
-    result = drive(find_best(args.dataset, runs, device=args.device, mirror=not args.no_mirror), quiet=args.quiet)
+    with terminal_progress(args.quiet) as progress:
+        result = api.find_best(args.dataset, runs, device=args.device, mirror=not args.no_mirror, on_event=progress)
     for name, score in sorted(result["scores"].items(), key=lambda kv: -kv[1]):
         print(f"{name:40s} mean foreground Dice {score:.4f}")
     print(f"best: {result['best']}")
     out = args.output or os.path.join(args.dataset, "best_configuration.json")
-    _write_json(out, result)
+    atomic_write_json(out, result)
     print(f"wrote {out}")
     return 0
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from .models import count_parameters, create_model, get_model_spec, list_models
+    from . import api
 
     rows = []
-    for name in list_models():
-        spec = get_model_spec(name)
-        dims = spec.spatial_dims[-1]
-        try:
-            model = create_model(name, 1, 2, dims, **spec.default_kwargs)
-            params = f"{count_parameters(model) / 1e6:.2f}M"
-        except Exception as err:  # a model that cannot build is reported, not hidden
-            params = f"error: {err}"
-        rows.append((name, spec.family, "/".join(f"{d}D" for d in spec.spatial_dims), params, spec.description))
+    for m in api.describe_models():
+        params = m["parameters"] if isinstance(m["parameters"], str) else f"{m['parameters'] / 1e6:.2f}M"
+        rows.append((m["name"], m["family"], "/".join(f"{d}D" for d in m["dims"]), params, m["description"]))
     if args.json:
         print(json.dumps([dict(zip(("name", "family", "dims", "parameters", "description"), r)) for r in rows], indent=2))
         return 0
@@ -392,12 +373,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-amp", action="store_true", help="no mixed precision on CUDA")
     s.add_argument("--dist-backend", choices=["auto", "nccl", "gloo"], default="auto",
                    help="under torchrun: process-group backend (auto: nccl on CUDA, gloo on CPU)")
+    s.add_argument("--rank-report", metavar="DIR",
+                   help="under torchrun: each process writes rank{R}.json (its replica's weight "
+                   "fingerprints and losses) into DIR, to check that the replicas stayed identical")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     s.set_defaults(func=cmd_train)
 
-    s = sub.add_parser("predict", help="segment a NIfTI file or a folder of them")
-    s.add_argument("input", help="a .nii/.nii.gz file or a folder (nnU-Net _0000 suffixes understood)")
-    s.add_argument("-o", "--output", required=True, help="output file (one input) or folder")
+    s = sub.add_parser("predict", help="segment an image file, a DICOM series, or a folder of them")
+    s.add_argument("input", help="a NIfTI/NRRD/MHA file, a DICOM series folder, or a folder of these "
+                   "(nnU-Net _0000 suffixes understood)")
+    s.add_argument("-o", "--output", required=True,
+                   help="output file (one input; .nii.gz, .nrrd, .mha, or .dcm for a DICOM-SEG of a DICOM "
+                   "input) or folder")
+    s.add_argument("--format", choices=sorted(OUTPUT_FORMATS),
+                   help="file format in an output folder (default: dicom-seg for DICOM inputs, else nifti)")
     s.add_argument("-c", "--checkpoint", required=True, action="append",
                    help="checkpoint file; repeat to ensemble (softmax averaged)")
     s.add_argument("--device", default="auto")

@@ -113,7 +113,7 @@ def main() -> int:
         return 0
     os.makedirs(SHIPPED, exist_ok=True)
     # Ship the weights and the recipe, not the optimiser's momentum buffers (half the file).
-    from napari_medseg.engine.checkpoint import load_checkpoint, save_checkpoint
+    from napari_medseg.engine.checkpoints import load_checkpoint, save_checkpoint
 
     trained = load_checkpoint(ckpt)
     save_checkpoint(

@@ -84,7 +84,7 @@ def test_train_predict_evaluate(trained, dataset, tmp_path, capsys):
 
 
 def test_resume_continues_from_saved_epoch(trained, dataset, tmp_path):
-    from napari_medseg.engine.checkpoint import load_checkpoint
+    from napari_medseg.engine.checkpoints import load_checkpoint
 
     latest = os.path.join(trained, "checkpoint_latest.pt")
     ckpt = load_checkpoint(latest)

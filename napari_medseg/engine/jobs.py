@@ -7,7 +7,7 @@ CLI to tqdm. Events are plain, immutable and cheap to create.
 
 from __future__ import annotations
 
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,15 +62,6 @@ class EpochEnd:
 
 
 @dataclass(frozen=True)
-class Preview:
-    """A preview prediction (e.g. of the slice the user looks at) during training."""
-
-    epoch: int
-    labels: Any  # np.ndarray of ints, the shape of the previewed region
-    region: tuple = ()
-
-
-@dataclass(frozen=True)
 class Message:
     """Something the user should read: a fallback taken, a checkpoint saved, a warning."""
 
@@ -78,15 +69,63 @@ class Message:
     level: str = "info"  # "info" | "warning" | "error"
 
 
-def collect(gen: Generator[Any, None, Any]) -> tuple[list[Any], Any]:
-    """Drive an engine generator to its end: ``(every event it yielded, the value it returned)``.
+def drive(gen: Generator[Any, None, Any], on_event: Callable[[Any], None] | None = None) -> Any:
+    """Drive an engine generator to its end and return the value it returned.
 
-    For scripts and tests that want the events too; ``training.run_to_completion`` keeps only the
-    result.
+    The one driver of the package: the CLI's progress bar, the widgets' workers, the public API
+    and the tests all run engine generators through it (or through :func:`relay`). If
+    ``on_event`` raises (a cancelled widget, Ctrl-C in the CLI), the generator is closed first, so
+    it stops at its current ``yield`` and runs its own clean-up (e.g. training saves a resumable
+    checkpoint) before the exception propagates.
+
+    Args:
+        gen: An engine generator (``predict``, ``train``, ``find_best`` ...).
+        on_event: Called with every event the generator yields.
     """
+    try:
+        while True:
+            try:
+                event = next(gen)
+            except StopIteration as stop:
+                return stop.value
+            if on_event is not None:
+                on_event(event)
+    finally:
+        gen.close()
+
+
+def collect(gen: Generator[Any, None, Any]) -> tuple[list[Any], Any]:
+    """Drive an engine generator to its end: ``(every event it yielded, the value it returned)``."""
     events: list[Any] = []
-    while True:
-        try:
-            events.append(next(gen))
-        except StopIteration as stop:
-            return events, stop.value
+    result = drive(gen, events.append)
+    return events, result
+
+
+class Cancelled(Exception):
+    """Raised by :func:`relay` when its ``should_stop`` says so; the inner generator is closed."""
+
+
+def relay(
+    gen: Generator[Any, None, Any],
+    transform: Callable[[Any], Any] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> Generator[Any, None, Any]:
+    """Re-yield ``gen``'s events (through ``transform`` when given) and return its value.
+
+    Unlike a bare ``yield from``, the inner generator is closed when the outer one is closed or
+    fails, so a cancelled job stops all the way down. With ``should_stop``, it is asked before
+    each step of ``gen``; when it answers true, ``gen`` is closed (it stops at its current
+    ``yield``, running its own clean-up) and :class:`Cancelled` is raised. An error raised by
+    that clean-up propagates instead, with the ``Cancelled`` as its context.
+    """
+    try:
+        while True:
+            if should_stop is not None and should_stop():
+                raise Cancelled()
+            try:
+                event = next(gen)
+            except StopIteration as stop:
+                return stop.value
+            yield event if transform is None else transform(event)
+    finally:
+        gen.close()

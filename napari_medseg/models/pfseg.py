@@ -223,7 +223,6 @@ _TRAINING = {
         min_input={3: ((16, 16, 32), {"width": 4})},
         configuration="3d_fullres",
         output_scale=2,
-        trainer="pfseg",
     )
 )
 def pfseg(in_channels, num_classes, spatial_dims=3, width=32) -> PFSeg:

@@ -48,9 +48,6 @@ class ModelSpec:
             appended to the image channels; the factory adds these channels itself.
         output_scale: Output spatial size / input spatial size (2 for super-resolving models).
         requires: Optional import names the model needs (e.g. ``"timm"``).
-        trainer: Name of the :class:`~napari_medseg.engine.training.Trainer` variant that
-            ``engine.training.train`` uses for this model (``"pfseg"``: the patch-free
-            multi-task trainer); ``None`` for the standard trainer.
     """
 
     name: str
@@ -68,7 +65,6 @@ class ModelSpec:
     cascade_from: str | None = None
     output_scale: int = 1
     requires: tuple[str, ...] = ()
-    trainer: str | None = None
 
     def __hash__(self) -> int:  # dict fields are unhashable; a spec is identified by its name
         return hash((self.name, self.family))

@@ -115,33 +115,22 @@ class EngineFailure(Exception):
 
 def _drive(make_gen: Callable[[], Generator], stop: threading.Event) -> Generator:
     """Run an engine generator, closing it (in this worker thread) as soon as ``stop`` is set."""
+    from napari_medseg.engine.jobs import Cancelled, relay
+
     try:
-        return (yield from _drive_inner(make_gen, stop))
-    except RuntimeError as err:
-        raise EngineFailure(err) from err
+        return (yield from relay(make_gen(), should_stop=stop.is_set))
+    except Cancelled:
+        return Stopped()
+    except Exception as err:
+        if isinstance(err.__context__, Cancelled):  # the engine's own clean-up failed
+            return Stopped(f"{type(err).__name__}: {err}")
+        if isinstance(err, RuntimeError):
+            raise EngineFailure(err) from err
+        raise
     finally:
         done = getattr(stop, "done", None)
         if done is not None:
             done.set()
-
-
-def _drive_inner(make_gen: Callable[[], Generator], stop: threading.Event) -> Generator:
-    gen = make_gen()
-    try:
-        while True:
-            if stop.is_set():
-                try:
-                    gen.close()  # the engine saves/cleans up at its current yield
-                except Exception as err:  # noqa: BLE001 - reported to the user
-                    return Stopped(f"{type(err).__name__}: {err}")
-                return Stopped()
-            try:
-                event = next(gen)
-            except StopIteration as done:
-                return done.value
-            yield event
-    finally:
-        gen.close()
 
 
 def start_engine_worker(
@@ -214,6 +203,12 @@ class EngineJobOwner:
     _stop: threading.Event | None = None
     _progress = None
     _close_watcher = None
+
+    @property
+    def stop_flag(self) -> threading.Event | None:
+        """The running job's stop flag (set by Stop/Cancel; the worker's ``done`` is set when its
+        thread has finished), or ``None`` before the first job."""
+        return self._stop
 
     def watch_window_close(self) -> None:
         """Stop the job when the main window closes (call when a job starts: the widget is docked).
@@ -299,7 +294,7 @@ class DeviceCombo(QComboBox):
 
     def __init__(self, parent: QWidget | None = None):
         super().__init__(parent)
-        from napari_medseg.engine.devices import available_devices
+        from napari_medseg.engine.runtime import available_devices
 
         available = set(available_devices())
         cudas = [d for d in available if d.startswith("cuda")] or ["cuda:0"]
@@ -414,7 +409,7 @@ class CheckpointPicker(QWidget):
 
     def refresh(self) -> None:
         """Reload the catalogue, keeping the selection when it is still listed."""
-        from napari_medseg.engine.catalog import checkpoint_info, list_checkpoints
+        from napari_medseg.engine.checkpoints import checkpoint_info, list_checkpoints
 
         current = self.current_path()
         infos = list_checkpoints()
@@ -453,7 +448,7 @@ class CheckpointPicker(QWidget):
         """
         import os
 
-        from napari_medseg.engine.catalog import checkpoint_info
+        from napari_medseg.engine.checkpoints import checkpoint_info
 
         path = os.path.realpath(path)
         checkpoint_info(path)  # raises with a clear message

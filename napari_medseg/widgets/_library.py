@@ -94,7 +94,18 @@ class ModelLibraryWidget(QWidget):
         self.fill_models()
         self.count_parameters()
 
-    def _row_of(self, name: str) -> int:
+    @property
+    def counting(self) -> bool:
+        """Whether parameter counts are still being computed in a worker."""
+        return self._param_worker is not None
+
+    @property
+    def timing(self) -> bool:
+        """Whether CPU times are being measured in a worker."""
+        return self._time_worker is not None
+
+    def row_of(self, name: str) -> int:
+        """The models table's row of architecture ``name`` (-1 when it is not listed)."""
         for row in range(self.models_table.rowCount()):
             item = self.models_table.item(row, 0)
             if item is not None and item.text() == name:
@@ -102,7 +113,7 @@ class ModelLibraryWidget(QWidget):
         return -1
 
     def fill_models(self) -> None:
-        from napari_medseg.engine.catalog import cached_cpu_time
+        from napari_medseg.engine.evaluation import cached_cpu_time
         from napari_medseg.models import get_model_spec, list_models
 
         names = list_models()
@@ -126,7 +137,7 @@ class ModelLibraryWidget(QWidget):
             table.setColumnWidth(col, min(table.columnWidth(col), 260))
 
     def fill_checkpoints(self) -> None:
-        from napari_medseg.engine.catalog import list_checkpoints
+        from napari_medseg.engine.checkpoints import list_checkpoints
 
         try:
             self._infos = list_checkpoints()
@@ -168,7 +179,7 @@ class ModelLibraryWidget(QWidget):
         """Count each model's parameters in a worker thread, filling the column as they come."""
         from napari.qt.threading import thread_worker
 
-        from napari_medseg.engine.catalog import default_parameter_count
+        from napari_medseg.engine.evaluation import default_parameter_count
         from napari_medseg.models import list_models
 
         def work():
@@ -185,7 +196,7 @@ class ModelLibraryWidget(QWidget):
 
     def _set_parameters(self, pair) -> None:
         name, count = pair
-        row = self._row_of(name)
+        row = self.row_of(name)
         if row >= 0:
             text = f"{count / 1e6:.2f} M" if isinstance(count, int) else str(count)
             self.models_table.setItem(row, 3, _item(text, f"{count:,}" if isinstance(count, int) else None))
@@ -196,7 +207,7 @@ class ModelLibraryWidget(QWidget):
             return
         from napari.qt.threading import thread_worker
 
-        from napari_medseg.engine.catalog import measure_cpu_time
+        from napari_medseg.engine.evaluation import measure_cpu_time
         from napari_medseg.models import list_models
 
         def work():
@@ -216,7 +227,7 @@ class ModelLibraryWidget(QWidget):
 
     def _set_timing(self, pair) -> None:
         name, value = pair
-        row = self._row_of(name)
+        row = self.row_of(name)
         if row < 0:
             return
         if value is None:

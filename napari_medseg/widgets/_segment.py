@@ -190,8 +190,8 @@ class SegmentWidget(EngineJobOwner, QWidget):
         """Check the inputs, then start ``engine.predict`` in a worker thread."""
         if self.running:
             return
-        from napari_medseg.engine.checkpoint import CheckpointError, check_compatible
-        from napari_medseg.engine.inference import predict
+        from napari_medseg.engine.checkpoints import CheckpointError, check_compatible
+        from napari_medseg.engine.inference import PredictConfig, predict
 
         try:
             image = resolve_image_input(self.channels.layers())
@@ -204,7 +204,7 @@ class SegmentWidget(EngineJobOwner, QWidget):
             show_status(self.status, f"Cannot segment: {err}", error=True)
             return
 
-        options = dict(
+        options = PredictConfig(
             device=self.device.device(), mirror=self.mirror.isChecked(), step=float(self.step.value()),
             batch_size=int(self.batch.value()), largest_component=self.largest.isChecked(),
             return_probabilities=self.probabilities.isChecked(),
@@ -221,7 +221,7 @@ class SegmentWidget(EngineJobOwner, QWidget):
         logger.info("predict(%s, %s, %s)", image.reference.name, path, options)
         self.watch_window_close()
         self.worker, self._stop = start_engine_worker(
-            lambda: predict(image.array(), image.spacing, [path], **options),
+            lambda: predict(image.array(), image.spacing, [path], options),
             on_yield=self._on_event, on_return=self._on_result, on_error=self._on_error,
             on_finish=self._on_finish,
         )

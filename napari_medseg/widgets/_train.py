@@ -338,7 +338,7 @@ class TrainWidget(EngineJobOwner, QWidget):
         Raises:
             InputError: settings that cannot work, explained.
         """
-        from napari_medseg.engine.catalog import medseg_home
+        from napari_medseg.engine.checkpoints import medseg_home
         from napari_medseg.engine.training import TrainConfig
 
         kwargs = self._parse_kwargs()
@@ -479,7 +479,7 @@ class TrainWidget(EngineJobOwner, QWidget):
         self.start(resume_from=latest)
 
     def _on_event(self, event) -> None:
-        from napari_medseg.engine.events import EpochEnd, Message, Progress
+        from napari_medseg.engine.jobs import EpochEnd, Message, Progress
 
         self.events_seen.append(event)
         if isinstance(event, Progress):
@@ -522,7 +522,7 @@ class TrainWidget(EngineJobOwner, QWidget):
         show_status(self.status, f"Done: {short_path(self.last_checkpoint)} (listed in the Segment widget).")
 
     def _register(self, path: str, stopped: bool) -> None:
-        from napari_medseg.engine.catalog import register_checkpoint
+        from napari_medseg.engine.checkpoints import register_checkpoint
 
         config, desc = self._run["config"], self._run["desc"]
         start = f"fine-tuned from {os.path.basename(config.init_checkpoint)}" if config.init_checkpoint else "from scratch"

@@ -9,14 +9,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from napari_medseg.engine.checkpoint import build_model, load_checkpoint
-from napari_medseg.engine.events import EpochEnd, collect
+from napari_medseg.engine.checkpoints import build_model, load_checkpoint
 from napari_medseg.engine.inference import predict
+from napari_medseg.engine.jobs import EpochEnd, collect, drive
 from napari_medseg.engine.training import (
     TrainConfig,
     Trainer,
     prepare_data,
-    run_to_completion,
     train,
 )
 from napari_medseg.io.phantom import make_phantom
@@ -54,7 +53,7 @@ def test_loss_decreases_and_checkpoint_round_trips(tmp_path, model, shape, patch
     net = build_model(ckpt)
     image = make_phantom(shape, seed=5)[0]
     gen = predict(image, (1.0, 1.0, 1.0), [ckpt], device="cpu", mirror=False)
-    result = run_to_completion(gen)
+    result = drive(gen)
     assert result.labels.shape == image.shape
     x = torch.zeros(1, 1, *patch)
     with torch.no_grad():
@@ -65,7 +64,7 @@ def test_default_recipes_reach_the_trainer(tmp_path):
     cases = _cases((8, 32, 32), n=1)
     sdn = TrainConfig(output_dir=str(tmp_path / "a"), model="sdn-unet", model_kwargs=CASES[3][3],
                       patch_size=(32, 32), batch_size=2, device="cpu")
-    trainer = Trainer(sdn, run_to_completion(prepare_data(sdn, cases)))
+    trainer = Trainer(sdn, drive(prepare_data(sdn, cases)))
     assert isinstance(trainer.optimizer, torch.optim.Adam)
     assert trainer.config.lr == pytest.approx(1e-4)
     assert trainer.config.early_stopping_patience == 30
@@ -73,7 +72,7 @@ def test_default_recipes_reach_the_trainer(tmp_path):
     assert trainer.loss_fn.weight_ce == 0  # binary task: soft Dice only
     rk = TrainConfig(output_dir=str(tmp_path / "b"), model="rkseg-r", model_kwargs={"width": 4},
                      patch_size=(32, 32), batch_size=2, device="cpu")
-    trainer = Trainer(rk, run_to_completion(prepare_data(rk, cases)))
+    trainer = Trainer(rk, drive(prepare_data(rk, cases)))
     assert isinstance(trainer.optimizer, torch.optim.SGD)
     assert trainer.optimizer.param_groups[0]["nesterov"] and trainer.config.lr == pytest.approx(1e-2)
     assert "deep_supervision" not in trainer.model_kwargs

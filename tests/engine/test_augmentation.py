@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from napari_medseg.engine.augmentation import (
+from napari_medseg.engine.data.augmentation import (
     AugmentationError,
     Augmenter,
     _rotation_matrix,

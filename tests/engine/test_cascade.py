@@ -5,12 +5,19 @@ from __future__ import annotations
 import os
 
 import numpy as np
+import pytest
 import torch
 
-from napari_medseg.engine.cascade import onehot_torch, perturb_onehot, previous_stage_checkpoint
-from napari_medseg.engine.checkpoint import build_model, load_checkpoint
+from napari_medseg.engine.checkpoints import build_model, load_checkpoint
 from napari_medseg.engine.inference import predict
-from napari_medseg.engine.training import TrainConfig, run_to_completion, train
+from napari_medseg.engine.inference.variants.cascade import previous_stage_checkpoint
+from napari_medseg.engine.jobs import drive
+from napari_medseg.engine.training import TrainConfig, TrainingError, train, trainer_for
+from napari_medseg.engine.training.variants.cascade import (
+    CascadeTrainer,
+    onehot_torch,
+    perturb_onehot,
+)
 from napari_medseg.io.phantom import make_phantom
 
 TINY = {"base_width": 4, "max_width": 16}
@@ -30,11 +37,12 @@ def _cfg(tmp_path, name, model, configuration, **kw):
 
 def test_cascade_trains_and_predicts_through_its_previous_stage(tmp_path):
     torch.set_num_threads(1)
-    low = run_to_completion(train(_cfg(tmp_path, "low", "unet-3d-lowres", "3d_fullres"), _cases()))
-    cfg = _cfg(tmp_path, "casc", "unet-3d-cascade", "3d_cascade_fullres", previous_stage=low)
-    path = run_to_completion(train(cfg, _cases()))
+    low = drive(train(_cfg(tmp_path, "low", "unet-3d-lowres", "3d_fullres"), _cases()))
+    cfg = _cfg(tmp_path, "casc", "unet-3d-cascade", "3d_cascade_fullres", variant_options={"previous_stage": low})
+    path = drive(train(cfg, _cases()))
     ckpt = load_checkpoint(path)
     assert ckpt.plan["previous_stage"] == "3d_lowres"
+    assert ckpt.train_config["variant_options"] == {"previous_stage": low}
     assert os.path.isfile(tmp_path / "casc" / "previous_stage.pt")
     assert previous_stage_checkpoint(ckpt).model_name == "unet-3d-lowres"
     # The network really sees image + (K - 1) one-hot channels.
@@ -70,3 +78,25 @@ def test_perturbation_changes_masks_but_keeps_them_binary():
     removed = perturb_onehot(two, torch.Generator().manual_seed(1), p_morph=0.0, p_remove=1.0)
     sums = removed[:, 0].flatten(1).sum(1).numpy()
     assert np.all((sums == onehot[:, 0].flatten(1).sum(1).numpy()) | (sums == 8))
+
+
+def test_cascade_needs_its_previous_stage(tmp_path):
+    cfg = _cfg(tmp_path, "casc", "unet-3d-cascade", "3d_cascade_fullres")
+    with pytest.raises(TrainingError, match="previous_stage"):
+        drive(train(cfg, _cases()))
+
+
+def test_cascade_trainer_is_chosen_by_the_plan_and_old_configs_load():
+    class Plan:
+        extras = {"previous_stage": "3d_lowres"}
+
+    cfg = TrainConfig(model="unet-3d-cascade")
+    assert trainer_for(cfg, Plan()) is CascadeTrainer
+    Plan.extras = {}
+    assert trainer_for(cfg, Plan()) is not CascadeTrainer
+    # run.json / checkpoint configs written before variant_options stored it as a top-level key
+    old = {**TrainConfig().to_dict(), "previous_stage": "low.pt"}
+    del old["variant_options"]
+    assert TrainConfig.from_dict(old).variant_options == {"previous_stage": "low.pt"}
+    with pytest.raises(TrainingError, match="Unknown"):
+        TrainConfig.from_dict({**TrainConfig().to_dict(), "no_such_setting": 1})

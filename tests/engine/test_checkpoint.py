@@ -10,8 +10,7 @@ import pickle
 import pytest
 import torch
 
-from napari_medseg.engine import checkpoint as ckpt_mod
-from napari_medseg.engine.checkpoint import (
+from napari_medseg.engine.checkpoints import (
     FORMAT_VERSION,
     CheckpointError,
     build_model,
@@ -21,6 +20,7 @@ from napari_medseg.engine.checkpoint import (
     load_weights_for_finetune,
     save_checkpoint,
 )
+from napari_medseg.engine.checkpoints import format as ckpt_mod
 from napari_medseg.engine.planning import Plan
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -241,7 +241,7 @@ def test_finetune_keeps_all_but_the_head(tmp_path):
 def test_rebuild_ignores_pretrained_initialisers(tmp_path, monkeypatch):
     """A run trained from timm's pretrained weights stores ``pretrained=True``; rebuilding it must not
     look for those weights (they are overwritten by the checkpoint's, and may not exist here)."""
-    from napari_medseg.engine.checkpoint import build_model, save_checkpoint
+    from napari_medseg.engine.checkpoints import build_model, save_checkpoint
     from napari_medseg.models import ModelError, create_model
     from napari_medseg.models._timm import import_timm
 

@@ -1,4 +1,4 @@
-"""Raw datasets, preprocessed cases, caching, patch sampling and background batches."""
+"""Raw datasets, preprocessed cases, caching and patch sampling."""
 
 from __future__ import annotations
 
@@ -12,18 +12,18 @@ import numpy as np
 import pytest
 import torch
 
-from napari_medseg.engine import data as data_mod
 from napari_medseg.engine.data import (
-    BackgroundBatches,
     Case,
     DatasetError,
     PatchSampler,
     case_from_arrays,
+    iter_preprocess_dataset,
     load_case,
     load_raw_dataset,
-    preprocess_dataset,
     verify_dataset,
 )
+from napari_medseg.engine.data import cases as cases_mod
+from napari_medseg.engine.jobs import collect, drive
 from napari_medseg.engine.planning import Plan
 from napari_medseg.engine.preprocessing import CaseProperties
 from napari_medseg.io.phantom import write_phantom_dataset
@@ -147,11 +147,10 @@ def test_load_case_geometry(dataset_dir):
     assert set(np.unique(case.label)) <= {0, 1} and case.label.any()
 
 
-def test_preprocess_dataset_cache(dataset_dir, tmp_path, monkeypatch):
+def test_iter_preprocess_dataset_cache(dataset_dir, tmp_path, monkeypatch):
     raw = load_raw_dataset(dataset_dir)
     plan = make_plan()
-    events = []
-    cases = preprocess_dataset(raw, plan, cache_dir=tmp_path / "cache", on_progress=events.append)
+    events, cases = collect(iter_preprocess_dataset(raw, plan, cache_dir=tmp_path / "cache"))
     assert [e.current for e in events] == [1, 2, 3] and events[-1].total == 3
     assert sorted(os.listdir(tmp_path / "cache"))[:3] == ["phantom_000.json", "phantom_000_image.npy",
                                                          "phantom_000_label.npy"]
@@ -159,15 +158,15 @@ def test_preprocess_dataset_cache(dataset_dir, tmp_path, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("should have been read from the cache")
 
-    monkeypatch.setattr(data_mod, "load_case", boom)
-    again = preprocess_dataset(raw, plan, cache_dir=tmp_path / "cache")
+    monkeypatch.setattr(cases_mod, "load_case", boom)
+    again = drive(iter_preprocess_dataset(raw, plan, cache_dir=tmp_path / "cache"))
     for a, b in zip(cases, again):
         np.testing.assert_array_equal(a.image, b.image)
         np.testing.assert_array_equal(a.label, b.label)
         assert a.properties == b.properties
     # another plan must not reuse the cache
     with pytest.raises(AssertionError, match="cache"):
-        preprocess_dataset(raw, make_plan(spacing=(3.0, 1.0, 1.0)), cache_dir=tmp_path / "cache")
+        drive(iter_preprocess_dataset(raw, make_plan(spacing=(3.0, 1.0, 1.0)), cache_dir=tmp_path / "cache"))
 
 
 def test_case_from_arrays():
@@ -256,34 +255,12 @@ def test_sampler_errors():
         PatchSampler([], (4, 4, 4), 2)
 
 
-def test_background_batches_match_sampler():
-    cases = [synthetic_case(seed=i, name=str(i)) for i in range(2)]
-    ref = PatchSampler(cases, (4, 4, 4), 2, seed=3)
-    expected = [ref.sample() for _ in range(4)]
-    with BackgroundBatches(PatchSampler(cases, (4, 4, 4), 2, seed=3), n_prefetch=2) as it:
-        got = [next(it) for _ in range(4)]
-    for (xa, ya), (xb, yb) in zip(expected, got):
-        assert torch.equal(xa, xb) and torch.equal(ya, yb)
-    assert not it._thread.is_alive()
-
-
-def test_background_batches_propagate_errors():
-    class Broken:
-        def sample(self):
-            raise RuntimeError("sampler broke")
-
-    it = BackgroundBatches(Broken())
-    with pytest.raises(RuntimeError, match="sampler broke"):
-        next(it)
-    it.close()
-
-
 def test_compute_modules_do_not_import_qt():
     code = (
         "import sys\n"
-        "import napari_medseg.engine.preprocessing, napari_medseg.engine.resampling\n"
-        "import napari_medseg.engine.data, napari_medseg.engine.augmentation\n"
-        "import napari_medseg.engine.losses, napari_medseg.engine.metrics\n"
+        "import napari_medseg.engine.preprocessing.preprocess, napari_medseg.engine.preprocessing.resampling\n"
+        "import napari_medseg.engine.data\n"
+        "import napari_medseg.engine.training.losses, napari_medseg.engine.evaluation.metrics\n"
         "bad = [m for m in ('qtpy', 'napari', 'PyQt5') if m in sys.modules]\n"
         "assert not bad, bad\n"
     )

@@ -2,7 +2,7 @@
 
 The multi-process tests start ``python -m torch.distributed.run --standalone --nproc_per_node=2``
 (torchrun; ``--standalone`` picks a free port) as a subprocess, like a user would, and read what
-each rank reports through ``MEDSEG_DDP_REPORT``.
+each rank reports through ``--rank-report``.
 """
 
 from __future__ import annotations
@@ -18,22 +18,22 @@ import numpy as np
 import pytest
 import torch
 
-from napari_medseg.engine import distributed as ddp
-from napari_medseg.engine.devices import DeviceError
+from napari_medseg.engine.runtime import DeviceError
+from napari_medseg.engine.runtime import distributed as ddp
 
 TINY = '{"base_width": 4, "max_width": 16}'
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 
 
 def _env(**extra) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", ddp.REPORT_ENV)}
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1", **extra)
     return env
 
 
 @pytest.fixture
 def no_launcher(monkeypatch):
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", ddp.REPORT_ENV):
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(key, raising=False)
 
 
@@ -88,7 +88,7 @@ def test_single_process_collectives_are_identities(no_launcher):
     model = torch.nn.Linear(2, 2)
     assert ddp.wrap_model(model, torch.device("cpu")) is model
     assert ddp.unwrap_model(model) is model
-    assert ddp.write_rank_report({"x": 1}) is None  # no folder asked for
+    assert ddp.write_rank_report({"x": 1}, None) is None  # no folder asked for
 
 
 def test_backend_and_device_choice(no_launcher):
@@ -145,8 +145,9 @@ def test_one_process_group_is_not_distributed(tmp_path, no_launcher):
 
 
 def test_single_process_trainer_is_unchanged(tmp_path, no_launcher):
-    from napari_medseg.engine.checkpoint import load_checkpoint
-    from napari_medseg.engine.training import TrainConfig, Trainer, prepare_data, run_to_completion
+    from napari_medseg.engine.checkpoints import load_checkpoint
+    from napari_medseg.engine.jobs import drive
+    from napari_medseg.engine.training import TrainConfig, Trainer, prepare_data
     from napari_medseg.io.phantom import make_phantom
 
     image, labels = make_phantom((16, 16, 16), seed=0)
@@ -154,12 +155,12 @@ def test_single_process_trainer_is_unchanged(tmp_path, no_launcher):
         output_dir=str(tmp_path / "run"), model="unet-3d-fullres", model_kwargs=json.loads(TINY), epochs=1,
         iterations_per_epoch=1, val_batches=1, patch_size=(16, 16, 16), batch_size=2, device="cpu", seed=5,
     )
-    prepared = run_to_completion(prepare_data(cfg, [(image, labels, (1.0, 1.0, 1.0))]))
+    prepared = drive(prepare_data(cfg, [(image, labels, (1.0, 1.0, 1.0))]))
     trainer = Trainer(cfg, prepared)
     assert (trainer.rank, trainer.world_size) == (0, 1)
     assert trainer.unwrapped_model is trainer.model
     assert trainer.sampler_seed == 5 and trainer.val_sampler_seed == 5 + 12345
-    trainer._write_run_info()
+    trainer.write_run_info()
     with open(tmp_path / "run" / "run.json") as fh:
         info = json.load(fh)
     assert info["world_size"] == 1 and info["global_batch_size"] == 2
@@ -172,7 +173,7 @@ _COLLECTIVES = textwrap.dedent(
     """
     import sys
     import torch
-    from napari_medseg.engine import distributed as ddp
+    from napari_medseg.engine.runtime import distributed as ddp
 
     with ddp.distributed_session("cpu", "gloo") as on:
         r = ddp.get_rank()
@@ -220,11 +221,11 @@ def torchrun_training(tmp_path_factory):
         *TORCHRUN, "-m", "napari_medseg.cli", "train", dataset, "-o", str(run), "-m", "unet-3d-fullres",
         "--model-kwargs", TINY, "--epochs", "2", "--iterations", "3", "--val-batches", "1",
         "--patch-size", "16x16x16", "--batch-size", "2", "--device", "cpu", "--threads", "1",
-        "--seed", "0", "-q",
+        "--seed", "0", "-q", "--rank-report", str(root / "report"),
     ]
     t0 = time.perf_counter()
     proc = subprocess.run(
-        cmd, env=_env(**{ddp.REPORT_ENV: str(report)}), capture_output=True, text=True, timeout=300, cwd=root
+        cmd, env=_env(), capture_output=True, text=True, timeout=300, cwd=root
     )
     elapsed = time.perf_counter() - t0
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-4000:]
@@ -252,7 +253,7 @@ def test_replicas_stay_identical_while_ranks_see_different_data(torchrun_trainin
 @pytest.mark.slow
 def test_torchrun_cli_writes_one_checkpoint_that_predicts(torchrun_training, tmp_path, capsys):
     from napari_medseg.cli import main
-    from napari_medseg.engine.checkpoint import build_model, load_checkpoint
+    from napari_medseg.engine.checkpoints import build_model, load_checkpoint
     from napari_medseg.io import read_nifti
 
     run, proc = torchrun_training["run"], torchrun_training["proc"]

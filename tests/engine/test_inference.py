@@ -8,19 +8,38 @@ import numpy as np
 import pytest
 import torch
 
-from napari_medseg.engine.checkpoint import CheckpointError, save_checkpoint
-from napari_medseg.engine.events import Progress, collect
+from napari_medseg.engine.checkpoints import CheckpointError, load_checkpoint, save_checkpoint
 from napari_medseg.engine.inference import (
     InferenceError,
+    Inferer,
+    InputStage,
+    PredictConfig,
     PredictionResult,
+    SlidingWindowInferer,
+    argmax_labels,
+    argmax_relative,
+    axis_weights,
     compute_tile_starts,
     count_tiles,
     gaussian_importance,
+    input_stage_for,
+    keep_largest_component,
+    list_inferers,
+    normalise_by_coverage,
+    optimize_predictor,
+    outer_product,
     predict,
+    predict_file,
+    register_inferer,
+    register_input_stage,
+    select_inferer,
     sliding_window,
+    softmax_inplace,
+    unregister_inferer,
+    unregister_input_stage,
 )
+from napari_medseg.engine.jobs import Progress, collect
 from napari_medseg.engine.planning import Plan
-from napari_medseg.engine.postprocessing import keep_largest_component
 from napari_medseg.io.phantom import make_phantom
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -190,7 +209,7 @@ def _plan(config="3d_fullres", spacing=(2.0, 1.0, 1.0), patch=(8, 16, 16), chann
                 use_mask_for_norm=[False] * channels)
 
 
-def _ckpt(tmp_path, name, plan, seed=0, channels=1, classes=2):
+def _ckpt(tmp_path, name, plan, seed=0, channels=1, classes=2, label_names=None):
     from napari_medseg.models import create_model
 
     model_name = "unet-3d-fullres" if plan.spatial_dims == 3 else "unet-2d"
@@ -199,7 +218,7 @@ def _ckpt(tmp_path, name, plan, seed=0, channels=1, classes=2):
     model = create_model(model_name, channels, classes, plan.spatial_dims, **kw)
     return save_checkpoint(tmp_path / name, model, model_name=model_name, model_kwargs=kw,
                            in_channels=channels, num_classes=classes, spatial_dims=plan.spatial_dims,
-                           plan=plan, label_names={0: "background", 1: "ellipsoid"})
+                           plan=plan, label_names=label_names or {0: "background", 1: "ellipsoid"})
 
 
 @pytest.fixture(scope="module")
@@ -253,14 +272,17 @@ def test_predict_ensemble_averages_softmax(tmp_path, phantom):
 
 
 def test_ensemble_sharing_a_plan_preprocesses_once(tmp_path, phantom, monkeypatch):
-    from napari_medseg.engine import preprocessing
-
     image, _ = phantom
     plan = _plan()
     paths = [_ckpt(tmp_path, f"f{i}.pt", plan, seed=i) for i in range(2)]
     calls = []
-    real = preprocessing.preprocess_case
-    monkeypatch.setattr(preprocessing, "preprocess_case", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = InputStage.prepare  # the default input stage: preprocessing
+
+    def spy(self, *a, **k):
+        calls.append(1)
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(InputStage, "prepare", spy)
     _, res = collect(predict(image, (2.0, 1.0, 1.0), paths, device="cpu", mirror=False))
     assert len(calls) == 1 and res.labels.shape == image.shape
 
@@ -288,12 +310,9 @@ def test_largest_component_in_predict(tmp_path, phantom):
 
 
 def test_mismatch_is_caught_before_compute(tmp_path, phantom, monkeypatch):
-    from napari_medseg.engine import preprocessing
-
     image, _ = phantom
     path = _ckpt(tmp_path, "a.pt", _plan())
-    monkeypatch.setattr(preprocessing, "preprocess_case",
-                        lambda *a, **k: pytest.fail("preprocessing ran before the check"))
+    monkeypatch.setattr(InputStage, "prepare", lambda *a, **k: pytest.fail("preprocessing ran before the check"))
     two_channels = np.stack([image, image])
     with pytest.raises(CheckpointError, match=r"expects 1 input channel\(s\); the image has 2"):
         next(predict(two_channels, (2.0, 1.0, 1.0), [path], device="cpu"))
@@ -324,7 +343,6 @@ def test_predict_cancellation(tmp_path, phantom):
 
 
 def test_predict_file_writes_labels_in_source_geometry(tmp_path, phantom):
-    from napari_medseg.engine.inference import predict_file
     from napari_medseg.io import read_nifti, write_nifti
 
     image, _ = phantom
@@ -352,6 +370,96 @@ def test_predict_file_writes_labels_in_source_geometry(tmp_path, phantom):
         collect(predict_file([src, src2], tmp_path / "x.nii.gz", [path], device="cpu"))
     with pytest.raises(InferenceError, match="must end with"):
         next(predict_file(src, tmp_path / "x.png", [path], device="cpu"))
+
+
+def test_predict_file_reads_and_writes_other_formats(tmp_path, phantom):
+    pytest.importorskip("nrrd")
+    pytest.importorskip("SimpleITK")
+    from napari_medseg.io import read_volume, write_volume
+
+    image, _ = phantom
+    src = write_volume(tmp_path / "case.nrrd", image, None, spacing=(2.0, 1.0, 1.0), translate=(-5.0, 3.0, 10.0))
+    path = _ckpt(tmp_path, "a.pt", _plan())
+    out = tmp_path / "out" / "case.mha"
+    _, res = collect(predict_file(src, out, [path], device="cpu", mirror=False, save_probabilities=True))
+    written, source = read_volume(out), read_volume(src)
+    assert written.data.shape == image.shape and np.array_equal(written.data, res.labels)
+    assert np.allclose(written.affine, source.affine)
+    with np.load(tmp_path / "out" / "case.npz") as npz:
+        assert np.array_equal(npz["probabilities"], res.probabilities)
+    assert sorted(p.name for p in out.parent.iterdir()) == ["case.mha", "case.npz"]  # no temporary left
+    with pytest.raises(InferenceError, match="DICOM input"):
+        next(predict_file(src, tmp_path / "x.dcm", [path], device="cpu"))
+
+
+# ------------------------------------------------------------------------------ settings, inferers, input stages
+def test_predict_takes_a_config_and_overrides(tmp_path, phantom):
+    image, _ = phantom
+    path = _ckpt(tmp_path, "a.pt", _plan())
+    _, by_kwargs = collect(predict(image, (2.0, 1.0, 1.0), [path], device="cpu", mirror=False,
+                                   return_probabilities=True))
+    cfg = PredictConfig(device="cpu", mirror=True, return_probabilities=True)
+    _, by_config = collect(predict(image, (2.0, 1.0, 1.0), [path], cfg, mirror=False))
+    assert np.array_equal(by_config.labels, by_kwargs.labels)
+    assert np.allclose(by_config.probabilities, by_kwargs.probabilities, atol=1e-6)
+    with pytest.raises(InferenceError, match="Unknown prediction setting"):
+        next(predict(image, (2.0, 1.0, 1.0), [path], colour="red"))
+    with pytest.raises(InferenceError, match="step"):
+        next(predict(image, (2.0, 1.0, 1.0), [path], step=0))
+
+
+def test_registered_inferer_serves_the_checkpoints_it_claims(tmp_path, phantom):
+    image, _ = phantom
+
+    class Constant(Inferer):
+        name = "test-constant"
+
+        def claims(self, ckpt):
+            return ckpt.label_names.get(1) == "constant"
+
+        def run(self, image, spacing, ckpts, config):
+            yield Progress("tiles", 1, 1)
+            return PredictionResult(labels=np.full(image.shape[1:], config.batch_size, np.uint8))
+
+    claimed = load_checkpoint(_ckpt(tmp_path, "c.pt", _plan(), label_names={0: "background", 1: "constant"}))
+    plain = load_checkpoint(_ckpt(tmp_path, "p.pt", _plan()))
+    assert isinstance(select_inferer([plain]), SlidingWindowInferer)
+    assert {"sliding_window", "patch_free"} <= set(list_inferers())
+    assert register_inferer(Constant) is Constant
+    try:
+        assert select_inferer([claimed]).name == select_inferer([plain, claimed]).name == "test-constant"
+        assert isinstance(select_inferer([plain]), SlidingWindowInferer)
+        with pytest.raises(ValueError, match="already registered"):
+            register_inferer(Constant())
+        events, res = collect(predict(image, (2.0, 1.0, 1.0), [claimed], device="cpu", batch_size=3))
+        assert [e.stage for e in events] == ["tiles"] and (res.labels == 3).all()
+    finally:
+        unregister_inferer("test-constant")
+    assert "test-constant" not in list_inferers()
+    assert isinstance(select_inferer([claimed]), SlidingWindowInferer)
+
+
+def test_input_stage_registry_and_group_keys(tmp_path):
+    plan = _plan()
+    ck = [load_checkpoint(_ckpt(tmp_path, f"{i}.pt", plan, seed=i)) for i in range(2)]
+    default = input_stage_for(plan)
+    assert type(default) is InputStage
+    assert default.group_key(plan, ck[0], 0) == default.group_key(plan, ck[1], 1)  # folds share the input
+
+    class Marked(InputStage):
+        name = "test-marked"
+
+        def applies(self, plan):
+            return plan.extras.get("test_marked", False)
+
+    marked_plan = _plan()
+    marked_plan.extras["test_marked"] = True
+    stage = register_input_stage(Marked())
+    try:
+        assert input_stage_for(marked_plan) is stage and input_stage_for(plan) is default
+    finally:
+        unregister_input_stage(stage)
+    assert input_stage_for(marked_plan) is default
 
 
 # ------------------------------------------------------------------------------ speed / memory levers
@@ -383,25 +491,22 @@ def test_window_equals_naive_blend_with_tile_dependent_predictor(shape, patch):
 
 
 def test_coverage_separable_equals_explicit_map():
-    from napari_medseg.engine.inference import _axis_weights, _normalise_by_coverage, _outer
-
     padded, patch = (21, 17, 30), (8, 8, 12)
     starts = compute_tile_starts(padded, patch, 0.5)
     import itertools
 
     regions = [tuple(slice(s, s + p) for s, p in zip(pos, patch)) for pos in itertools.product(*starts)]
-    factors = _axis_weights(patch, True)
-    weight = _outer(factors).float()
+    factors = axis_weights(patch, True)
+    weight = outer_product(factors).float()
     assert torch.allclose(weight, gaussian_importance(patch))
     logits = torch.rand(3, *padded) + 0.5
     a, b = logits.clone(), logits.clone()
-    _normalise_by_coverage(a, weight, factors, starts, regions, separable=True, slab_voxels=100)  # many slabs
-    _normalise_by_coverage(b, weight, factors, starts, regions, separable=False)
+    normalise_by_coverage(a, weight, factors, starts, regions, separable=True, slab_voxels=100)  # many slabs
+    normalise_by_coverage(b, weight, factors, starts, regions, separable=False)
     assert torch.allclose(a, b, rtol=1e-5)
 
 
 def test_channels_last_gives_the_same_logits():
-    from napari_medseg.engine.inference import optimize_predictor
     from napari_medseg.models import create_model
 
     torch.manual_seed(0)
@@ -420,7 +525,6 @@ def test_channels_last_gives_the_same_logits():
 def test_compiled_predictor_gives_the_same_logits():
     """torch.compile through optimize_predictor (the "eager" backend: dynamo's tracing without the
     C++ build; starting dynamo alone takes seconds, hence a small network)."""
-    from napari_medseg.engine.inference import optimize_predictor
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv3d(1, 3, 3, padding=1), torch.nn.LeakyReLU(0.01)).eval()
@@ -454,17 +558,15 @@ def test_mirroring_does_not_modify_an_aliased_output():
 
 
 def test_inplace_softmax_and_slab_argmax_match_the_plain_ones():
-    from napari_medseg.engine.inference import _argmax_labels, _softmax_
-
     x = torch.randn(4, 7, 5, 6)
     ref = torch.softmax(x, dim=0)
-    out = _softmax_(x.clone(), slab_voxels=40)  # several slabs
+    out = softmax_inplace(x.clone(), slab_voxels=40)  # several slabs
     assert torch.allclose(out, ref, atol=1e-7)
     probs = np.random.default_rng(0).random((5, 7, 5, 6)).astype(np.float32)
     probs[:, 0, 0, 0] = 0.5  # a tie: the first maximum wins, as np.argmax
-    labels = _argmax_labels(probs, slab_voxels=40)
+    labels = argmax_labels(probs, slab_voxels=40)
     assert labels.dtype == np.uint8 and np.array_equal(labels, np.argmax(probs, axis=0))
-    assert _argmax_labels(np.zeros((300, 2, 3), np.float32)).dtype == np.uint16
+    assert argmax_labels(np.zeros((300, 2, 3), np.float32)).dtype == np.uint16
 
 
 def test_restore_probabilities_overwrite_input_skips_the_copy():
@@ -501,17 +603,13 @@ def test_relative_window_is_the_shifted_full_window(mirror_axes, batch_size):
                                     relative=True))
     assert rel.shape == (2, 21, 30, 18)
     assert torch.allclose(rel, full[1:] - full[:1], atol=1e-5)
-    from napari_medseg.engine.inference import _argmax_relative
-
-    assert np.array_equal(_argmax_relative(rel), full.argmax(0).numpy().astype(np.uint8))
+    assert np.array_equal(argmax_relative(rel), full.argmax(0).numpy().astype(np.uint8))
 
 
 def test_argmax_relative_ties_pick_the_first_class():
-    from napari_medseg.engine.inference import _argmax_relative
-
     rel = torch.tensor([[0.0, 1.0, -1.0, 2.0], [0.0, 1.0, 0.0, -5.0]]).reshape(2, 1, 1, 4)
     # columns: all tie at 0 -> 0; classes 1, 2 tie at 1 -> 1; class 2 ties class 0 at 0 -> 0; class 1 -> 1
-    assert _argmax_relative(rel).ravel().tolist() == [0, 1, 0, 1]
+    assert argmax_relative(rel).ravel().tolist() == [0, 1, 0, 1]
     with pytest.raises(InferenceError, match="2 classes"):
         collect(sliding_window(lambda x: x, torch.randn(1, 8, 8, 8), (8, 8, 8), 1, relative=True))
 
@@ -520,8 +618,6 @@ def test_argmax_relative_ties_pick_the_first_class():
 def test_predict_labels_only_route_gives_the_probabilities_routes_labels(tmp_path, phantom, classes, monkeypatch):
     """Labels-only prediction (relative logits, argmax on the plan grid, labels restored) equals
     the argmax of the restored probabilities, with a crop and a transpose to undo."""
-    import napari_medseg.engine.inference as inf
-
     image, _ = phantom
     padded = np.pad(image - image.min() + 1.0, ((1, 2), (3, 0), (0, 2)))  # crop box to restore
     plan = _plan(classes=classes)
@@ -529,13 +625,13 @@ def test_predict_labels_only_route_gives_the_probabilities_routes_labels(tmp_pat
     plan.spacing = (1.0, 2.0, 1.0)  # the transposed spacing: no resampling
     path = _ckpt(tmp_path, "t.pt", plan, classes=classes)
     calls = []
-    real = inf.sliding_window
+    real = SlidingWindowInferer.window
 
-    def spy(*args, **kwargs):
+    def spy(self, *args, **kwargs):
         calls.append(kwargs.get("relative", False))
-        return real(*args, **kwargs)
+        return real(self, *args, **kwargs)
 
-    monkeypatch.setattr(inf, "sliding_window", spy)
+    monkeypatch.setattr(SlidingWindowInferer, "window", spy)
     _, labels_only = collect(predict(padded, (2.0, 1.0, 1.0), [path], device="cpu", mirror=True))
     _, with_probs = collect(predict(padded, (2.0, 1.0, 1.0), [path], device="cpu", mirror=True,
                                     return_probabilities=True))

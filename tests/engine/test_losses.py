@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from napari_medseg.engine.losses import (
+from napari_medseg.engine.training.losses import (
     DeepSupervisionLoss,
     DiceCELoss,
     LossError,

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scipy.spatial.distance import cdist
 
-from napari_medseg.engine.metrics import (
+from napari_medseg.engine.evaluation import (
     EvaluationError,
     dice_per_class,
     evaluate_folder,

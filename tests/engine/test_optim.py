@@ -7,7 +7,7 @@ import io
 import pytest
 import torch
 
-from napari_medseg.engine.optim import Lookahead, lookahead_nadam
+from napari_medseg.engine.training.optim import Lookahead, lookahead_nadam
 
 
 def test_lookahead_follows_the_update_rule_with_sgd():

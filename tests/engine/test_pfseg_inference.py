@@ -8,17 +8,17 @@ import torch
 import torch.nn.functional as F
 
 from napari_medseg.cli import main
-from napari_medseg.engine.checkpoint import CheckpointError, save_checkpoint
+from napari_medseg.engine.checkpoints import CheckpointError, save_checkpoint
 from napari_medseg.engine.inference import predict
-from napari_medseg.engine.patchfree import (
-    MEMORY_ENV,
+from napari_medseg.engine.inference.variants.patchfree import (
     VolumeTooLargeError,
     estimate_peak_bytes,
     forward_whole_volume,
     largest_cube_side,
 )
+from napari_medseg.engine.jobs import drive
 from napari_medseg.engine.planning import plan_experiment
-from napari_medseg.engine.training import run_to_completion
+from napari_medseg.engine.runtime.memory import MEMORY_ENV
 from napari_medseg.io import read_nifti, write_nifti
 from napari_medseg.io.phantom import make_phantom
 from napari_medseg.models import create_model
@@ -46,7 +46,7 @@ def test_forward_whole_volume_matches_a_manual_forward():
     torch.manual_seed(0)
     net = create_model("pfseg", 1, 2, width=4).eval()
     hr = torch.randn(1, 20, 30, 50)
-    probs = run_to_completion(forward_whole_volume(net, hr))
+    probs = drive(forward_whole_volume(net, hr))
     # by hand: pad centrally to (32, 32, 64), LR = mean of 2x2x2 blocks, guidance = central quarter
     padded = torch.zeros(1, 1, 32, 32, 64)
     padded[0, :, 6:26, 1:31, 7:57] = hr
@@ -56,7 +56,7 @@ def test_forward_whole_volume_matches_a_manual_forward():
         ref = torch.softmax(net(lr, guide), 1)[0, :, 6:26, 1:31, 7:57]
     assert probs.shape == (2, 20, 30, 50)
     assert torch.allclose(probs, ref, atol=1e-5)
-    mirrored = run_to_completion(forward_whole_volume(net, hr, mirror_axes=(2,)))
+    mirrored = drive(forward_whole_volume(net, hr, mirror_axes=(2,)))
     with torch.no_grad():
         flipped = torch.flip(torch.softmax(net(F.avg_pool3d(padded.flip(4), 2), guide.flip(4)), 1), [4])
     assert torch.allclose(mirrored, (ref + flipped[0, :, 6:26, 1:31, 7:57]) / 2, atol=1e-5)
@@ -65,14 +65,14 @@ def test_forward_whole_volume_matches_a_manual_forward():
 def test_predict_returns_labels_in_the_source_geometry(tmp_path):
     ckpt = _checkpoint(tmp_path / "pf.pt")
     image, _ = make_phantom(SHAPE, num_classes=3, seed=3)
-    result = run_to_completion(predict(image, (1.0, 1.0, 1.0), ckpt, device="cpu", mirror=False,
+    result = drive(predict(image, (1.0, 1.0, 1.0), ckpt, device="cpu", mirror=False,
                                        return_probabilities=True, return_uncertainty=True))
     assert result.labels.shape == SHAPE and result.probabilities.shape == (3, *SHAPE)
     assert np.allclose(result.probabilities.sum(0), 1.0, atol=1e-4)
     assert np.array_equal(result.labels, result.probabilities.argmax(0))
     assert result.uncertainty.shape == SHAPE and result.label_names[1] == "a"
     # a 2-checkpoint ensemble of the same model gives the same softmax
-    ens = run_to_completion(predict(image, (1.0, 1.0, 1.0), [ckpt, ckpt], device="cpu", mirror=False,
+    ens = drive(predict(image, (1.0, 1.0, 1.0), [ckpt, ckpt], device="cpu", mirror=False,
                                     return_probabilities=True))
     assert np.allclose(ens.probabilities, result.probabilities, atol=1e-5)
 
@@ -82,13 +82,13 @@ def test_refusals(tmp_path, monkeypatch):
     image = make_phantom(SHAPE, seed=1)[0]
     monkeypatch.setenv(MEMORY_ENV, "0.1")  # less than the interpreter alone needs
     with pytest.raises(VolumeTooLargeError, match=r"GiB.*unet-3d-fullres"):
-        run_to_completion(predict(image, (1.0, 1.0, 1.0), ckpt, device="cpu"))
+        drive(predict(image, (1.0, 1.0, 1.0), ckpt, device="cpu"))
     monkeypatch.delenv(MEMORY_ENV)
     unet = _checkpoint(tmp_path / "unet.pt", "unet-3d-fullres", kwargs={"base_width": 2, "max_width": 4})
     with pytest.raises(CheckpointError, match="ensembled"):
-        run_to_completion(predict(image, (1.0, 1.0, 1.0), [ckpt, unet], device="cpu"))
+        drive(predict(image, (1.0, 1.0, 1.0), [ckpt, unet], device="cpu"))
     with pytest.raises(CheckpointError, match="3D model"):
-        run_to_completion(predict(image[0], (1.0, 1.0), ckpt, device="cpu"))
+        drive(predict(image[0], (1.0, 1.0), ckpt, device="cpu"))
 
 
 def test_memory_model():

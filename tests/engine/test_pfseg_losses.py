@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from napari_medseg.engine.pfseg_losses import (
+from napari_medseg.engine.training.variants.pfseg_losses import (
     PFSegLoss,
     affinity_loss,
     foreground_probability,

@@ -3,22 +3,23 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
-from napari_medseg.engine.checkpoint import build_model, load_checkpoint
-from napari_medseg.engine.events import EpochEnd, Message, collect
-from napari_medseg.engine.patchfree import whole_volume_grid
-from napari_medseg.engine.pfseg_training import PFSegTrainer, WholeVolumeSampler, sr_target
+from napari_medseg.engine.checkpoints import build_model, load_checkpoint
+from napari_medseg.engine.inference.variants.patchfree import whole_volume_grid
+from napari_medseg.engine.jobs import EpochEnd, Message, collect, drive
 from napari_medseg.engine.training import (
     TrainConfig,
     TrainingError,
     prepare_data,
-    run_to_completion,
     train,
+    trainer_for,
 )
+from napari_medseg.engine.training.variants.pfseg import PFSegTrainer, WholeVolumeSampler, sr_target
 from napari_medseg.io.phantom import make_phantom
 
 SHAPE = (24, 30, 30)
@@ -70,6 +71,8 @@ def test_sr_target_is_min_max_per_sample():
 
 
 def test_train_dispatches_to_pfseg_and_the_loss_decreases(tmp_path):
+    # registered for the pfseg model, whatever the plan
+    assert trainer_for(_config(tmp_path), SimpleNamespace(extras={})) is PFSegTrainer
     events, path = collect(train(_config(tmp_path), _cases()))
     assert any(isinstance(e, Message) and "whole volumes padded to 32x32x64" in e.text for e in events)
     epochs = [e for e in events if isinstance(e, EpochEnd)]
@@ -93,7 +96,7 @@ def test_train_dispatches_to_pfseg_and_the_loss_decreases(tmp_path):
 
 def test_recipe_and_plateau_schedule(tmp_path):
     cfg = _config(tmp_path, lr=None)
-    data = run_to_completion(prepare_data(cfg, _cases(n=1, num_classes=2)))
+    data = drive(prepare_data(cfg, _cases(n=1, num_classes=2)))
     trainer = PFSegTrainer(cfg, data)
     assert isinstance(trainer.optimizer, torch.optim.Adam)
     assert trainer.config.lr == pytest.approx(1e-4) and trainer.plan.batch_size == 1
@@ -109,6 +112,6 @@ def test_recipe_and_plateau_schedule(tmp_path):
 
 def test_ignore_label_is_refused(tmp_path):
     cfg = _config(tmp_path, ignore_label=2)
-    data = run_to_completion(prepare_data(cfg, _cases(n=1, num_classes=2)))
+    data = drive(prepare_data(cfg, _cases(n=1, num_classes=2)))
     with pytest.raises(TrainingError, match="ignore label"):
         PFSegTrainer(cfg, data)

@@ -58,7 +58,7 @@ def test_hippocampus_matches_nnunet_v1_plans(hippocampus):
     for p in hippocampus.values():
         assert p.transpose_forward == [0, 1, 2] == p.transpose_backward
         assert p.normalization == ["zscore"] and p.use_mask_for_norm == [False]
-        assert p.num_channels == 1 and p.num_classes == 3 and p.previous_stage is None
+        assert p.num_channels == 1 and p.num_classes == 3 and p.extras.get("previous_stage") is None
     assert two.batch_dice and not full.batch_dice  # batch Dice: 2D, and 3D only with a cascade
 
 
@@ -129,7 +129,7 @@ def test_big_dataset_gets_lowres_and_cascade():
     assert all(a > b for a, b in zip(low.spacing, full.spacing))
     assert np.prod(low.median_shape) <= 4 * np.prod(low.patch_size) * 1.05
     assert 2 * np.prod(low.median_shape) < np.prod(full.median_shape)
-    assert casc.previous_stage == "3d_lowres" and low.previous_stage is None
+    assert casc.extras.get("previous_stage") == "3d_lowres" and low.extras.get("previous_stage") is None
     assert casc.configuration == "3d_cascade_fullres" and casc.model_name == "unet-3d-cascade"
     same = {k: v for k, v in casc.to_dict().items() if k not in ("configuration", "previous_stage")}
     assert same == {k: v for k, v in full.to_dict().items() if k in same}

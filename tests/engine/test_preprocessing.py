@@ -12,14 +12,12 @@ from napari_medseg.engine.planning import Plan
 from napari_medseg.engine.preprocessing import (
     CaseProperties,
     PreprocessingError,
+    compute_new_shape,
     normalize,
     preprocess_case,
+    resample_image,
     restore_labels,
     restore_probabilities,
-)
-from napari_medseg.engine.resampling import (
-    compute_new_shape,
-    resample_image,
     separate_z_axis,
 )
 from napari_medseg.io.phantom import make_phantom
@@ -261,8 +259,8 @@ def test_lazy_image_through_the_sliding_window():
     """The sliding window reads a LazyNormalizedImage tile by tile; padding materialises it."""
     import torch
 
-    from napari_medseg.engine.events import collect
     from napari_medseg.engine.inference import sliding_window
+    from napari_medseg.engine.jobs import collect
 
     rng = np.random.default_rng(2)
     img = rng.normal(100, 20, (1, 20, 24, 12)).astype(np.float32)  # axis 2 smaller than the patch
@@ -283,9 +281,9 @@ def test_predict_keeps_an_integer_image_uncast(tmp_path, monkeypatch):
     """An int16 image reaches the lazy preprocessing as int16 (no float32 volume is made)."""
     import torch
 
-    from napari_medseg.engine import inference
-    from napari_medseg.engine.checkpoint import save_checkpoint
-    from napari_medseg.engine.events import collect
+    from napari_medseg.engine.checkpoints import save_checkpoint
+    from napari_medseg.engine.inference import SlidingWindowInferer, predict
+    from napari_medseg.engine.jobs import collect
     from napari_medseg.engine.preprocessing import LazyNormalizedImage
     from napari_medseg.models import create_model
 
@@ -298,16 +296,15 @@ def test_predict_keeps_an_integer_image_uncast(tmp_path, monkeypatch):
                            in_channels=1, num_classes=2, spatial_dims=3, plan=plan,
                            label_names={0: "background", 1: "fg"})
     seen = []
-    real = inference.sliding_window
+    real = SlidingWindowInferer.window
 
-    def spy(predictor, image, *args, **kwargs):
+    def spy(self, predictor, image, *args, **kwargs):
         seen.append(image)
-        return real(predictor, image, *args, **kwargs)
+        return real(self, predictor, image, *args, **kwargs)
 
-    monkeypatch.setattr(inference, "sliding_window", spy)
+    monkeypatch.setattr(SlidingWindowInferer, "window", spy)
     img = (np.random.default_rng(0).normal(0, 300, (12, 16, 10))).astype(np.int16)
-    _, res = collect(inference.predict(img, (1.0, 1.0, 1.0), [path], device="cpu", mirror=False))
+    _, res = collect(predict(img, (1.0, 1.0, 1.0), [path], device="cpu", mirror=False))
     assert isinstance(seen[0], LazyNormalizedImage) and seen[0].raw.dtype == np.int16
-    _, ref = collect(inference.predict(img.astype(np.float32), (1.0, 1.0, 1.0), [path], device="cpu",
-                                       mirror=False))
+    _, ref = collect(predict(img.astype(np.float32), (1.0, 1.0, 1.0), [path], device="cpu", mirror=False))
     assert np.array_equal(res.labels, ref.labels)

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 
 import napari_medseg
-from napari_medseg.engine.catalog import list_checkpoints
+from napari_medseg.engine.checkpoints import list_checkpoints
+from napari_medseg.engine.evaluation import dice_per_class
 from napari_medseg.engine.inference import predict
-from napari_medseg.engine.metrics import dice_per_class
-from napari_medseg.engine.training import run_to_completion
+from napari_medseg.engine.jobs import drive
 from napari_medseg.io import read_nifti
 
 PKG = os.path.dirname(napari_medseg.__file__)
@@ -36,7 +36,7 @@ def test_shipped_checkpoint_segments_the_sample_above_reported_dice():
         reported = json.load(fh)[NAME]["sample_mean_dice"]
     image = read_nifti(os.path.join(PKG, "data", "colin27_t1_deepgm.nii.gz"))
     labels = read_nifti(os.path.join(PKG, "data", "colin27_deepgm_labels.nii.gz")).data
-    result = run_to_completion(
+    result = drive(
         predict(image.data, image.spacing, [os.path.join(PKG, "checkpoints", NAME)], device="cpu")
     )
     assert result.labels.shape == labels.shape

@@ -8,14 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from napari_medseg.engine.checkpoint import load_checkpoint
-from napari_medseg.engine.events import EpochEnd, Progress, collect
+from napari_medseg.engine.checkpoints import load_checkpoint
+from napari_medseg.engine.jobs import EpochEnd, Progress, collect, drive
 from napari_medseg.engine.training import (
     TrainConfig,
     Trainer,
     TrainingError,
     prepare_data,
-    run_to_completion,
     train,
 )
 from napari_medseg.io.phantom import make_phantom
@@ -72,12 +71,12 @@ def test_cancel_stops_within_one_iteration_and_saves(tmp_path):
 
 
 def test_finetune_with_other_class_count_keeps_body(tmp_path):
-    first = run_to_completion(train(_config(tmp_path, epochs=1), _cases()))
+    first = drive(train(_config(tmp_path, epochs=1), _cases()))
     cfg = _config(
         tmp_path, output_dir=str(tmp_path / "ft"), epochs=1, init_checkpoint=first, lr=1e-3,
         label_names={0: "background", 1: "a", 2: "b"},
     )
-    prepared = run_to_completion(prepare_data(cfg, _cases(num_classes=3)))
+    prepared = drive(prepare_data(cfg, _cases(num_classes=3)))
     trainer = Trainer(cfg, prepared)
     old = load_checkpoint(first).state_dict
     new = trainer.model.state_dict()
@@ -97,7 +96,7 @@ def test_ignore_label_gradients_only_from_painted_slice(tmp_path):
     partial[8] = labels[8]  # only slice 8 was painted
     cfg = _config(tmp_path, ignore_label=ignore, augment=False, patch_size=(16, 16, 16), batch_size=1,
                   deep_supervision=False)
-    prepared = run_to_completion(prepare_data(cfg, [(image, partial, (1.0, 1.0, 1.0))]))
+    prepared = drive(prepare_data(cfg, [(image, partial, (1.0, 1.0, 1.0))]))
     trainer = Trainer(cfg, prepared)
     x = torch.from_numpy(prepared.train_cases[0].image[None]).float()
     y = torch.from_numpy(prepared.train_cases[0].label[None, None].astype(np.int64))
@@ -119,11 +118,11 @@ def test_ignore_label_gradients_only_from_painted_slice(tmp_path):
 def test_empty_labels_refused(tmp_path):
     image, _ = make_phantom((16, 16, 16), seed=0)
     with pytest.raises(TrainingError, match="empty"):
-        run_to_completion(train(_config(tmp_path), [(image, np.zeros((16, 16, 16), np.uint8), (1, 1, 1))]))
+        drive(train(_config(tmp_path), [(image, np.zeros((16, 16, 16), np.uint8), (1, 1, 1))]))
 
 
 def test_unknown_label_values_refused(tmp_path):
     image, labels = make_phantom((16, 16, 16), seed=0)
     labels[0, 0, 0] = 7
     with pytest.raises(TrainingError, match="7"):
-        run_to_completion(train(_config(tmp_path), [(image, labels, (1, 1, 1))]))
+        drive(train(_config(tmp_path), [(image, labels, (1, 1, 1))]))

@@ -11,16 +11,15 @@ import importlib.util
 import pytest
 import torch
 
-from napari_medseg.engine.checkpoint import build_model, load_checkpoint
-from napari_medseg.engine.events import EpochEnd, collect
-from napari_medseg.engine.optim import Lookahead
+from napari_medseg.engine.checkpoints import build_model, load_checkpoint
+from napari_medseg.engine.jobs import EpochEnd, collect, drive
 from napari_medseg.engine.training import (
     TrainConfig,
     Trainer,
     prepare_data,
-    run_to_completion,
     train,
 )
+from napari_medseg.engine.training.optim import Lookahead
 from napari_medseg.io.phantom import make_phantom
 
 if importlib.util.find_spec("timm") is None:
@@ -72,7 +71,7 @@ def test_recipe_gives_lookahead_nadam_and_resume_restores_it(tmp_path):
     cfg = TrainConfig(output_dir=str(tmp_path / "a"), model="omnia-net-b0", model_kwargs={"decoder_widths": _W2D},
                       epochs=1, iterations_per_epoch=2, val_batches=1, patch_size=(32, 32), batch_size=2,
                       device="cpu", augment=False)
-    data = run_to_completion(prepare_data(cfg, cases))
+    data = drive(prepare_data(cfg, cases))
     trainer = Trainer(cfg, data)
     assert isinstance(trainer.optimizer, Lookahead)
     assert isinstance(trainer.optimizer.optimizer, torch.optim.NAdam)

@@ -139,8 +139,8 @@ def test_weight_cache_follows_new_weights():
 
 def test_registry_unet_uses_it_in_the_sliding_window(one_thread):
     """The sliding window with the fast path gives the stock labels (the predict path users run)."""
-    from napari_medseg.engine.events import collect
     from napari_medseg.engine.inference import sliding_window
+    from napari_medseg.engine.jobs import collect
 
     torch.manual_seed(0)
     model = create_model("unet-3d-fullres", 1, 3, 3, pool_kernels=[[2, 2, 2]] * 3, base_width=8, max_width=32)

@@ -114,7 +114,7 @@ def test_bad_inputs_are_explained():
 
 def test_spec():
     spec = get_model_spec("pfseg")
-    assert spec.output_scale == 2 and spec.trainer == "pfseg" and spec.spatial_dims == (3,)
+    assert spec.output_scale == 2 and spec.spatial_dims == (3,)
     assert spec.citation == "https://doi.org/10.1007/978-3-030-87193-2_13"
     assert "Wang" in spec.paper and "MICCAI 2021" in spec.paper
     assert spec.training["optimizer"] == "adam" and spec.training["lr"] == 1e-4

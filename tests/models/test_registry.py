@@ -172,7 +172,7 @@ def test_duplicate_name_from_another_factory_is_refused():
 
 def test_models_and_planning_import_headless():
     code = (
-        "import sys, napari_medseg.models, napari_medseg.engine.planning; "
+        "import sys, napari_medseg.models, napari_medseg.engine.planning.planner; "
         "bad = [m for m in ('qtpy', 'napari', 'PyQt5') if m in sys.modules]; "
         "sys.exit(1 if bad else 0)"
     )

@@ -18,17 +18,18 @@ import pytest
 import torch
 from rel_helpers import make_tiny_checkpoint, phantom_cases, tree_hashes
 
-from napari_medseg.engine.checkpoint import (
+from napari_medseg.engine.checkpoints import (
     CheckpointError,
     build_model,
     load_checkpoint,
     save_checkpoint,
 )
-from napari_medseg.engine.data import DatasetError, load_raw_dataset
+from napari_medseg.engine.data.dataset import DatasetError, load_raw_dataset
 from napari_medseg.engine.inference import InferenceError, predict
-from napari_medseg.engine.oom import InsufficientMemoryError
+from napari_medseg.engine.jobs import drive
 from napari_medseg.engine.preprocessing import PreprocessingError
-from napari_medseg.engine.training import TrainConfig, TrainingError, run_to_completion, train
+from napari_medseg.engine.runtime.oom import InsufficientMemoryError
+from napari_medseg.engine.training import TrainConfig, TrainingError, train
 from napari_medseg.io import NiftiError, read_nifti, write_nifti
 
 
@@ -71,7 +72,7 @@ def _train(ws, cases, **kw):
     cfg = TrainConfig(output_dir=str(ws / "run"), model="unet-3d-fullres", model_kwargs={"base_width": 4},
                       epochs=1, iterations_per_epoch=1, val_batches=0, patch_size=(16, 16, 16), batch_size=1,
                       device="cpu", label_names={0: "background", 1: "organ"}, **kw)
-    return lambda: run_to_completion(train(cfg, cases))
+    return lambda: drive(train(cfg, cases))
 
 
 def _with_nonfinite(value, count, image=None):
@@ -81,7 +82,7 @@ def _with_nonfinite(value, count, image=None):
 
 
 def _predict(ckpt, image, spacing=(1.0, 1.0, 1.0), **kw):
-    return lambda: run_to_completion(predict(image, spacing, [ckpt], device="cpu", mirror=False, **kw))
+    return lambda: drive(predict(image, spacing, [ckpt], device="cpu", mirror=False, **kw))
 
 
 def _dataset(ws, *, channels=1, files=("c1_0000.nii.gz",)):
@@ -98,7 +99,7 @@ def _dataset(ws, *, channels=1, files=("c1_0000.nii.gz",)):
 
 
 def _oom_predict(ws, monkeypatch):
-    from napari_medseg.engine import inference
+    from napari_medseg.engine.inference import SlidingWindowInferer as inference
 
     ckpt = make_tiny_checkpoint(ws / "m.pt")
     real = inference.build_model
@@ -170,7 +171,7 @@ def _finetune_other_model(ws):
     ckpt = make_tiny_checkpoint(ws / "unet.pt")
     cfg = TrainConfig(output_dir=str(ws / "run"), model="rkseg-l", epochs=1, iterations_per_epoch=1,
                       val_batches=0, patch_size=(16, 16, 16), batch_size=1, device="cpu", init_checkpoint=ckpt)
-    return lambda: run_to_completion(train(cfg, phantom_cases(1)))
+    return lambda: drive(train(cfg, phantom_cases(1)))
 
 
 def _other_classes(ws):
@@ -313,7 +314,7 @@ def _viewer_with_scan(make_napari_viewer):
 
 
 def _segment(viewer, tmp_path, **ckpt_kw):
-    from napari_medseg.engine.catalog import register_checkpoint
+    from napari_medseg.engine.checkpoints import register_checkpoint
     from napari_medseg.widgets._segment import SegmentWidget
 
     path = make_tiny_checkpoint(tmp_path / "ws" / "m.pt", **ckpt_kw)
@@ -356,7 +357,7 @@ def test_viewer_channel_mismatch_is_refused(make_napari_viewer, qtbot, tmp_path)
 
 @pytest.mark.gui
 def test_viewer_volume_too_large_for_device(make_napari_viewer, qtbot, tmp_path, monkeypatch):
-    from napari_medseg.engine import inference
+    from napari_medseg.engine.inference import SlidingWindowInferer as inference
 
     viewer = _viewer_with_scan(make_napari_viewer)
     widget = _segment(viewer, tmp_path)

@@ -35,7 +35,7 @@ class _Recorder:
         self.stage = stage
         self.stop_after = stop_after
         self.reached = threading.Event()
-        stop = widget._stop
+        stop = widget.stop_flag
         real_set = stop.set
 
         def set_and_mark():
@@ -61,7 +61,7 @@ class _Recorder:
 
 
 def _segment_setup(make_napari_viewer, tmp_path):
-    from napari_medseg.engine.catalog import register_checkpoint
+    from napari_medseg.engine.checkpoints import register_checkpoint
     from napari_medseg.widgets._segment import SegmentWidget
 
     viewer = make_napari_viewer()
@@ -86,7 +86,7 @@ def test_predict_stops_within_one_tile(make_napari_viewer, qtbot, tmp_path, how)
     widget.run_button.click()
     rec = _Recorder(widget, "tiles", stop_after=3)
     qtbot.waitUntil(rec.reached.is_set, timeout=60_000)
-    stop = widget._stop
+    stop = widget.stop_flag
     if how == "cancel":
         widget.cancel_button.click()
         qtbot.waitUntil(lambda: not widget.running, timeout=30_000)
@@ -124,7 +124,7 @@ def _train_setup(make_napari_viewer, tmp_path):
 
 @pytest.mark.parametrize("how", ["stop", "close"])
 def test_training_stops_within_one_iteration_and_keeps_a_checkpoint(make_napari_viewer, qtbot, tmp_path, how):
-    from napari_medseg.engine.checkpoint import build_model, load_checkpoint
+    from napari_medseg.engine.checkpoints import build_model, load_checkpoint
 
     baseline_threads, baseline_pool = _python_threads(), _pool_active()
     viewer, widget = _train_setup(make_napari_viewer, tmp_path)
@@ -132,7 +132,7 @@ def test_training_stops_within_one_iteration_and_keeps_a_checkpoint(make_napari_
     assert widget.running, widget.status.text()
     rec = _Recorder(widget, "train", stop_after=5)  # inside the second epoch
     qtbot.waitUntil(rec.reached.is_set, timeout=120_000)
-    stop = widget._stop
+    stop = widget.stop_flag
     if how == "stop":
         widget.stop_button.click()
         qtbot.waitUntil(lambda: not widget.running, timeout=60_000)

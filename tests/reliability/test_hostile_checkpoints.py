@@ -15,8 +15,8 @@ import pytest
 import torch
 from rel_helpers import make_tiny_checkpoint
 
-from napari_medseg.engine import checkpoint as ckpt_mod
-from napari_medseg.engine.checkpoint import CheckpointError, build_model, load_checkpoint
+from napari_medseg.engine.checkpoints import CheckpointError, build_model, load_checkpoint
+from napari_medseg.engine.checkpoints import format as ckpt_mod
 
 
 class _CreatesFile:

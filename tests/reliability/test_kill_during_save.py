@@ -1,7 +1,7 @@
 """A process killed (SIGKILL) in the middle of saving leaves the previous file intact and loadable.
 
-A child process saves in a loop; ``MEDSEG_TEST_SAVE_DELAY`` makes each save pause between writing
-the temporary file and renaming it, so the kill lands inside a save. The child prints ``begin N``
+A child process saves in a loop; it sets ``napari_medseg.io.atomic.before_replace`` (the hook of the
+one atomic-write helper) so that each save pauses between writing the temporary file and renaming it, so the kill lands inside a save. The child prints ``begin N``
 before save ``N``; the parent kills it a random moment later (inside save ``N``) and checks that
 the file on disk is save ``N - 1``, complete.
 """
@@ -19,16 +19,24 @@ import time
 import numpy as np
 import pytest
 
+from napari_medseg.io.atomic import TEMP_MARK
+
 pytestmark = pytest.mark.skipif(os.name != "posix", reason="needs SIGKILL")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
-CHECKPOINT_CHILD = textwrap.dedent("""
+PAUSE = textwrap.dedent("""
+    import time
+    import napari_medseg.io.atomic as _atomic
+    _atomic.before_replace = lambda tmp: time.sleep(0.3)
+""")
+
+CHECKPOINT_CHILD = PAUSE + textwrap.dedent("""
     import sys, torch
-    sys.path.insert(0, {here!r})
+    sys.path[:0] = [{here!r}, {here!r} + "/.."]
     torch.set_num_threads(1)
     from rel_helpers import TINY_KWARGS
-    from napari_medseg.engine.checkpoint import save_checkpoint
+    from napari_medseg.engine.checkpoints import save_checkpoint
     from napari_medseg.models import create_model
     model = create_model("unet-3d-fullres", 1, 2, 3, **TINY_KWARGS)
     for n in range(1000):
@@ -41,7 +49,7 @@ CHECKPOINT_CHILD = textwrap.dedent("""
         print("end", n, flush=True)
 """)
 
-LABELS_CHILD = textwrap.dedent("""
+LABELS_CHILD = PAUSE + textwrap.dedent("""
     import numpy as np
     from napari_medseg.io import write_nifti
     for n in range(1000):
@@ -53,7 +61,7 @@ LABELS_CHILD = textwrap.dedent("""
 
 def _run_and_kill(script: str, rng: random.Random, kill_at: int) -> int:
     """Start the child, kill it inside save ``kill_at``; return that save's number."""
-    env = dict(os.environ, MEDSEG_TEST_SAVE_DELAY="0.3", OMP_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, env=env)
     try:
         deadline = time.monotonic() + 60
@@ -76,7 +84,7 @@ def _run_and_kill(script: str, rng: random.Random, kill_at: int) -> int:
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_checkpoint_survives_a_kill_during_save(tmp_path, seed):
-    from napari_medseg.engine.checkpoint import build_model, load_checkpoint
+    from napari_medseg.engine.checkpoints import build_model, load_checkpoint
 
     rng = random.Random(seed)
     path = str(tmp_path / "checkpoint_latest.pt")
@@ -86,7 +94,7 @@ def test_checkpoint_survives_a_kill_during_save(tmp_path, seed):
     model = build_model(ckpt)
     assert all(float(p.detach().flatten()[0]) == killed - 1 for p in model.parameters())
     leftovers = [n for n in os.listdir(tmp_path) if n != "checkpoint_latest.pt"]
-    assert all(n.startswith(".checkpoint_latest.pt.") and n.endswith(".tmp") for n in leftovers), leftovers
+    assert all(n.startswith(".checkpoint_latest.pt.") and TEMP_MARK in n for n in leftovers), leftovers
 
 
 @pytest.mark.parametrize("seed", [3, 4])

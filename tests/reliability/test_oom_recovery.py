@@ -11,17 +11,17 @@ import pytest
 import torch
 from rel_helpers import make_tiny_checkpoint, phantom_cases
 
-from napari_medseg.engine import inference
-from napari_medseg.engine.events import Message, Progress, collect
+from napari_medseg.engine.inference import SlidingWindowInferer as inference
 from napari_medseg.engine.inference import predict, sliding_window
-from napari_medseg.engine.oom import (
+from napari_medseg.engine.jobs import Message, Progress, collect, drive
+from napari_medseg.engine.runtime.oom import (
     InsufficientMemoryError,
     halve_batch_and_patch,
     inference_ladder,
     is_oom_error,
     sliding_window_with_fallback,
 )
-from napari_medseg.engine.training import TrainConfig, Trainer, run_to_completion, train
+from napari_medseg.engine.training import TrainConfig, Trainer, train
 
 OOMS = [
     lambda: torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
@@ -75,7 +75,7 @@ def test_predict_retries_with_fewer_tiles(tmp_path, monkeypatch, make):
     ckpt = make_tiny_checkpoint(tmp_path / "m.pt")
     image = np.random.default_rng(0).normal(size=(16, 24, 24)).astype(np.float32)
     kw = dict(device="cpu", mirror=False, step=0.5)
-    reference = run_to_completion(predict(image, (1.0, 1.0, 1.0), [ckpt], batch_size=1, **kw))
+    reference = drive(predict(image, (1.0, 1.0, 1.0), [ckpt], batch_size=1, **kw))
     calls = _patch_forward(monkeypatch, lambda x: make() if x.shape[0] > 1 else None)
     events, result = collect(predict(image, (1.0, 1.0, 1.0), [ckpt], batch_size=4, **kw))
     notes = [e.message for e in events if isinstance(e, Progress) and e.message.startswith("Out of memory")]
@@ -103,7 +103,7 @@ def test_accumulates_on_cpu_after_fewer_tiles(tmp_path):
     events, logits = collect(sliding_window_with_fallback(make_window, 2, "cuda", "cuda:0"))
     assert tried == [(2, "cuda"), (1, "cuda"), (1, "cpu")]
     assert any("accumulating on cpu" in e.message for e in events)
-    expected = run_to_completion(sliding_window(predictor, image, (8, 8, 8), 2, batch_size=2))
+    expected = drive(sliding_window(predictor, image, (8, 8, 8), 2, batch_size=2))
     torch.testing.assert_close(logits, expected)
 
 
@@ -113,7 +113,7 @@ def test_predict_tells_the_user_when_nothing_fits(tmp_path, monkeypatch, make):
     image = np.zeros((16, 24, 24), np.float32)
     calls = _patch_forward(monkeypatch, lambda x: make())
     with pytest.raises(InsufficientMemoryError) as err:
-        run_to_completion(predict(image, (1.0, 1.0, 1.0), [ckpt], device="cpu", mirror=False, batch_size=2))
+        drive(predict(image, (1.0, 1.0, 1.0), [ckpt], device="cpu", mirror=False, batch_size=2))
     text = str(err.value)
     assert text.startswith("Not enough memory to segment an image of 1x16x24x24 voxels on cpu")
     assert "2 tile(s) per batch" in text and "1 tile(s) per batch" in text
@@ -125,7 +125,7 @@ def test_other_errors_are_not_retried(tmp_path, monkeypatch):
     ckpt = make_tiny_checkpoint(tmp_path / "m.pt")
     calls = _patch_forward(monkeypatch, lambda x: RuntimeError("Expected 5D input"))
     with pytest.raises(RuntimeError, match="Expected 5D input"):
-        run_to_completion(predict(np.zeros((16, 16, 16), np.float32), (1, 1, 1), [ckpt], device="cpu",
+        drive(predict(np.zeros((16, 16, 16), np.float32), (1, 1, 1), [ckpt], device="cpu",
                                   mirror=False, batch_size=4))
     assert len(calls) == 1
 
@@ -168,7 +168,7 @@ def test_training_halves_batch_and_patch_and_says_so(tmp_path, monkeypatch, make
     assert notes[0].level == "warning"
     assert "halved the batch 2 -> 1 and the patch (16, 16, 16) -> (8, 8, 8)" in notes[0].text
     assert [e.current for e in events if isinstance(e, Progress) and e.stage == "train"] == [1, 2]
-    from napari_medseg.engine.checkpoint import load_checkpoint
+    from napari_medseg.engine.checkpoints import load_checkpoint
 
     ckpt = load_checkpoint(path)
     assert tuple(ckpt.plan["patch_size"]) == (8, 8, 8) and ckpt.plan["batch_size"] == 1
@@ -190,4 +190,4 @@ def test_training_gives_up_with_a_clear_error(tmp_path, monkeypatch):
         label_names={0: "background", 1: "ellipsoid"}, augment=False,
     )
     with pytest.raises(InsufficientMemoryError, match="Not enough memory to train even one sample"):
-        run_to_completion(train(cfg, phantom_cases(1)))
+        drive(train(cfg, phantom_cases(1)))

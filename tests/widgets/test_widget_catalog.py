@@ -8,14 +8,13 @@ import sys
 
 import pytest
 
-from napari_medseg.engine import catalog
-from napari_medseg.engine.checkpoint import CheckpointError
+from napari_medseg.engine.checkpoints import CheckpointError, catalog
 
 
 def test_catalog_imports_no_qt():
     import subprocess  # pytest-qt has Qt loaded here: check in a fresh interpreter
 
-    code = "import sys, napari_medseg.engine.catalog; sys.exit(any(m in sys.modules for m in ('qtpy', 'napari', 'PyQt5')))"
+    code = "import sys, napari_medseg.engine.checkpoints.catalog; sys.exit(any(m in sys.modules for m in ('qtpy', 'napari', 'PyQt5')))"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 

@@ -26,7 +26,7 @@ MODELS = [
 
 @pytest.mark.parametrize(("model", "kwargs", "patch", "batch"), MODELS, ids=[m[0] for m in MODELS])
 def test_train_then_segment_in_the_viewer(make_napari_viewer, qtbot, tmp_path, model, kwargs, patch, batch):
-    from napari_medseg.engine.checkpoint import load_checkpoint
+    from napari_medseg.engine.checkpoints import load_checkpoint
     from napari_medseg.io.phantom import make_phantom
     from napari_medseg.widgets._segment import SegmentWidget
     from napari_medseg.widgets._train import TrainWidget

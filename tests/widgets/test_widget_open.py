@@ -19,8 +19,8 @@ def test_widget_opens_from_the_manifest(make_napari_viewer, qtbot, name):
     dock, widget = viewer.window.add_plugin_dock_widget("napari-medseg", name)
     assert type(widget).__name__ == WIDGETS[name]
     assert widget.window() is viewer.window._qt_window  # docked in this viewer
-    if hasattr(widget, "_param_worker"):  # let the library's worker finish before the viewer closes
-        qtbot.waitUntil(lambda: widget._param_worker is None, timeout=60_000)
+    if hasattr(widget, "counting"):  # let the library's worker finish before the viewer closes
+        qtbot.waitUntil(lambda: not widget.counting, timeout=60_000)
 
 
 def test_model_library_lists_models_and_checkpoints(make_napari_viewer, qtbot, tiny_checkpoint):
@@ -53,18 +53,18 @@ def test_model_library_lists_models_and_checkpoints(make_napari_viewer, qtbot, t
 
 def test_model_library_measures_cpu_time(make_napari_viewer, qtbot, monkeypatch):
     import napari_medseg.models as models
-    from napari_medseg.engine import catalog
+    from napari_medseg.engine.evaluation import timing
     from napari_medseg.widgets._library import MODEL_COLUMNS, ModelLibraryWidget
 
     # Keep the test fast: one model, the smallest patch its pooling allows.
     monkeypatch.setattr(models, "list_models", lambda *a, **k: ["unet-3d-fullres"])
-    monkeypatch.setattr(catalog, "default_patch", lambda name, model: tuple(2 * d for d in model.input_divisor))
+    monkeypatch.setattr(timing, "default_patch", lambda name, model: tuple(2 * d for d in model.input_divisor))
     viewer = make_napari_viewer()
     widget = ModelLibraryWidget(viewer)
-    qtbot.waitUntil(lambda: widget._param_worker is None, timeout=60_000)
+    qtbot.waitUntil(lambda: not widget.counting, timeout=60_000)
     widget.measure_button.click()
-    qtbot.waitUntil(lambda: widget._time_worker is None, timeout=120_000)
+    qtbot.waitUntil(lambda: not widget.timing, timeout=120_000)
     col = MODEL_COLUMNS.index("CPU s / patch")
-    text = widget.models_table.item(widget._row_of("unet-3d-fullres"), col).text()
-    seconds, patch = catalog.cached_cpu_time("unet-3d-fullres")
+    text = widget.models_table.item(widget.row_of("unet-3d-fullres"), col).text()
+    seconds, patch = timing.cached_cpu_time("unet-3d-fullres")
     assert seconds > 0 and text == f"{seconds:.2f} ({'×'.join(map(str, patch))})"

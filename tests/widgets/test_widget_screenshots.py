@@ -101,5 +101,5 @@ def test_screenshots(make_napari_viewer, qtbot, tmp_path):
     # ---- Model library
     library = ModelLibraryWidget(viewer)
     _dock(viewer, library, "Model library", width=760)
-    qtbot.waitUntil(lambda: library._param_worker is None, timeout=120_000)
+    qtbot.waitUntil(lambda: not library.counting, timeout=120_000)
     _shot(viewer, qtbot, "screenshot_library.png")

@@ -107,7 +107,7 @@ def test_mismatched_checkpoint_shows_an_error(make_napari_viewer, qtbot, phantom
 
 
 def test_device_combo_greys_out_missing_devices(make_napari_viewer):
-    from napari_medseg.engine.devices import available_devices
+    from napari_medseg.engine.runtime import available_devices
     from napari_medseg.widgets._common import DeviceCombo
 
     combo = DeviceCombo()

@@ -31,7 +31,7 @@ def _tiny_settings(widget, tmp_path, epochs=2, iterations=2):
 
 
 def test_train_on_layers_emits_a_listed_checkpoint(make_napari_viewer, qtbot, phantom, tmp_path):
-    from napari_medseg.engine.catalog import list_checkpoints
+    from napari_medseg.engine.checkpoints import list_checkpoints
     from napari_medseg.widgets._segment import SegmentWidget
 
     viewer = make_napari_viewer()
@@ -64,8 +64,8 @@ def test_train_on_layers_emits_a_listed_checkpoint(make_napari_viewer, qtbot, ph
 def test_stop_saves_and_resume_continues(make_napari_viewer, qtbot, phantom, tmp_path):
     from qtpy.QtCore import Qt
 
-    from napari_medseg.engine.checkpoint import load_checkpoint
-    from napari_medseg.engine.events import Progress
+    from napari_medseg.engine.checkpoints import load_checkpoint
+    from napari_medseg.engine.jobs import Progress
 
     viewer = make_napari_viewer()
     image, labels = phantom
@@ -102,7 +102,7 @@ def test_stop_saves_and_resume_continues(make_napari_viewer, qtbot, phantom, tmp
 
 
 def test_partial_labels_only_painted_voxels_count(make_napari_viewer, qtbot, phantom, tiny_checkpoint, tmp_path):
-    from napari_medseg.engine.checkpoint import load_checkpoint
+    from napari_medseg.engine.checkpoints import load_checkpoint
     from napari_medseg.widgets._partial import tracker_for
 
     viewer = make_napari_viewer()

@@ -18,18 +18,19 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import CheckpointError, checkpoint_summary
+from napari_medseg.engine.checkpoints.build import checkpoint_summary
+from napari_medseg.engine.checkpoints.format import CheckpointError
+from napari_medseg.io.atomic import atomic_write_json
 
 logger = logging.getLogger(__name__)
 
-SHIPPED_DIR = Path(__file__).resolve().parent.parent / "checkpoints"
+SHIPPED_DIR = Path(__file__).resolve().parents[2] / "checkpoints"
 CATALOG_FILE = "catalog.json"
 INDEX_FILE = "index.json"
 _INFO_KEYS = ("name", "description", "training_data", "license", "dice")
@@ -96,7 +97,8 @@ def user_checkpoint_dir() -> Path:
 
 
 # ------------------------------------------------------------------------------------- file helpers
-def _read_json(path: Path) -> dict:
+def read_json_dict(path: Path) -> dict:
+    """The JSON object in ``path``; ``{}`` (with a warning) when it is missing, unreadable or not an object."""
     try:
         with open(path, encoding="utf-8") as fh:
             data = json.load(fh)
@@ -111,21 +113,8 @@ def _read_json(path: Path) -> dict:
     return data
 
 
-def _write_json_atomic(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=2, sort_keys=True)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+def write_json_dict(path: Path, data: dict) -> None:
+    atomic_write_json(path, dict(sorted(data.items())), make_parents=True)
 
 
 _SUMMARY_CACHE: dict[str, tuple[tuple[int, int], dict]] = {}
@@ -207,7 +196,7 @@ def list_checkpoints(extra_dirs: Iterable[str | os.PathLike] = ()) -> list[Check
             seen.add(real)
         return info
 
-    catalog = _read_json(SHIPPED_DIR / CATALOG_FILE)
+    catalog = read_json_dict(SHIPPED_DIR / CATALOG_FILE)
     for path in _pt_files(SHIPPED_DIR):
         meta = catalog.get(os.path.basename(path))
         info = add(path, meta if isinstance(meta, dict) else {}, True)
@@ -215,7 +204,7 @@ def list_checkpoints(extra_dirs: Iterable[str | os.PathLike] = ()) -> list[Check
             out.append(info)
 
     user = []
-    index = _read_json(user_checkpoint_dir() / INDEX_FILE)
+    index = read_json_dict(user_checkpoint_dir() / INDEX_FILE)
     for path, meta in index.items():
         info = add(path, meta if isinstance(meta, dict) else {}, False)
         if info:
@@ -281,9 +270,9 @@ def register_checkpoint(path: str | os.PathLike, **info: Any) -> CheckpointInfo:
         meta["dice"] = _clean_dice(meta["dice"])
     meta["registered_at"] = time.time()
     index_path = user_checkpoint_dir() / INDEX_FILE
-    index = _read_json(index_path)
+    index = read_json_dict(index_path)
     index[real] = meta
-    _write_json_atomic(index_path, index)
+    write_json_dict(index_path, index)
     logger.info("Registered checkpoint %s in %s", real, index_path)
     entry = _info_from(real, meta, shipped=False)
     assert entry is not None
@@ -294,105 +283,20 @@ def unregister_checkpoint(path: str | os.PathLike) -> bool:
     """Remove a checkpoint from the user index (the file is kept). Returns whether it was listed."""
     real = os.path.realpath(os.fspath(path))
     index_path = user_checkpoint_dir() / INDEX_FILE
-    index = _read_json(index_path)
+    index = read_json_dict(index_path)
     if real not in index:
         return False
     del index[real]
-    _write_json_atomic(index_path, index)
+    write_json_dict(index_path, index)
     return True
 
 
-# ------------------------------------------------------------------------------------ model facts
-TIMINGS_FILE = "model_timings.json"
-
-
-def default_patch(model_name: str, model: Any = None) -> tuple[int, ...]:
-    """The "default patch" the library times: 128^3 in 3D, 256^2 in 2D, rounded up to the
-    model's input divisor."""
-    from ..models import create_model, get_model_spec
-
-    spec = get_model_spec(model_name)
-    dims = spec.spatial_dims[0]
-    if model is None:
-        model = create_model(model_name, 1, 2, dims)
-    divisor = getattr(model, "input_divisor", None) or (1,) * dims
-    if callable(divisor):
-        divisor = divisor()
-    base = 128 if dims == 3 else 256
-    return tuple(int(-(-base // d) * d) for d in divisor)
-
-
-def default_parameter_count(model_name: str) -> int:
-    """Trainable parameters of ``model_name`` in its default configuration (1 channel, 2 classes)."""
-    from ..models import count_parameters, create_model
-
-    return int(count_parameters(create_model(model_name, 1, 2)))
-
-
-def _timing_key(model_name: str, patch: tuple[int, ...]) -> str:
-    import torch
-
-    return f"{model_name}|{'x'.join(map(str, patch))}|torch {torch.__version__}|threads {torch.get_num_threads()}"
-
-
-def cached_cpu_time(model_name: str) -> tuple[float, tuple[int, ...]] | None:
-    """``(seconds, patch)`` measured earlier on this machine, if any (no model is built)."""
-    data = _read_json(medseg_home() / TIMINGS_FILE)
-    for key, value in data.items():
-        if key.split("|", 1)[0] == model_name and isinstance(value, dict):
-            try:
-                return float(value["seconds"]), tuple(int(p) for p in value["patch"])
-            except (KeyError, TypeError, ValueError):
-                continue
-    return None
-
-
-def measure_cpu_time(model_name: str, repeats: int = 1, warmup: bool = False) -> tuple[float, tuple[int, ...]]:
-    """Time one forward pass over the default patch on the CPU; cache it in the user folder.
-
-    Args:
-        model_name: Registry name.
-        repeats: Timed passes; the best is kept.
-        warmup: Run one untimed pass first (a 128^3 pass takes tens of seconds on a small CPU).
-
-    Returns:
-        ``(seconds, patch)``.
-    """
-    import torch
-
-    from ..models import create_model, get_model_spec
-
-    spec = get_model_spec(model_name)
-    dims = spec.spatial_dims[0]
-    model = create_model(model_name, 1, 2, dims).eval()
-    patch = default_patch(model_name, model)
-    x = torch.randn(1, spec.network_in_channels(1, 2), *patch)
-    best = float("inf")
-    with torch.inference_mode():
-        if warmup:
-            model(x)
-        for _ in range(max(1, repeats)):
-            t0 = time.perf_counter()
-            model(x)
-            best = min(best, time.perf_counter() - t0)
-    path = medseg_home() / TIMINGS_FILE
-    data = _read_json(path)
-    data[_timing_key(model_name, patch)] = {"seconds": best, "patch": list(patch), "measured_at": time.time()}
-    try:
-        _write_json_atomic(path, data)
-    except OSError as err:
-        logger.warning("Could not cache the timing in %s: %s", path, err)
-    return best, patch
-
-
 __all__ = [
+    "read_json_dict",
+    "write_json_dict",
     "CheckpointInfo",
-    "cached_cpu_time",
     "checkpoint_info",
-    "default_parameter_count",
-    "default_patch",
     "list_checkpoints",
-    "measure_cpu_time",
     "medseg_home",
     "register_checkpoint",
     "unregister_checkpoint",

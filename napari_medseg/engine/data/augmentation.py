@@ -61,7 +61,7 @@ def enlarged_patch_size(
 
     As nnU-Net's "basic generator patch size": the patch extent rotated by the largest angle about
     each axis (separately, angles capped at 90 degrees), the largest per axis, times the largest
-    scale. Give it to :class:`~napari_medseg.engine.data.PatchSampler` and pass the network's patch
+    scale. Give it to :class:`~napari_medseg.engine.data.dataset.PatchSampler` and pass the network's patch
     as the :class:`Augmenter`'s ``patch_size``.
     """
     dims = len(patch_size)

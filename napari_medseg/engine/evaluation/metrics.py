@@ -21,6 +21,8 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from scipy import ndimage
 
+from napari_medseg.engine.data import DATASET_FILE_ENDINGS, read_label
+
 logger = logging.getLogger(__name__)
 
 
@@ -105,12 +107,13 @@ def evaluate_case(
     }
 
 
-def _nifti_files(folder: str) -> dict[str, str]:
+def _label_files(folder: str) -> dict[str, str]:
+    """``{case name: path}`` of the label files in ``folder`` (the endings a dataset may use)."""
     out = {}
     for f in sorted(os.listdir(folder)):
         if f.startswith("."):
             continue
-        for end in (".nii.gz", ".nii"):
+        for end in DATASET_FILE_ENDINGS:
             if f.endswith(end):
                 out[f[: -len(end)]] = os.path.join(folder, f)
                 break
@@ -123,7 +126,7 @@ def evaluate_folder(
     labels: Mapping[int, str],
     include_background: bool = False,
 ) -> dict:
-    """Compare every reference NIfTI label map with the prediction of the same name.
+    """Compare every reference label map with the prediction of the same name.
 
     Args:
         pred_dir: Folder of predicted label maps (``{case}.nii.gz``).
@@ -138,15 +141,13 @@ def evaluate_folder(
     Raises:
         EvaluationError: no references, missing predictions, or shape mismatches.
     """
-    from .data import read_label
-
     pred_dir, ref_dir = os.fspath(pred_dir), os.fspath(ref_dir)
     for d in (pred_dir, ref_dir):
         if not os.path.isdir(d):
             raise EvaluationError(f"{d} is not a folder")
-    refs, preds = _nifti_files(ref_dir), _nifti_files(pred_dir)
+    refs, preds = _label_files(ref_dir), _label_files(pred_dir)
     if not refs:
-        raise EvaluationError(f"No NIfTI label maps in {ref_dir}")
+        raise EvaluationError(f"No label maps ({', '.join(DATASET_FILE_ENDINGS)}) in {ref_dir}")
     missing = sorted(set(refs) - set(preds))
     if missing:
         raise EvaluationError(f"{len(missing)} reference case(s) have no prediction in {pred_dir}: {missing[:5]}")

@@ -13,7 +13,10 @@ from collections.abc import Generator
 
 import numpy as np
 
-from .events import Message, Progress
+from napari_medseg.engine.data import load_raw_dataset, read_raw_case
+from napari_medseg.engine.evaluation.metrics import dice_per_class
+from napari_medseg.engine.inference import predict
+from napari_medseg.engine.jobs import Message, Progress
 
 
 class SelectionError(ValueError):
@@ -54,11 +57,6 @@ def find_best(
         ``{"scores": {candidate: mean foreground Dice}, "best": candidate, "cases": [...],
         "members": {candidate: [run names]}}``; an ensemble is named ``"a+b"``.
     """
-    from ..io import read_nifti
-    from .data import load_raw_dataset
-    from .inference import predict
-    from .metrics import dice_per_class
-
     if not runs:
         raise SelectionError("No runs to compare.")
     raw = load_raw_dataset(dataset_dir)
@@ -80,13 +78,11 @@ def find_best(
     per_candidate: dict[str, list[float]] = {c: [] for c in candidates}
     for i, case_name in enumerate(names):
         rc = by_name[case_name]
-        vols = [read_nifti(p) for p in rc.image_paths]
-        image = np.stack([v.data for v in vols])
-        ref = read_nifti(rc.label_path).data
+        image, spacing, ref = read_raw_case(rc)
         probs = {}
         for run_name, ckpt in ckpts.items():
             result = yield from predict(
-                image, vols[0].spacing, [ckpt], device=device, mirror=mirror, return_probabilities=True
+                image, spacing, [ckpt], device=device, mirror=mirror, return_probabilities=True
             )
             probs[run_name] = result.probabilities
         for cand, members in candidates.items():

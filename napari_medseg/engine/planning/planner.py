@@ -11,19 +11,17 @@ coarsest-spacing axis first, and every tuple in a :class:`Plan` is in that trans
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
-import tempfile
-from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
+from napari_medseg.engine.planning.plan import Plan, PlanningError
+
 logger = logging.getLogger(__name__)
 
-PLANNER_VERSION = 1
 
 # nnU-Net v1 constants (Generic_UNet and ExperimentPlanner).
 VRAM_REF_3D = 520_000_000  # Generic_UNet.use_this_for_batch_size_computation_3D (base width 30)
@@ -37,90 +35,12 @@ MAX_WIDTH_3D, MAX_WIDTH_2D_ESTIMATE = (
 MIN_FEATURE_MAP, MAX_NUM_POOL, CONVS_PER_STAGE = 4, 999, 2
 MIN_BATCH_SIZE = 2
 ANISOTROPY_THRESHOLD = 3
-PATIENT_FRACTION_STAGE0 = 4  # low-res stage: median must be <= 4x the patch voxels
 BATCH_MAX_DATASET_FRACTION = 0.05
 MASK_NORM_SIZE_REDUCTION = 0.75
 PATCH_MM = 512
 #: GPU memory (GB) the reference constants correspond to (nnU-Net v2 documents 8 GB for its
 #: nearly identical 3D reference); ``memory_budget`` scales the references linearly.
 REFERENCE_VRAM_GB = 8.0
-#: Planner configuration -> registry name of the model that trains on it.
-CONFIGURATION_MODELS = {
-    "2d": "unet-2d",
-    "3d_fullres": "unet-3d-fullres",
-    "3d_lowres": "unet-3d-lowres",
-    "3d_cascade_fullres": "unet-3d-cascade",
-}
-
-
-class PlanningError(ValueError):
-    """Inconsistent dataset description or an impossible plan (e.g. a tiny memory budget)."""
-
-
-@dataclass
-class Plan:
-    """One configuration's plan. All tuples are in *transposed* order (see ``transpose_forward``).
-
-    Plain types only, so a plan goes into a checkpoint and a ``plans.json`` unchanged. For ``2d``,
-    ``spacing`` and ``median_shape`` still have 3 entries and slices are taken along axis 0.
-    ``batch_dice`` and ``do_dummy_2d_data_aug`` are the trainer hints nnU-Net v1 derives.
-    ``num_channels`` counts image channels, also for ``3d_cascade_fullres``, whose model adds the
-    ``num_classes - 1`` one-hot channels of the ``previous_stage`` prediction itself.
-    """
-
-    configuration: str
-    spacing: tuple[float, ...]
-    patch_size: tuple[int, ...]
-    batch_size: int
-    pool_kernels: list[list[int]]
-    conv_kernels: list[list[int]]
-    normalization: list[str]
-    num_channels: int = 1
-    num_classes: int = 2
-    intensity_stats: list[dict] | None = None
-    transpose_forward: list[int] = field(default_factory=lambda: [0, 1, 2])
-    transpose_backward: list[int] = field(default_factory=lambda: [0, 1, 2])
-    median_shape: tuple[int, ...] = ()
-    use_mask_for_norm: list[bool] = field(default_factory=lambda: [False])
-    previous_stage: str | None = None
-    batch_dice: bool = False
-    do_dummy_2d_data_aug: bool = False
-
-    @property
-    def spatial_dims(self) -> int:
-        return len(self.patch_size)
-
-    @property
-    def model_name(self) -> str | None:
-        """Registry name of the model for this configuration (``None`` if unknown)."""
-        return CONFIGURATION_MODELS.get(self.configuration)
-
-    def model_kwargs(self) -> dict:
-        """The architecture kwargs a plan-configurable model takes from this plan."""
-        return {
-            "pool_kernels": [list(k) for k in self.pool_kernels],
-            "conv_kernels": [list(k) for k in self.conv_kernels],
-        }
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        for k in ("spacing", "patch_size", "median_shape"):
-            d[k] = list(d[k])
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> Plan:
-        d = dict(d)
-        for k in ("spacing", "patch_size", "median_shape"):
-            if k in d and d[k] is not None:
-                d[k] = tuple(d[k])
-        known = set(cls.__dataclass_fields__)
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"Unknown plan fields {sorted(unknown)}")
-        return cls(**d)
-
-
 # ----------------------------------------------------------------------------- network topology
 def get_pool_and_conv_props(
     spacing: Sequence[float],
@@ -340,6 +260,48 @@ def _channel_settings(num_channels, modality, intensity_stats, size_reductions, 
     return norm, stats, mask
 
 
+@dataclass(frozen=True)
+class StageContext:
+    """What a stage extender sees of the planning of one data set (transposed order: ``fwd``).
+
+    Attributes:
+        target: Target spacing per axis (napari order).
+        median: Median shape at the target spacing (napari order).
+        fwd: The axis permutation (coarsest axis first).
+        full: The full-resolution 3D stage (``spacing``, ``patch``, ``batch``, ``pools``,
+            ``convs``, ``median``, ``dummy_2d``, transposed order).
+        num_cases, num_channels, num_classes, scale: As for :func:`plan_experiment`.
+        make: ``make(configuration, stage, batch_dice, extras=None) -> Plan``.
+    """
+
+    target: np.ndarray
+    median: np.ndarray
+    fwd: list[int]
+    full: dict
+    num_cases: int
+    num_channels: int
+    num_classes: int
+    scale: float
+    make: Callable[..., Plan]
+
+    def stage_3d(self, spacing: np.ndarray) -> dict:
+        """The 3D stage (patch, pooling, batch) for data resampled to ``spacing`` (napari order)."""
+        return _stage_3d(spacing[self.fwd], self.target[self.fwd], self.median[self.fwd], self.num_cases,
+                         self.num_channels, self.num_classes, self.scale)
+
+
+StageExtender = Callable[[StageContext], dict[str, Plan]]
+_STAGE_EXTENDERS: list[StageExtender] = []
+
+
+def register_stage_extender(extender: StageExtender) -> StageExtender:
+    """Register a function that adds configurations to 3D plans (e.g. the cascade's low-res stage
+    and its full-res stage). It gets a :class:`StageContext` and returns ``{configuration: Plan}``
+    (empty when the data does not call for them). Usable as a decorator."""
+    _STAGE_EXTENDERS.append(extender)
+    return extender
+
+
 def plan_experiment(
     spacings: Sequence[Sequence[float]],
     shapes: Sequence[Sequence[int]],
@@ -397,7 +359,7 @@ def plan_experiment(
     t_sp, t_med, n = target[fwd], median[fwd], len(sp)
     C, K = num_channels, num_classes
 
-    def make(cfg: str, st: dict, batch_dice: bool, previous: str | None = None) -> Plan:
+    def make(cfg: str, st: dict, batch_dice: bool, extras: dict | None = None) -> Plan:
         return Plan(
             configuration=cfg,
             spacing=tuple(float(s) for s in st["spacing"]),
@@ -413,7 +375,7 @@ def plan_experiment(
             transpose_backward=list(bwd),
             median_shape=tuple(int(m) for m in st["median"]),
             use_mask_for_norm=list(mask),
-            previous_stage=previous,
+            extras=dict(extras or {}),
             batch_dice=batch_dice,
             do_dummy_2d_data_aug=bool(st["dummy_2d"]),
         )
@@ -422,133 +384,13 @@ def plan_experiment(
     if only_2d:
         return plans
     full = _stage_3d(t_sp, t_sp, t_med, n, C, K, scale)
-    low = _lowres_stage(target, median, fwd, full, n, C, K, scale)
-    plans["3d_fullres"] = make("3d_fullres", full, low is not None)
-    if low is not None:
-        plans["3d_lowres"] = make("3d_lowres", low, False)
-        plans["3d_cascade_fullres"] = make("3d_cascade_fullres", full, True, previous="3d_lowres")
+    ctx = StageContext(target, median, fwd, full, n, C, K, scale, make)
+    extra = {name: plan for extend in _STAGE_EXTENDERS for name, plan in extend(ctx).items()}
+    # nnU-Net v1: the full-resolution stage of data large enough for more stages uses batch Dice.
+    plans["3d_fullres"] = make("3d_fullres", full, bool(extra))
+    plans.update(extra)
     logger.info("Planned %s", {k: (p.patch_size, p.batch_size) for k, p in plans.items()})
     return plans
-
-
-def _lowres_stage(target, median, fwd, full, n, C, K, scale) -> dict | None:
-    """nnU-Net v1's low-res stage: coarsen the spacing in 1 % steps until the median image has at
-    most 4x the patch's voxels; keep it only if its median has < 1/2 the full-res voxels."""
-    patch_vox = math.prod(full["patch"])
-    if np.prod(median) / patch_vox < PATIENT_FRACTION_STAGE0:
-        return None
-    low_sp, num_vox, low = np.array(target, float), float(np.prod(median)), None
-    while num_vox > PATIENT_FRACTION_STAGE0 * patch_vox:
-        finer = low_sp.max() / low_sp > 2
-        if finer.any():
-            low_sp[finer] *= 1.01
-        else:
-            low_sp *= 1.01
-        num_vox = float(np.prod(target / low_sp * median))
-        low = _stage_3d(low_sp[fwd], target[fwd], median[fwd], n, C, K, scale)
-        patch_vox = math.prod(low["patch"])
-    if low is not None and 2 * np.prod(low["median"], dtype=np.int64) < np.prod(
-        full["median"], dtype=np.int64
-    ):
-        return low
-    return None
-
-
-# ----------------------------------------------------------------------------- fingerprint
-def nonzero_bbox(image: np.ndarray) -> list[list[int]]:
-    """Per spatial axis ``[start, stop)`` of the region where any channel of ``(C, *sp)`` is nonzero
-    (the whole image when it is all zero)."""
-    nonzero = np.any(image != 0, axis=0)
-    if not nonzero.any():
-        return [[0, s] for s in nonzero.shape]
-    bbox = []
-    for ax in range(nonzero.ndim):
-        hit = np.flatnonzero(nonzero.any(axis=tuple(a for a in range(nonzero.ndim) if a != ax)))
-        bbox.append([int(hit[0]), int(hit[-1]) + 1])
-    return bbox
-
-
-def _stats(voxels: np.ndarray) -> dict:
-    v = voxels.astype(np.float64)
-    return {
-        "mean": float(v.mean()),
-        "std": float(v.std()),
-        "median": float(np.median(v)),
-        "min": float(v.min()),
-        "max": float(v.max()),
-        "percentile_00_5": float(np.percentile(v, 0.5)),
-        "percentile_99_5": float(np.percentile(v, 99.5)),
-    }
-
-
-def compute_fingerprint(cases: Iterable[tuple], sample_every: int = 10) -> dict:
-    """Dataset fingerprint as nnU-Net's ``DatasetAnalyzer``, in plain types.
-
-    Args:
-        cases: ``(image (C, z, y, x) or (z, y, x), spacing, label or None)`` per case.
-        sample_every: Keep every n-th foreground voxel for the intensity statistics (nnU-Net: 10).
-
-    Returns:
-        ``num_cases``, ``num_channels``, ``spacings``, ``original_shapes``, ``shapes`` (after
-        cropping to nonzero), ``size_reductions``, ``classes`` (labels seen), ``num_classes``
-        (max label + 1, ``None`` without labels) and per-channel ``intensity_stats`` (mean, std,
-        median, min, max, percentile_00_5, percentile_99_5) of the labels' foreground voxels;
-        ``intensity_stats_source`` says ``"all_voxels"`` when no case had foreground.
-    """
-    fp = {"spacings": [], "original_shapes": [], "shapes": [], "size_reductions": []}
-    fg: list[list[np.ndarray]] | None = None
-    everything: list[list[np.ndarray]] | None = None
-    classes: set[int] = set()
-    for i, case in enumerate(cases):
-        if len(case) != 3:
-            raise PlanningError(
-                f"Case {i}: expected (image, spacing, label), got {len(case)} items."
-            )
-        image, spacing, label = case
-        image, nsp = np.asarray(image), len(spacing)
-        image = image[None] if image.ndim == nsp else image
-        if image.ndim != nsp + 1:
-            raise PlanningError(
-                f"Case {i}: image shape {image.shape} does not match spacing {tuple(spacing)}."
-            )
-        if fg is None:
-            fg, everything = [[] for _ in image], [[] for _ in image]
-        if len(image) != len(fg):
-            raise PlanningError(f"Case {i} has {len(image)} channels, earlier cases {len(fg)}.")
-        crop = tuple(slice(a, b) for a, b in nonzero_bbox(image))
-        cropped = image[(slice(None), *crop)]
-        fp["spacings"].append([float(s) for s in spacing])
-        fp["original_shapes"].append([int(s) for s in image.shape[1:]])
-        fp["shapes"].append([int(s) for s in cropped.shape[1:]])
-        fp["size_reductions"].append(float(np.prod(cropped.shape[1:]) / np.prod(image.shape[1:])))
-        mask = None
-        if label is not None:
-            label = np.asarray(label)
-            if label.shape != image.shape[1:]:
-                raise PlanningError(
-                    f"Case {i}: label shape {label.shape} != image shape {image.shape[1:]}."
-                )
-            classes.update(int(c) for c in np.unique(label))
-            mask = label[crop] > 0
-        for c in range(len(cropped)):
-            if mask is not None:
-                fg[c].append(cropped[c][mask][::sample_every])
-            everything[c].append(cropped[c].ravel()[::sample_every])
-    if fg is None:
-        raise PlanningError("compute_fingerprint got no cases.")
-    source = "foreground" if sum(a.size for a in fg[0]) else "all_voxels"
-    if source == "all_voxels":
-        logger.warning("No foreground labels: intensity statistics use all (cropped) voxels.")
-    pool = fg if source == "foreground" else everything
-    fp.update(
-        num_cases=len(fp["spacings"]),
-        num_channels=len(fg),
-        classes=sorted(classes),
-        num_classes=(max(classes) + 1) if classes else None,
-        intensity_stats=[_stats(np.concatenate(ch)) for ch in pool],
-        intensity_stats_source=source,
-    )
-    return fp
 
 
 def plan_from_fingerprint(
@@ -575,45 +417,3 @@ def plan_from_fingerprint(
     )
 
 
-# ----------------------------------------------------------------------------- json
-def plans_to_json(
-    plans: dict[str, Plan], path: str | os.PathLike, extra: dict | None = None
-) -> str:
-    """Write ``{planner_version, plans: {configuration: plan dict}, extra}`` atomically."""
-    from napari_medseg import __version__
-
-    doc = {
-        "planner_version": PLANNER_VERSION,
-        "package_version": __version__,
-        "plans": {k: p.to_dict() for k, p in plans.items()},
-        "extra": extra or {},
-    }
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".plans-", suffix=".json.tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(doc, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
-
-
-def plans_from_json(path: str | os.PathLike) -> dict[str, Plan]:
-    """Read plans written by :func:`plans_to_json`."""
-    with open(path, encoding="utf-8") as f:
-        doc = json.load(f)
-    if not isinstance(doc, dict) or not isinstance(doc.get("plans"), dict):
-        raise PlanningError(f"{os.fspath(path)!r} is not a plans file (no 'plans' mapping).")
-    version = doc.get("planner_version")
-    if not isinstance(version, int) or version > PLANNER_VERSION:
-        raise PlanningError(
-            f"{os.fspath(path)!r} has planner_version {version!r}; this package reads "
-            f"<= {PLANNER_VERSION}."
-        )
-    return {k: Plan.from_dict(v) for k, v in doc["plans"].items()}

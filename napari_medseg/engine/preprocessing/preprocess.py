@@ -23,22 +23,26 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy import ndimage
 
-from .planning import Plan
-from .resampling import compute_new_shape, resample_to_shape, separate_z_axis
+from napari_medseg.engine.planning.plan import Plan
+from napari_medseg.engine.preprocessing.cropping import bbox_of, bbox_slices, nonzero_mask
+from napari_medseg.engine.preprocessing.normalization import (
+    LazyNormalizedImage,
+    PreprocessingError,
+    normalization_params,
+    normalize,
+    per_channel,
+)
+from napari_medseg.engine.preprocessing.resampling import (
+    compute_new_shape,
+    resample_to_shape,
+    separate_z_axis,
+)
 
 logger = logging.getLogger(__name__)
 
 #: Spacing given to the added slice axis of a 2D image (nnU-Net's convention for 2D data).
 DUMMY_SPACING = 999.0
-_NORM_ALIASES = {"ct": "ct", "zscore": "zscore", "nonct": "zscore", "none": "none", "nonorm": "none"}
-
-
-class PreprocessingError(ValueError):
-    """The image, label map, spacing or plan given to preprocessing do not fit together."""
-
-
 @dataclass
 class CaseProperties:
     """Everything needed to map network outputs back onto the original image (plain types).
@@ -85,36 +89,6 @@ class CaseProperties:
         return len(self.original_shape) == 2
 
 
-def nonzero_mask(image: np.ndarray) -> np.ndarray:
-    """Voxels where any channel of ``image`` ``(C, *spatial)`` is nonzero, with holes filled."""
-    mask = np.any(image != 0, axis=0)
-    return ndimage.binary_fill_holes(mask)
-
-
-def bbox_of(mask: np.ndarray) -> list[list[int]]:
-    """``[start, stop)`` per axis of the ``True`` voxels; the whole array when there are none."""
-    if not mask.any():
-        return [[0, int(s)] for s in mask.shape]
-    box = []
-    for ax in range(mask.ndim):
-        hit = np.flatnonzero(np.any(mask, axis=tuple(i for i in range(mask.ndim) if i != ax)))
-        box.append([int(hit[0]), int(hit[-1]) + 1])
-    return box
-
-
-def _slicer(bbox: Sequence[Sequence[int]]) -> tuple[slice, ...]:
-    return tuple(slice(a, b) for a, b in bbox)
-
-
-def _per_channel(values: Sequence, n: int, what: str) -> list:
-    values = list(values)
-    if len(values) == 1 and n > 1:
-        values = values * n
-    if len(values) != n:
-        raise PreprocessingError(f"The plan has {len(values)} {what} entries for {n} image channels")
-    return values
-
-
 def _check_plan(plan: Plan) -> tuple[list[int], list[int]]:
     tf, tb = list(plan.transpose_forward), list(plan.transpose_backward)
     if sorted(tf) != [0, 1, 2] or [tf[i] for i in tb] != [0, 1, 2]:
@@ -156,124 +130,6 @@ def target_spacing_for(
     if plan.spatial_dims == 2:
         keep[0] = True
     return tuple(float(s if k else p) for s, p, k in zip(spacing_t, plan.spacing, keep))
-
-
-@dataclass(frozen=True)
-class ChannelNorm:
-    """How one channel is normalised: ``scheme`` ``"ct"`` (clip to ``[lo, hi]``, then
-    ``(x - mean) / std``), ``"zscore"`` (``(x - mean) / std``) or ``"none"``; ``masked``: voxels
-    outside the nonzero mask are set to 0 afterwards."""
-
-    scheme: str
-    mean: float = 0.0
-    std: float = 1.0
-    lo: float = -np.inf
-    hi: float = np.inf
-    masked: bool = False
-
-    def apply(self, x: np.ndarray, out: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
-        """Normalise ``x`` into float32 ``out`` (same shape) with in-place float32 arithmetic."""
-        x = x.astype(np.float32, copy=False)
-        if self.scheme == "ct":
-            np.clip(x, self.lo, self.hi, out=out)
-            out -= self.mean
-            out /= max(self.std, 1e-8)
-        elif self.scheme == "zscore":
-            np.subtract(x, self.mean, out=out)
-            out /= self.std + 1e-8
-        else:
-            out[...] = x
-        if self.masked and mask is not None:
-            out[~mask] = 0
-        return out
-
-
-def normalization_params(image: np.ndarray, plan: Plan, mask: np.ndarray | None = None) -> list[ChannelNorm]:
-    """Per-channel :class:`ChannelNorm` of ``image`` ``(C, *spatial)`` under the plan's scheme
-    (``zscore`` reads the image's own mean and std, inside ``mask`` where ``use_mask_for_norm``)."""
-    n = image.shape[0]
-    schemes = _per_channel(plan.normalization, n, "normalization")
-    use_mask = _per_channel(plan.use_mask_for_norm or [False], n, "use_mask_for_norm")
-    params = []
-    for c in range(n):
-        scheme = _NORM_ALIASES.get(str(schemes[c]).lower())
-        masked = bool(use_mask[c]) and mask is not None
-        if scheme is None:
-            raise PreprocessingError(
-                f"Unknown normalization {schemes[c]!r} for channel {c}; use 'ct', 'zscore' or 'none'"
-            )
-        if scheme == "ct":
-            all_stats = plan.intensity_stats or []
-            stats = all_stats[c] if c < len(all_stats) else None
-            if not stats:
-                raise PreprocessingError(f"Channel {c} uses 'ct' normalization but the plan has no intensity_stats")
-            try:
-                lo, hi = float(stats["percentile_00_5"]), float(stats["percentile_99_5"])
-                mean, std = float(stats["mean"]), float(stats.get("std", stats.get("sd")))
-            except (KeyError, TypeError) as err:
-                raise PreprocessingError(
-                    f"intensity_stats[{c}] needs mean, std, percentile_00_5 and percentile_99_5; got {stats}"
-                ) from err
-            params.append(ChannelNorm("ct", mean, std, lo, hi, masked))
-        elif scheme == "zscore":
-            x = image[c].astype(np.float32, copy=False)
-            vals = x[mask] if masked else x
-            mean, std = (float(vals.mean()), float(vals.std())) if vals.size else (0.0, 1.0)
-            del vals, x
-            params.append(ChannelNorm("zscore", mean, std, masked=masked))
-        else:
-            params.append(ChannelNorm("none", masked=masked))
-    return params
-
-
-def normalize(
-    image: np.ndarray, plan: Plan, mask: np.ndarray | None = None
-) -> np.ndarray:
-    """Normalise every channel of ``image`` ``(C, *spatial)`` by the plan's scheme (float32 copy).
-
-    Args:
-        image: Resampled image.
-        plan: Provides ``normalization``, ``intensity_stats`` and ``use_mask_for_norm``.
-        mask: Nonzero mask on the same grid (needed where ``use_mask_for_norm`` is set).
-    """
-    return LazyNormalizedImage(image, normalization_params(image, plan, mask), mask).materialize()
-
-
-class LazyNormalizedImage:
-    """A preprocessed image that is never stored: tiles are normalised when they are read.
-
-    For a case that needs no resampling, preprocessing is a crop and a transpose (views of the
-    caller's array) and a per-channel affine map: :func:`sliding_window` reads tiles from this
-    object, so prediction does not hold a float32 copy of the whole volume (one volume less at the
-    peak). Indexing (``image[:, z0:z1, y0:y1, x0:x1]``) returns the same float32 values as
-    :func:`normalize` would, as a ``torch`` tensor.
-    """
-
-    def __init__(self, raw: np.ndarray, norms: Sequence[ChannelNorm], mask: np.ndarray | None) -> None:
-        self.raw, self.norms, self.mask = raw, list(norms), mask
-        self.shape = tuple(int(s) for s in raw.shape)
-        self.ndim = raw.ndim
-
-    def __getitem__(self, key) -> "torch.Tensor":  # noqa: F821 - torch is imported lazily
-        import torch
-
-        if not (isinstance(key, tuple) and key and key[0] == slice(None)):
-            raise TypeError("LazyNormalizedImage takes [:, spatial slices...]")
-        spatial = key[1:]
-        mask = self.mask[spatial] if self.mask is not None else None
-        raw = self.raw[(slice(None), *spatial)]
-        out = np.empty(raw.shape, np.float32)
-        for c, norm in enumerate(self.norms):
-            norm.apply(raw[c], out[c], mask)
-        return torch.from_numpy(out)
-
-    def materialize(self) -> np.ndarray:
-        """The whole preprocessed image ``(C, *spatial)`` float32 (what :func:`normalize` returns);
-        each channel is written in place: no full-size temporaries."""
-        out = np.empty(self.shape, np.float32)
-        for c, norm in enumerate(self.norms):
-            norm.apply(self.raw[c], out[c], self.mask)
-        return out
 
 
 def _check_finite(img: np.ndarray) -> None:
@@ -345,7 +201,7 @@ def preprocess_case(
     # 1. crop to nonzero
     mask = nonzero_mask(img)
     bbox3 = bbox_of(mask)
-    sl = _slicer(bbox3)
+    sl = bbox_slices(bbox3)
     img = img[(slice(None), *sl)]
     mask = mask[sl]
     if lab is not None:
@@ -367,7 +223,7 @@ def preprocess_case(
     new_shape = compute_new_shape(img.shape[1:], sp_t, target)
     axis = separate_z_axis(sp_t, target)
     identity = tuple(new_shape) == tuple(img.shape[1:])
-    needs_mask = any(_per_channel(plan.use_mask_for_norm or [False], img.shape[0], "use_mask_for_norm"))
+    needs_mask = any(per_channel(plan.use_mask_for_norm or [False], img.shape[0], "use_mask_for_norm"))
     props = CaseProperties(
         original_shape=tuple(int(s) for s in orig_shape),
         original_spacing=tuple(float(s) for s in spacing),
@@ -458,7 +314,7 @@ def restore_probabilities(
         return out.copy() if not overwrite_input and np.shares_memory(out, probs) else out
     full = np.zeros((probs.shape[0], *orig_shape), np.float32)
     full[0] = 1.0
-    full[(slice(None), *_slicer(bbox))] = out
+    full[(slice(None), *bbox_slices(bbox))] = out
     return full[:, 0] if props.is_2d_input else full
 
 
@@ -480,5 +336,5 @@ def restore_labels(labels: np.ndarray, props: CaseProperties, plan: Plan) -> np.
         out = np.ascontiguousarray(out)
         return out[0] if props.is_2d_input else out
     full = np.zeros(orig_shape, labels.dtype)
-    full[_slicer(bbox)] = out
+    full[bbox_slices(bbox)] = out
     return full[0] if props.is_2d_input else full

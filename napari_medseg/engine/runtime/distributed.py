@@ -11,7 +11,7 @@ every helper is a cheap no-op for a single process, so the trainer calls them un
 ``napari-medseg train`` opens a :func:`distributed_session` itself; a script does the same::
 
     with distributed_session(config.device):        # torchrun --nproc_per_node=N script.py
-        run_to_completion(train(config, dataset))   # only rank 0 writes run.json and checkpoints
+        drive(train(config, dataset))         # only rank 0 writes run.json and checkpoints
 
 As in nnU-Net v2, each process trains on its own batches of the plan's batch size: the global
 batch is ``WORLD_SIZE x batch_size``. ``DistributedDataParallel`` broadcasts rank 0's weights when
@@ -32,14 +32,14 @@ from typing import Any
 
 import torch
 
-from .devices import DeviceError, resolve_device
+from napari_medseg.engine.runtime.devices import DeviceError, resolve_device
+from napari_medseg.io.atomic import atomic_write_json
 
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "nccl", "gloo")
 #: Set to a folder to make every rank write ``rank{R}.json`` (weight fingerprints before and after
 #: training, its own per-iteration losses) at the end of a distributed run: a consistency check.
-REPORT_ENV = "MEDSEG_DDP_REPORT"
 
 
 class DistributedError(ValueError):
@@ -121,7 +121,7 @@ def require_process_group() -> None:
         raise DistributedError(
             f"Started by torchrun with WORLD_SIZE={env.world_size}, but no process group is running: "
             "use `napari-medseg train`, or call train() inside "
-            "`with napari_medseg.engine.distributed.distributed_session(device):`."
+            "`with napari_medseg.engine.runtime.distributed.distributed_session(device):`."
         )
 
 
@@ -349,26 +349,22 @@ def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if isinstance(model, DistributedDataParallel) else model
 
 
-def write_rank_report(report: dict, folder: str | None = None) -> str | None:
-    """Write ``report`` as ``rank{R}.json`` into ``folder`` (default: ``$MEDSEG_DDP_REPORT``).
+def write_rank_report(report: dict, folder: str | None) -> str | None:
+    """Write ``report`` as ``rank{R}.json`` into ``folder`` (``TrainConfig.rank_report_dir``); nothing
+    when ``folder`` is ``None``.
 
     Returns:
-        The file written, or ``None`` when no folder is set.
+        The file written, or ``None``.
     """
-    folder = folder or os.environ.get(REPORT_ENV)
     if not folder:
         return None
-    os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, f"rank{get_rank()}.json")
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as fh:
-        json.dump(report, fh, indent=2)
-    os.replace(tmp, path)
+    atomic_write_json(path, report, make_parents=True)
     return path
 
 
 __all__ = [
-    "BACKENDS", "REPORT_ENV", "DistributedError", "LaunchEnv", "all_gather_object", "all_reduce_mean",
+    "BACKENDS", "DistributedError", "LaunchEnv", "all_gather_object", "all_reduce_mean",
     "all_reduce_sum", "barrier", "check_same_on_all_ranks", "choose_backend", "cleanup", "distributed_session",
     "fingerprint", "get_local_rank", "get_rank", "get_world_size", "init_distributed", "is_distributed",
     "is_main_process", "launch_env", "rank_device", "ranks_disagreeing", "replica_fingerprint",

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from .events import Progress
+from napari_medseg.engine.jobs import Progress
 
 logger = logging.getLogger(__name__)
 

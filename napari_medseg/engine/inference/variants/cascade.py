@@ -7,35 +7,43 @@ binary morphology per class, random removal of connected components) so that the
 learns to correct the first.
 
 The low-res checkpoint is copied beside the cascade's checkpoints as ``previous_stage.pt`` and the
-cascade checkpoint names it in ``train_config["previous_stage"]``; :func:`previous_stage_checkpoint`
+cascade checkpoint names it in ``train_config["variant_options"]["previous_stage"]``; :func:`previous_stage_checkpoint`
 finds it again at inference.
+
+At inference the cascade plugs into the default sliding-window inferer through its input-stage
+extension point: :class:`CascadeInput` (registered here) applies to plans with
+``plan.extras["previous_stage"]``, runs the previous stage, and appends its one-hot to the image
+channels; each cascade checkpoint gets its own input (its previous stage is its own).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Generator
+from collections.abc import Generator, Sequence
+from typing import Any
 
 import numpy as np
-import torch
-import torch.nn.functional as F
-from scipy import ndimage
 
-from .checkpoint import Checkpoint, CheckpointError, load_checkpoint
-from .events import Progress
-from .planning import Plan
+from napari_medseg.engine.checkpoints import Checkpoint, CheckpointError, load_checkpoint
+from napari_medseg.engine.inference.config import PredictConfig
+from napari_medseg.engine.inference.predict import predict
+from napari_medseg.engine.inference.window_inferer import InputStage, register_input_stage
+from napari_medseg.engine.jobs import Progress, relay
+from napari_medseg.engine.planning import Plan
+from napari_medseg.engine.preprocessing import CaseProperties, preprocess_case
 
 PREVIOUS_STAGE_FILE = "previous_stage.pt"
 
 
 def is_cascade(plan: Plan) -> bool:
     """Whether ``plan`` is a cascade stage (it needs a previous stage's segmentation)."""
-    return bool(plan.previous_stage)
+    return bool(plan.extras.get("previous_stage"))
 
 
 def previous_stage_checkpoint(ckpt: Checkpoint) -> Checkpoint:
     """The low-res checkpoint that a cascade checkpoint builds on (beside it, or at its recorded path)."""
-    recorded = ckpt.train_config.get("previous_stage")
+    options = ckpt.train_config.get("variant_options") or {}
+    recorded = options.get("previous_stage") or ckpt.train_config.get("previous_stage")  # older runs
     candidates = []
     if ckpt.path:
         candidates.append(os.path.join(os.path.dirname(os.path.abspath(ckpt.path)), PREVIOUS_STAGE_FILE))
@@ -51,18 +59,19 @@ def previous_stage_checkpoint(ckpt: Checkpoint) -> Checkpoint:
 
 
 def previous_stage_labels(
-    image: np.ndarray, spacing, previous: Checkpoint, **predict_kwargs
+    image: np.ndarray, spacing: Sequence[float], previous: Checkpoint, config: PredictConfig | dict | None = None,
+    **overrides: Any,
 ) -> Generator[Progress, None, np.ndarray]:
-    """Segment ``image`` (source geometry) with the previous stage; returns its labels."""
-    from .inference import predict
+    """Segment ``image`` (source geometry) with the previous stage; returns its labels.
 
-    gen = predict(image, spacing, [previous], **predict_kwargs)
-    while True:
-        try:
-            event = next(gen)
-        except StopIteration as stop:
-            return stop.value.labels
-        yield Progress(f"previous stage {event.stage}", event.current, event.total, event.message)
+    ``config`` and ``overrides`` are :func:`~napari_medseg.engine.inference.predict`'s; the
+    previous stage's events are yielded with their stage prefixed by ``"previous stage "``.
+    """
+    def prefixed(event: Progress) -> Progress:
+        return Progress(f"previous stage {event.stage}", event.current, event.total, event.message)
+
+    result = yield from relay(predict(image, spacing, [previous], config, **overrides), prefixed)
+    return result.labels
 
 
 def cascade_input(
@@ -72,7 +81,6 @@ def cascade_input(
 
     Returns ``(input (C + K - 1, *grid), label on the grid or None, CaseProperties)``.
     """
-    from .preprocessing import preprocess_case
 
     pre, lab, props = preprocess_case(image, spacing, plan, label=label)
     _, prev, _ = preprocess_case(image, spacing, plan, label=np.asarray(previous_labels))
@@ -80,46 +88,40 @@ def cascade_input(
     return np.concatenate([pre, onehot]), lab, props
 
 
-def onehot_torch(seg: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """``(B, 1, *sp)`` integer segmentation -> ``(B, K - 1, *sp)`` float one-hot without background."""
-    seg = seg[:, 0].long().clamp_(0, num_classes - 1)
-    return torch.stack([(seg == c) for c in range(1, num_classes)], dim=1).float()
+class CascadeInput(InputStage):
+    """The cascade's input stage of the sliding-window inferer (see the module docstring)."""
+
+    name = "cascade"
+
+    def applies(self, plan: Plan) -> bool:
+        """Plans of a cascade stage (:func:`is_cascade`)."""
+        return is_cascade(plan)
+
+    def group_key(self, plan: Plan, ckpt: Checkpoint, index: int) -> str:
+        """The plan, and the checkpoint itself: a cascade's input depends on its own previous stage."""
+        return super().group_key(plan, ckpt, index) + str(ckpt.path or index)
+
+    def prepare(
+        self, image: np.ndarray, spacing: tuple[float, ...], plan: Plan, ckpt: Checkpoint, config: PredictConfig
+    ) -> Generator[Progress, None, tuple[np.ndarray, CaseProperties]]:
+        """The low-res stage first (same device, mirroring, step and batch size), then
+        :func:`cascade_input`."""
+        prev = yield from previous_stage_labels(
+            image, spacing, previous_stage_checkpoint(ckpt), device=config.device, mirror=config.mirror,
+            step=config.step, batch_size=config.batch_size,
+        )
+        pre, _, props = cascade_input(image, spacing, plan, prev)
+        return pre, props
 
 
-def perturb_onehot(
-    onehot: torch.Tensor, generator: torch.Generator | None = None, p_morph: float = 0.4,
-    p_remove: float = 0.2, max_radius: int = 4,
-) -> torch.Tensor:
-    """nnU-Net's cascade augmentation on a one-hot batch, per sample and class.
+register_input_stage(CascadeInput())
 
-    With probability ``p_morph`` one of dilation, erosion, opening or closing with a cube of random
-    radius 1..``max_radius`` (max-pooling, so it runs on the GPU); with probability ``p_remove`` one
-    random connected component of the class is removed (on the CPU, as nnU-Net does).
-    """
-    out = onehot.clone()
-    b, k = out.shape[:2]
-    dims = out.ndim - 2
-    pool = F.max_pool3d if dims == 3 else F.max_pool2d
 
-    def dilate(x, r):
-        return pool(x[None, None], kernel_size=2 * r + 1, stride=1, padding=r)[0, 0]
-
-    def erode(x, r):
-        return 1 - dilate(1 - x, r)
-
-    ops = {0: lambda x, r: dilate(x, r), 1: lambda x, r: erode(x, r),
-           2: lambda x, r: dilate(erode(x, r), r), 3: lambda x, r: erode(dilate(x, r), r)}
-    rand = torch.rand(b, k, 3, generator=generator)
-    radii = torch.randint(1, max_radius + 1, (b, k), generator=generator)
-    for i in range(b):
-        for c in range(k):
-            x = out[i, c]
-            if rand[i, c, 0] < p_morph and x.any():
-                x = ops[int(rand[i, c, 1] * 4) % 4](x, int(radii[i, c]))
-            if rand[i, c, 2] < p_remove and x.any():
-                lab, n = ndimage.label(x.detach().cpu().numpy() > 0.5)
-                if n > 1:
-                    drop = int(torch.randint(1, n + 1, (1,), generator=generator))
-                    x = x * torch.from_numpy(lab != drop).to(x)
-            out[i, c] = x
-    return out
+__all__ = [
+    "PREVIOUS_STAGE_FILE",
+    "CascadeInput",
+    "cascade_input",
+    "is_cascade",
+    "previous_stage_checkpoint",
+    "previous_stage_labels",
+]

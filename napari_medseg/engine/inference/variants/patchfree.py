@@ -1,8 +1,9 @@
 """Patch-free inference for super-resolving whole-volume models (PFSeg, ARCHITECTURES.md section 4).
 
 A patch-free model sees the whole preprocessed volume at once, downsampled 2x (linear), and returns
-the segmentation at the preprocessed (HR) resolution: no sliding window. :func:`predict_patchfree`
-is what :func:`napari_medseg.engine.inference.predict` runs for such checkpoints:
+the segmentation at the preprocessed (HR) resolution: no sliding window. This module registers
+:class:`PatchFreeInferer`, which claims such checkpoints (a model spec with ``output_scale != 1``), so
+:func:`napari_medseg.engine.inference.predict` runs :func:`predict_patchfree` for them:
 
 1. each checkpoint's plan preprocesses the image (``preprocess_case``) to the HR grid;
 2. the grid is zero-padded centrally to a multiple of :data:`HR_DIVISOR` per axis;
@@ -16,7 +17,8 @@ is what :func:`napari_medseg.engine.inference.predict` runs for such checkpoints
 
 Memory is bounded up front: :func:`estimate_peak_bytes` (a linear model of the peak resident
 memory of one forward, measured with ``benchmarks/bench_pfseg.py --memory``) is checked against
-the free memory of the device, and a volume that would not fit is refused with
+the free memory of the device (:func:`napari_medseg.engine.runtime.memory.available_memory_bytes`,
+capped by ``MEDSEG_MAX_MEMORY_GB``), and a volume that would not fit is refused with
 :class:`VolumeTooLargeError` instead of being killed by the operating system.
 """
 
@@ -24,7 +26,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import os
 from collections.abc import Generator, Sequence
 from typing import Any
 
@@ -32,15 +33,28 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from napari_medseg.engine.checkpoint import (
+from napari_medseg.engine.checkpoints import (
     Checkpoint,
     CheckpointError,
     build_model,
     check_compatible,
 )
-from napari_medseg.engine.devices import resolve_device
-from napari_medseg.engine.events import Progress
+from napari_medseg.engine.inference.config import PredictConfig
+from napari_medseg.engine.inference.inferers import (
+    Inferer,
+    finish_ensemble,
+    plan_of,
+    register_inferer,
+    tta_mirror_axes,
+)
+from napari_medseg.engine.inference.postprocessing import PredictionResult
+from napari_medseg.engine.jobs import Progress, relay
+from napari_medseg.engine.preprocessing import preprocess_case, restore_probabilities
+from napari_medseg.engine.runtime import resolve_device
+from napari_medseg.engine.runtime.memory import available_memory_bytes
+from napari_medseg.models import get_model_spec
 from napari_medseg.models.pfseg import GUIDANCE_FRACTION, central_crop_slices
+from napari_medseg.models.registry import ModelError
 
 logger = logging.getLogger(__name__)
 
@@ -57,8 +71,6 @@ MEMORY_BASE_BYTES = 0.46e9
 MEMORY_PER_HR_VOXEL = 420.0
 #: Fraction of the free memory a forward may use (the rest is for the caller and the OS).
 MEMORY_HEADROOM = 0.85
-#: Environment variable capping the memory (GiB) that patch-free inference may plan to use.
-MEMORY_ENV = "MEDSEG_MAX_MEMORY_GB"
 
 
 class VolumeTooLargeError(MemoryError):
@@ -153,54 +165,6 @@ def largest_cube_side(budget_bytes: float, width: int = 32) -> int:
     return side
 
 
-def _cgroup_free_bytes() -> int | None:
-    try:
-        with open("/sys/fs/cgroup/memory.max") as fh:
-            limit = fh.read().strip()
-        if limit == "max":
-            return None
-        with open("/sys/fs/cgroup/memory.current") as fh:
-            used = int(fh.read().strip())
-        return max(int(limit) - used, 0)
-    except (OSError, ValueError):
-        return None
-
-
-def available_memory_bytes(device: torch.device) -> int | None:
-    """Free memory for a forward on ``device`` (``None`` when it cannot be told).
-
-    CUDA: ``torch.cuda.mem_get_info``. CPU: ``MemAvailable`` of ``/proc/meminfo``, lowered to the
-    cgroup's remaining limit when one is set. ``MEDSEG_MAX_MEMORY_GB`` caps the result.
-    """
-    free: int | None = None
-    if device.type == "cuda":
-        try:
-            free = int(torch.cuda.mem_get_info(device)[0])
-        except RuntimeError:
-            free = None
-    elif device.type == "cpu":
-        try:
-            with open("/proc/meminfo") as fh:
-                for line in fh:
-                    if line.startswith("MemAvailable:"):
-                        free = int(line.split()[1]) * 1024
-                        break
-        except OSError:
-            free = None
-        group = _cgroup_free_bytes()
-        if group is not None:
-            free = group if free is None else min(free, group)
-    cap = os.environ.get(MEMORY_ENV)
-    if cap:
-        try:
-            limit = int(float(cap) * 2**30)
-        except ValueError:
-            logger.warning("Ignoring %s=%r: not a number of GiB.", MEMORY_ENV, cap)
-        else:
-            free = limit if free is None else min(free, limit)
-    return free
-
-
 def check_memory(hr_shape: Sequence[int], device: torch.device, width: int, in_channels: int,
                  num_classes: int) -> None:
     """Raise :class:`VolumeTooLargeError` when a whole-volume forward would not fit in memory."""
@@ -224,10 +188,6 @@ def check_memory(hr_shape: Sequence[int], device: torch.device, width: int, in_c
 
 
 # ----------------------------------------------------------------- inference
-def _width(model: torch.nn.Module) -> int:
-    return int(getattr(model, "width", 32))
-
-
 @torch.inference_mode()
 def forward_whole_volume(
     model: torch.nn.Module, hr: torch.Tensor, mirror_axes: Sequence[int] = (), device: Any = None
@@ -272,26 +232,28 @@ def predict_patchfree(
     data: np.ndarray,
     spacing: Sequence[float],
     ckpts: Sequence[Checkpoint],
-    *,
-    device: Any = "auto",
-    mirror: bool = True,
-    largest_component: bool = False,
-    return_probabilities: bool = False,
-    return_uncertainty: bool = False,
-) -> Generator[Progress, None, Any]:
+    config: PredictConfig | dict | None = None,
+    **overrides: Any,
+) -> Generator[Progress, None, PredictionResult]:
     """Segment a channels-first image ``(C, z, y, x)`` with patch-free checkpoints (an ensemble).
 
-    Called by :func:`~napari_medseg.engine.inference.predict`; see the module docstring. Yields
-    ``Progress`` stages ``"preprocess"``, ``"tiles"`` (one per forward over all checkpoints and
-    mirrorings) and ``"postprocess"``; returns a ``PredictionResult``.
+    What :class:`PatchFreeInferer` runs; see the module docstring. Yields ``Progress`` stages
+    ``"preprocess"``, ``"tiles"`` (one per forward over all checkpoints and mirrorings) and
+    ``"postprocess"``; returns a ``PredictionResult``.
+
+    Args:
+        data: ``(C, *spatial)`` source image, napari order.
+        spacing: Its spacing, one value per spatial axis.
+        ckpts: Patch-free checkpoints.
+        config: A :class:`PredictConfig` (or a dict of its fields); ``step`` and ``batch_size``
+            do not apply (there are no tiles).
+        **overrides: :class:`PredictConfig` fields to change.
 
     Raises:
         VolumeTooLargeError: the whole volume does not fit in the device's free memory.
         CheckpointError: a checkpoint cannot take this image.
     """
-    from napari_medseg.engine.inference import _finish, _label_names, _plan_of, tta_mirror_axes
-    from napari_medseg.engine.preprocessing import preprocess_case, restore_probabilities
-
+    cfg = PredictConfig.build(config, **overrides)
     for ck in ckpts:
         if not is_patchfree(ck):
             raise CheckpointError(
@@ -299,57 +261,50 @@ def predict_patchfree(
                 "segment whole volumes at another resolution. Predict with them separately."
             )
         check_compatible(ck, data.shape[0], data.ndim - 1)  # a 2D image: a clear CheckpointError
-    dev = resolve_device(device)
-
-    def axes(ck: Checkpoint) -> tuple[int, ...]:
-        return tta_mirror_axes(ck, mirror)
-
-    total = sum(2 ** len(axes(ck)) for ck in ckpts)
-    yield Progress("preprocess", 0, len(ckpts))
-    prepared = []
-    for i, ck in enumerate(ckpts):
-        plan = _plan_of(ck)
-        pre, _, props = preprocess_case(data, spacing, plan)
-        width = int(ck.model_kwargs.get("width", 32))
-        check_memory(whole_volume_grid(pre.shape[1:]), dev, width, ck.in_channels, ck.num_classes)
-        prepared.append((plan, pre, props))
-        yield Progress("preprocess", i + 1, len(ckpts))
-
+    dev = resolve_device(cfg.device)
+    prepared = yield from _prepare_patchfree(data, spacing, ckpts, dev)
+    axes = [tta_mirror_axes(ck, cfg.mirror) for ck in ckpts]
+    total = sum(2 ** len(a) for a in axes)
     done = 0
     mean: np.ndarray | None = None
-    for ck, (plan, pre, props) in zip(ckpts, prepared):
+    for ck, ck_axes, (plan, pre, props) in zip(ckpts, axes, prepared):
         model = build_model(ck, dev)
-        gen = forward_whole_volume(model, torch.from_numpy(np.ascontiguousarray(pre)), axes(ck), dev)
-        try:
-            while True:
-                try:
-                    event = next(gen)
-                except StopIteration as stop:
-                    probs = stop.value
-                    break
-                yield Progress("tiles", done + event.current, total, event.message)
-        finally:
-            gen.close()
-        done += 2 ** len(axes(ck))
-        del model
+        offset = done
+
+        def tiles(event: Progress, offset: int = offset) -> Progress:
+            return Progress("tiles", offset + event.current, total, event.message)
+
+        hr = torch.from_numpy(np.ascontiguousarray(pre))
+        probs = yield from relay(forward_whole_volume(model, hr, ck_axes, dev), tiles)
+        done += 2 ** len(ck_axes)
+        del model, hr
         restored = np.asarray(restore_probabilities(probs.numpy(), props, plan), dtype=np.float32)
         restored /= len(ckpts)
         mean = restored if mean is None else np.add(mean, restored, out=mean)
         if dev.type == "cuda":
             torch.cuda.empty_cache()
 
-    yield Progress("postprocess", 0, 1)
-    result = _finish(mean, largest_component, return_probabilities, return_uncertainty)
-    result.label_names = _label_names(ckpts[0])
-    yield Progress("postprocess", 1, 1)
-    return result
+    return (yield from finish_ensemble(mean, cfg, ckpts))
+
+
+def _prepare_patchfree(
+    data: np.ndarray, spacing: Sequence[float], ckpts: Sequence[Checkpoint], dev: torch.device
+) -> Generator[Progress, None, list[tuple[Any, np.ndarray, Any]]]:
+    """Preprocess the image for each checkpoint and check that its whole-volume forward fits."""
+    yield Progress("preprocess", 0, len(ckpts))
+    prepared = []
+    for i, ck in enumerate(ckpts):
+        plan = plan_of(ck)
+        pre, _, props = preprocess_case(data, spacing, plan)
+        width = int(ck.model_kwargs.get("width", 32))
+        check_memory(whole_volume_grid(pre.shape[1:]), dev, width, ck.in_channels, ck.num_classes)
+        prepared.append((plan, pre, props))
+        yield Progress("preprocess", i + 1, len(ckpts))
+    return prepared
 
 
 def is_patchfree(ckpt: Checkpoint) -> bool:
     """Whether ``ckpt`` holds a patch-free (whole-volume, super-resolving) model."""
-    from napari_medseg.models import get_model_spec
-    from napari_medseg.models.registry import ModelError
-
     try:
         spec = get_model_spec(ckpt.model_name)
     except ModelError:
@@ -357,10 +312,33 @@ def is_patchfree(ckpt: Checkpoint) -> bool:
     return spec.output_scale != 1
 
 
+class PatchFreeInferer(Inferer):
+    """The inferer of patch-free models: one whole-volume forward per checkpoint and mirroring.
+
+    Claims every checkpoint :func:`is_patchfree` recognises; refuses ensembles that mix them with
+    patch-based models.
+    """
+
+    name = "patch_free"
+
+    def claims(self, ckpt: Checkpoint) -> bool:
+        """Whether ``ckpt`` is patch-free (:func:`is_patchfree`)."""
+        return is_patchfree(ckpt)
+
+    def run(
+        self, image: np.ndarray, spacing: tuple[float, ...], ckpts: Sequence[Checkpoint], config: PredictConfig
+    ) -> Generator[Progress, None, PredictionResult]:
+        """Segment ``image`` with :func:`predict_patchfree`; see :meth:`Inferer.run`."""
+        return predict_patchfree(image, spacing, ckpts, config)
+
+
+register_inferer(PatchFreeInferer())
+
+
 __all__ = [
     "HR_DIVISOR",
+    "PatchFreeInferer",
     "VolumeTooLargeError",
-    "available_memory_bytes",
     "check_memory",
     "center_pad",
     "downsample",

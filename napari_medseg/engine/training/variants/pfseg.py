@@ -1,14 +1,16 @@
 """PFSeg's trainer variant (Wang et al., MICCAI 2021; ARCHITECTURES.md section 4).
 
 :class:`PFSegTrainer` overrides the hooks PFSeg needs (convention 8): the loss
-(:class:`~napari_medseg.engine.pfseg_losses.PFSegLoss`), :meth:`~PFSegTrainer.train_step`
+(:class:`~napari_medseg.engine.training.variants.pfseg_losses.PFSegLoss`), :meth:`~PFSegTrainer.train_step`
 (LR input, guidance crop and mask, SR target), :meth:`~PFSegTrainer.validate` (whole volumes),
 :meth:`~PFSegTrainer.lr_at` / :meth:`~PFSegTrainer.on_epoch_end` (ReduceLROnPlateau on the
-validation Dice, patience 20, factor 0.1) and the sampler.
+validation Dice, patience 20, factor 0.1), :meth:`~PFSegTrainer.configure_plan` (the whole-volume
+"patch"), :meth:`~PFSegTrainer.make_sampler` and :meth:`~PFSegTrainer.shrink_for_memory`. It
+registers itself as the trainer of the ``pfseg`` model.
 
 **Whole volumes instead of patches.** The "patch" is the whole preprocessed case: every case is
 zero-padded centrally (labels with 0) to one run-wide shape, the largest case's shape per axis
-rounded up to a multiple of 32 (:data:`~napari_medseg.engine.patchfree.HR_DIVISOR`), which is
+rounded up to a multiple of 32 (:data:`~napari_medseg.engine.inference.variants.patchfree.HR_DIVISOR`), which is
 stored as the plan's ``patch_size``. :class:`WholeVolumeSampler` draws ``batch_size`` cases (1 in
 the paper) at random. A training step then builds, from the HR batch:
 
@@ -26,13 +28,12 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
+from dataclasses import replace
 
 import numpy as np
 import torch
 
-from .events import EpochEnd
-from .oom import InsufficientMemoryError, release_memory
-from .patchfree import (
+from napari_medseg.engine.inference.variants.patchfree import (
     center_pad,
     center_pad_slices,
     downsample,
@@ -40,8 +41,15 @@ from .patchfree import (
     guidance_mask,
     whole_volume_grid,
 )
-from .pfseg_losses import PFSegLoss, segmentation_loss
-from .training import DiceCounts, Trainer, TrainingError
+from napari_medseg.engine.jobs import EpochEnd
+from napari_medseg.engine.planning import Plan
+from napari_medseg.engine.runtime.oom import InsufficientMemoryError, release_memory
+from napari_medseg.engine.training.config import TrainingError
+from napari_medseg.engine.training.registry import register_trainer
+from napari_medseg.engine.training.trainer import Trainer
+from napari_medseg.engine.training.validation import DiceCounts
+from napari_medseg.engine.training.variants.pfseg_losses import PFSegLoss, segmentation_loss
+from napari_medseg.models import get_model_spec
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +65,7 @@ def sr_target(hr: torch.Tensor) -> torch.Tensor:
 def whole_volume_shape(cases: Sequence) -> tuple[int, ...]:
     """The run-wide padded shape: the largest case per axis, rounded up to a multiple of 32.
 
-    (See :func:`~napari_medseg.engine.patchfree.whole_volume_grid` for the one exception.)
+    (See :func:`~napari_medseg.engine.inference.variants.patchfree.whole_volume_grid` for the one exception.)
     """
     shapes = np.array([c.image.shape[1:] for c in cases])
     return whole_volume_grid(shapes.max(axis=0).tolist())
@@ -96,34 +104,44 @@ class WholeVolumeSampler:
         return torch.stack(images), torch.stack(labels)
 
 
+@register_trainer("pfseg", models=("pfseg",))
 class PFSegTrainer(Trainer):
-    """:class:`Trainer` for ``pfseg``: whole volumes, multi-task loss, plateau schedule."""
+    """:class:`Trainer` for ``pfseg``: whole volumes, multi-task loss, plateau schedule.
+
+    Raises:
+        TrainingError: the run has an ignore label (partially annotated data is not supported).
+    """
 
     def __init__(self, config, data):
         if config.ignore_label is not None:
             raise TrainingError("PFSeg does not support an ignore label (partially annotated data).")
-        from ..models import get_model_spec
-
-        recipe = get_model_spec(config.model).training
-        shape = whole_volume_shape(list(data.train_cases) + list(data.val_cases))
-        if config.patch_size is not None and tuple(config.patch_size) != shape:
-            logger.info("PFSeg trains on whole volumes %s; patch_size %s is not used.", shape, config.patch_size)
-        data.plan.patch_size = shape
-        data.plan.batch_size = int(config.batch_size or recipe.get("batch_size", 1))
         super().__init__(config, data)
         self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-            self.optimizer, mode="max", factor=0.1, patience=int(recipe.get("plateau_patience", 20))
+            self.optimizer, mode="max", factor=0.1, patience=int(self.recipe.get("plateau_patience", 20))
         )
+        shape = tuple(self.plan.patch_size)
         self.messages.append(
             f"PFSeg trains on whole volumes padded to {'x'.join(map(str, shape))} (input "
             f"{'x'.join(str(s // 2) for s in shape)})."
         )
 
-    def _make_sampler(self, patch: tuple[int, ...], batch_size: int) -> WholeVolumeSampler:
+    @property
+    def recipe(self) -> dict:
+        """The model's training recipe (``ModelSpec.training``)."""
+        return get_model_spec(self.config.model).training
+
+    def configure_plan(self, plan: Plan) -> Plan:
+        """A copy of ``plan`` whose "patch" is the run-wide whole-volume shape and batch the recipe's (1)."""
+        shape = whole_volume_shape(list(self.data.train_cases) + list(self.data.val_cases))
+        if self.config.patch_size is not None and tuple(self.config.patch_size) != shape:
+            logger.info("PFSeg trains on whole volumes %s; patch_size %s is not used.", shape, self.config.patch_size)
+        return replace(plan, patch_size=shape, batch_size=int(self.config.batch_size or self.recipe.get("batch_size", 1)))
+
+    def make_sampler(self, patch: tuple[int, ...], batch_size: int) -> WholeVolumeSampler:
         """Whole (padded) cases: ``patch`` is the whole-volume shape."""
         return WholeVolumeSampler(self.data.train_cases, patch, batch_size, seed=self.sampler_seed)
 
-    def _shrink_for_memory(self, err: BaseException) -> str:
+    def shrink_for_memory(self, err: BaseException) -> str:
         """Out of memory: halve the batch; PFSeg cannot fall back to smaller patches."""
         if self.world_size > 1 or int(self.plan.batch_size) <= 1:
             raise InsufficientMemoryError(
@@ -134,7 +152,7 @@ class PFSegTrainer(Trainer):
             ) from err
         old = int(self.plan.batch_size)
         self.plan.batch_size = old // 2
-        self._build_sampling(tuple(self.plan.patch_size), self.plan.batch_size)
+        self.build_sampling(tuple(self.plan.patch_size), self.plan.batch_size)
         release_memory(self.device)
         text = f"Out of memory on {self.device}: halved the batch {old} -> {self.plan.batch_size}; training goes on."
         logger.warning(text)
@@ -142,9 +160,9 @@ class PFSegTrainer(Trainer):
 
     # ----------------------------------------------------------------- hooks
     def build_loss(self) -> PFSegLoss:
+        """PFSeg's multi-task loss (segmentation, super-resolution, task fusion), whatever ``config.loss``."""
         if self.config.loss not in (None, "pfseg"):
             logger.info("PFSeg always uses its own multi-task loss; loss=%r is not used.", self.config.loss)
-        self._ds = False
         return PFSegLoss()
 
     def lr_at(self, epoch: int) -> float:
@@ -152,12 +170,14 @@ class PFSegTrainer(Trainer):
         return float(self.optimizer.param_groups[0]["lr"])
 
     def on_epoch_end(self, event: EpochEnd) -> None:
+        """Record the epoch, then step the plateau schedule on its mean validation Dice."""
         super().on_epoch_end(event)
         dice = event.mean_dice
         if dice is not None and math.isfinite(dice):
             self.scheduler.step(dice)
 
     def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> float:
+        """One step: the LR input, the guidance crop and mask, and the SR target from the HR batch."""
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         mask = guidance_mask(images.shape[2:], device=images.device)
@@ -165,7 +185,7 @@ class PFSegTrainer(Trainer):
         with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp):
             seg, sr = self.model(downsample(images), guidance_crop(images))
             loss = self.loss_fn(seg, sr, labels, target, mask)
-        return self._optimize(loss)
+        return self.optimize(loss)
 
     @torch.no_grad()
     def validate(self) -> tuple[float | None, dict[str, float]]:

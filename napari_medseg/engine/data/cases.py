@@ -1,0 +1,167 @@
+"""Preprocessed training cases: from raw files or in-memory arrays, with an on-disk cache.
+
+A :class:`Case` is an image ``(C, *grid)`` and its labels on the plan's grid
+(:func:`~napari_medseg.engine.preprocessing.preprocess.preprocess_case`: crop, transpose, resample,
+normalise). :func:`iter_preprocess_dataset` preprocesses a whole raw dataset and can keep the results
+in a cache folder, written atomically (:mod:`napari_medseg.io.atomic`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Generator, Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from napari_medseg.engine.data.dataset import (
+    DatasetError,
+    RawCase,
+    RawDataset,
+    read_image,
+    read_label,
+)
+from napari_medseg.engine.jobs import Progress
+from napari_medseg.engine.planning import Plan
+from napari_medseg.engine.preprocessing import CaseProperties, preprocess_case
+from napari_medseg.io.atomic import atomic_path
+
+_CACHE_VERSION = 1
+
+
+@dataclass
+class Case:
+    """A preprocessed case: image ``(C, *grid)`` float32 and label ``(*grid)`` int16 on the plan grid."""
+
+    name: str
+    image: np.ndarray
+    label: np.ndarray | None
+    properties: CaseProperties
+
+
+def load_case(raw_case: RawCase, plan: Plan, label_values: Iterable[int] | None = None) -> Case:
+    """Read a case's files and preprocess it with ``plan``.
+
+    Args:
+        raw_case: Paths of the case.
+        plan: The configuration's plan.
+        label_values: Allowed label values (``dataset.json``'s); default ``range(plan.num_classes)``.
+
+    Raises:
+        DatasetError: unreadable files, mismatched shapes, or label values not in ``label_values``.
+    """
+    image, spacing = read_image(raw_case)
+    label = None
+    if raw_case.label_path:
+        label, _ = read_label(raw_case.label_path)
+        if label.shape != image.shape[1:]:
+            raise DatasetError(
+                f"Case {raw_case.name}: label shape {label.shape} differs from image shape {image.shape[1:]}"
+            )
+        allowed = set(range(plan.num_classes) if label_values is None else label_values)
+        found = set(np.unique(label).tolist())
+        if not found <= allowed:
+            raise DatasetError(
+                f"Label file {raw_case.label_path} contains values {sorted(found - allowed)} that are "
+                f"not in dataset.json's labels {sorted(allowed)}"
+            )
+    img, lab, props = preprocess_case(image, spacing, plan, label)
+    return Case(raw_case.name, img, lab, props)
+
+
+def case_from_arrays(
+    image: np.ndarray,
+    label: np.ndarray | None,
+    spacing: Sequence[float],
+    plan: Plan,
+    name: str = "layer",
+) -> Case:
+    """Preprocess in-memory arrays (e.g. napari layers) into a :class:`Case`.
+
+    Args:
+        image: ``(z, y, x)`` or ``(C, z, y, x)`` (2D: ``(y, x)`` / ``(C, y, x)`` with 2 spacings).
+        label: Integer label map of the image's spatial shape, or ``None``.
+        spacing: Spacing per spatial axis, napari order.
+        plan: The configuration's plan.
+        name: Name of the case.
+    """
+    img, lab, props = preprocess_case(np.asarray(image), spacing, plan, label)
+    return Case(name, img, lab, props)
+
+
+# ---------------------------------------------------------------------------------------- caching
+def _cache_key(rc: RawCase, plan: Plan) -> str:
+    relevant = {k: plan.to_dict()[k] for k in ("spacing", "transpose_forward", "normalization",
+                                              "intensity_stats", "use_mask_for_norm", "num_classes")}
+    relevant["dims"] = plan.spatial_dims
+    sources = []
+    for p in [*rc.image_paths, rc.label_path]:
+        if p:
+            st = os.stat(p)
+            sources.append([os.path.abspath(p), st.st_size, st.st_mtime_ns])
+    blob = json.dumps({"v": _CACHE_VERSION, "plan": relevant, "sources": sources}, sort_keys=True)
+    return hashlib.sha1(blob.encode()).hexdigest()
+
+
+def _save_npy(path: str, arr: np.ndarray) -> None:
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        np.save(fh, arr)
+
+
+def _load_cached(cache_dir: str, rc: RawCase, key: str) -> Case | None:
+    meta_path = os.path.join(cache_dir, f"{rc.name}.json")
+    try:
+        with open(meta_path) as fh:
+            meta = json.load(fh)
+        if meta.get("key") != key:
+            return None
+        image = np.load(os.path.join(cache_dir, f"{rc.name}_image.npy"))
+        label = np.load(os.path.join(cache_dir, f"{rc.name}_label.npy")) if meta["has_label"] else None
+        return Case(rc.name, image, label, CaseProperties.from_dict(meta["properties"]))
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def _save_cached(cache_dir: str, case: Case, key: str) -> None:
+    _save_npy(os.path.join(cache_dir, f"{case.name}_image.npy"), case.image)
+    if case.label is not None:
+        _save_npy(os.path.join(cache_dir, f"{case.name}_label.npy"), case.label)
+    meta = {"key": key, "has_label": case.label is not None, "properties": case.properties.to_dict()}
+    with atomic_path(os.path.join(cache_dir, f"{case.name}.json")) as tmp, open(tmp, "w") as fh:
+        json.dump(meta, fh)  # written last: its key validates the arrays beside it
+
+
+def iter_preprocess_dataset(
+    raw: RawDataset, plan: Plan, cache_dir: str | os.PathLike | None = None
+) -> Generator[Progress, None, list[Case]]:
+    """Load and preprocess every training case of ``raw``, optionally caching the results.
+
+    With ``cache_dir``, each case is stored as ``{name}_image.npy``, ``{name}_label.npy`` and
+    ``{name}.json`` (properties and a key of the plan's preprocessing fields and the source files'
+    sizes and modification times); a later call with the same plan and files reads the cache.
+
+    Yields:
+        A :class:`~napari_medseg.engine.jobs.Progress` per case.
+
+    Returns:
+        The preprocessed cases, in the dataset's order.
+    """
+    cache = os.fspath(cache_dir) if cache_dir is not None else None
+    if cache:
+        os.makedirs(cache, exist_ok=True)
+    cases = []
+    for i, rc in enumerate(raw.cases):
+        key = _cache_key(rc, plan) if cache else ""
+        case = _load_cached(cache, rc, key) if cache else None
+        if case is None:
+            case = load_case(rc, plan, label_values=raw.labels.keys())
+            if cache:
+                _save_cached(cache, case, key)
+        cases.append(case)
+        yield Progress("preprocess", i + 1, len(raw.cases), rc.name)
+    return cases
+
+
+__all__ = ["Case", "case_from_arrays", "iter_preprocess_dataset", "load_case"]

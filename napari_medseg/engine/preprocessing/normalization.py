@@ -1,0 +1,149 @@
+"""Intensity normalisation (nnU-Net v1): CT clipping to the foreground's 0.5-99.5 percentiles and
+the dataset's z-score, or a per-image z-score (inside the nonzero mask when the plan says so)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from napari_medseg.engine.planning.plan import Plan
+
+_NORM_ALIASES = {"ct": "ct", "zscore": "zscore", "nonct": "zscore", "none": "none", "nonorm": "none"}
+
+
+
+class PreprocessingError(ValueError):
+    """The image, label map, spacing or plan given to preprocessing do not fit together."""
+
+
+def per_channel(values: Sequence, n: int, what: str) -> list:
+    values = list(values)
+    if len(values) == 1 and n > 1:
+        values = values * n
+    if len(values) != n:
+        raise PreprocessingError(f"The plan has {len(values)} {what} entries for {n} image channels")
+    return values
+
+
+@dataclass(frozen=True)
+class ChannelNorm:
+    """How one channel is normalised: ``scheme`` ``"ct"`` (clip to ``[lo, hi]``, then
+    ``(x - mean) / std``), ``"zscore"`` (``(x - mean) / std``) or ``"none"``; ``masked``: voxels
+    outside the nonzero mask are set to 0 afterwards."""
+
+    scheme: str
+    mean: float = 0.0
+    std: float = 1.0
+    lo: float = -np.inf
+    hi: float = np.inf
+    masked: bool = False
+
+    def apply(self, x: np.ndarray, out: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
+        """Normalise ``x`` into float32 ``out`` (same shape) with in-place float32 arithmetic."""
+        x = x.astype(np.float32, copy=False)
+        if self.scheme == "ct":
+            np.clip(x, self.lo, self.hi, out=out)
+            out -= self.mean
+            out /= max(self.std, 1e-8)
+        elif self.scheme == "zscore":
+            np.subtract(x, self.mean, out=out)
+            out /= self.std + 1e-8
+        else:
+            out[...] = x
+        if self.masked and mask is not None:
+            out[~mask] = 0
+        return out
+
+
+def normalization_params(image: np.ndarray, plan: Plan, mask: np.ndarray | None = None) -> list[ChannelNorm]:
+    """Per-channel :class:`ChannelNorm` of ``image`` ``(C, *spatial)`` under the plan's scheme
+    (``zscore`` reads the image's own mean and std, inside ``mask`` where ``use_mask_for_norm``)."""
+    n = image.shape[0]
+    schemes = per_channel(plan.normalization, n, "normalization")
+    use_mask = per_channel(plan.use_mask_for_norm or [False], n, "use_mask_for_norm")
+    params = []
+    for c in range(n):
+        scheme = _NORM_ALIASES.get(str(schemes[c]).lower())
+        masked = bool(use_mask[c]) and mask is not None
+        if scheme is None:
+            raise PreprocessingError(
+                f"Unknown normalization {schemes[c]!r} for channel {c}; use 'ct', 'zscore' or 'none'"
+            )
+        if scheme == "ct":
+            all_stats = plan.intensity_stats or []
+            stats = all_stats[c] if c < len(all_stats) else None
+            if not stats:
+                raise PreprocessingError(f"Channel {c} uses 'ct' normalization but the plan has no intensity_stats")
+            try:
+                lo, hi = float(stats["percentile_00_5"]), float(stats["percentile_99_5"])
+                mean, std = float(stats["mean"]), float(stats.get("std", stats.get("sd")))
+            except (KeyError, TypeError) as err:
+                raise PreprocessingError(
+                    f"intensity_stats[{c}] needs mean, std, percentile_00_5 and percentile_99_5; got {stats}"
+                ) from err
+            params.append(ChannelNorm("ct", mean, std, lo, hi, masked))
+        elif scheme == "zscore":
+            x = image[c].astype(np.float32, copy=False)
+            vals = x[mask] if masked else x
+            mean, std = (float(vals.mean()), float(vals.std())) if vals.size else (0.0, 1.0)
+            del vals, x
+            params.append(ChannelNorm("zscore", mean, std, masked=masked))
+        else:
+            params.append(ChannelNorm("none", masked=masked))
+    return params
+
+
+def normalize(
+    image: np.ndarray, plan: Plan, mask: np.ndarray | None = None
+) -> np.ndarray:
+    """Normalise every channel of ``image`` ``(C, *spatial)`` by the plan's scheme (float32 copy).
+
+    Args:
+        image: Resampled image.
+        plan: Provides ``normalization``, ``intensity_stats`` and ``use_mask_for_norm``.
+        mask: Nonzero mask on the same grid (needed where ``use_mask_for_norm`` is set).
+    """
+    return LazyNormalizedImage(image, normalization_params(image, plan, mask), mask).materialize()
+
+
+class LazyNormalizedImage:
+    """A preprocessed image that is never stored: tiles are normalised when they are read.
+
+    For a case that needs no resampling, preprocessing is a crop and a transpose (views of the
+    caller's array) and a per-channel affine map: :func:`sliding_window` reads tiles from this
+    object, so prediction does not hold a float32 copy of the whole volume (one volume less at the
+    peak). Indexing (``image[:, z0:z1, y0:y1, x0:x1]``) returns the same float32 values as
+    :func:`normalize` would, as a ``torch`` tensor.
+    """
+
+    def __init__(self, raw: np.ndarray, norms: Sequence[ChannelNorm], mask: np.ndarray | None) -> None:
+        self.raw, self.norms, self.mask = raw, list(norms), mask
+        self.shape = tuple(int(s) for s in raw.shape)
+        self.ndim = raw.ndim
+
+    def __getitem__(self, key) -> torch.Tensor:
+
+        if not (isinstance(key, tuple) and key and key[0] == slice(None)):
+            raise TypeError("LazyNormalizedImage takes [:, spatial slices...]")
+        spatial = key[1:]
+        mask = self.mask[spatial] if self.mask is not None else None
+        raw = self.raw[(slice(None), *spatial)]
+        out = np.empty(raw.shape, np.float32)
+        for c, norm in enumerate(self.norms):
+            norm.apply(raw[c], out[c], mask)
+        return torch.from_numpy(out)
+
+    def materialize(self) -> np.ndarray:
+        """The whole preprocessed image ``(C, *spatial)`` float32 (what :func:`normalize` returns);
+        each channel is written in place: no full-size temporaries."""
+        out = np.empty(self.shape, np.float32)
+        for c, norm in enumerate(self.norms):
+            norm.apply(self.raw[c], out[c], self.mask)
+        return out
+
+
+
+__all__ = ["ChannelNorm", "LazyNormalizedImage", "PreprocessingError", "normalization_params", "normalize", "per_channel"]

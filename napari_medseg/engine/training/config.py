@@ -1,0 +1,149 @@
+"""A training run's settings: :class:`TrainConfig`, its model-recipe defaults, and :class:`TrainingError`.
+
+``TrainConfig`` is the one dataclass the GUI, the CLI and the Python API fill in (DESIGN.md
+convention 9); it is stored in plain types in ``run.json`` and in every checkpoint.
+Settings that only a trainer variant understands travel in :attr:`TrainConfig.variant_options`
+(plain types too); variants name those options with :func:`register_variant_option` so that older
+``run.json`` / checkpoint configs, which stored them as top-level keys, still load.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
+
+from napari_medseg.models import get_model_spec
+
+
+class TrainingError(ValueError):
+    """Training cannot start with these settings or this data."""
+
+
+#: Option names that variants read from ``TrainConfig.variant_options`` (see register_variant_option).
+_VARIANT_OPTIONS: set[str] = set()
+
+
+def register_variant_option(name: str) -> None:
+    """Declare ``name`` a variant's option, read from :attr:`TrainConfig.variant_options`.
+
+    Called by a trainer variant at import time. :meth:`TrainConfig.from_dict` then moves a top-level
+    ``name`` key of an older stored config into ``variant_options`` instead of refusing it.
+
+    Args:
+        name: The option's key, e.g. the cascade's checkpoint of its previous stage.
+    """
+    _VARIANT_OPTIONS.add(str(name))
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run; shared by the GUI and the CLI (convention 9).
+
+    ``None`` for ``patch_size``, ``batch_size`` or ``batch_dice`` means "as the plan says"; ``None``
+    for ``optimizer``, ``lr``, ``weight_decay``, ``lr_schedule``, ``loss`` or
+    ``early_stopping_patience`` means "as the model's default training recipe says"
+    (``ModelSpec.training``: nnU-Net's SGD + poly for the U-Nets and RKSeg, Adam 1e-4 with early
+    stopping for the SDN networks).
+
+    ``variant_options`` holds settings that only a trainer variant reads, in plain types (e.g. the
+    cascade's path of the trained ``3d_lowres`` checkpoint it builds on; each variant's module
+    documents its keys).
+    """
+
+    output_dir: str = "medseg_run"
+    model: str = "unet-3d-fullres"
+    model_kwargs: dict = field(default_factory=dict)
+    configuration: str | None = None  # None: the model's (unet-2d -> "2d", 3D models -> "3d_fullres")
+    epochs: int = 50
+    iterations_per_epoch: int = 250
+    val_batches: int = 10
+    val_fraction: float = 0.2
+    optimizer: str | None = None  # "sgd" (nnU-Net) | "adam" | "lookahead_nadam"
+    lr: float | None = None
+    momentum: float = 0.99
+    weight_decay: float | None = None
+    lr_schedule: str | None = None  # "poly" | "constant"
+    loss: str | None = None  # "dice_ce" | "soft_dice" | "ce"
+    early_stopping_patience: int | None = None  # epochs without a lower validation loss
+    batch_size: int | None = None
+    patch_size: tuple[int, ...] | None = None
+    deep_supervision: bool = True
+    batch_dice: bool | None = None
+    oversample_foreground: float = 0.33
+    augment: bool = True
+    mirror_axes: tuple[int, ...] | None = None  # patch axes mirrored in training and TTA; None: all
+    ignore_label: int | None = None
+    device: str = "auto"
+    amp: bool = True
+    seed: int = 0
+    init_checkpoint: str | None = None
+    resume: str | None = None
+    label_names: dict | None = None
+    variant_options: dict = field(default_factory=dict)  # read by trainer variants (plain types)
+    grad_clip: float = 12.0
+    num_threads: int | None = None
+    rank_report_dir: str | None = None  # distributed runs: each process writes rank{R}.json there
+
+    def to_dict(self) -> dict:
+        """The settings in plain types (tuples as lists), as stored in ``run.json`` and checkpoints."""
+        d = asdict(self)
+        for key in ("patch_size", "mirror_axes"):
+            if d[key] is not None:
+                d[key] = list(d[key])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        """Rebuild a config from :meth:`to_dict`'s output (also of older versions of the package).
+
+        A top-level key that a variant registered (:func:`register_variant_option`) moves into
+        ``variant_options``.
+
+        Raises:
+            TrainingError: ``d`` has keys that are neither settings nor registered variant options.
+        """
+        known = {f.name for f in fields(cls)}
+        d = dict(d)
+        options = dict(d.get("variant_options") or {})
+        for key in sorted((set(d) - known) & _VARIANT_OPTIONS):
+            value = d.pop(key)
+            if value is not None:
+                options.setdefault(key, value)
+        unknown = set(d) - known
+        if unknown:
+            raise TrainingError(f"Unknown training settings {sorted(unknown)}; known: {sorted(known)}")
+        d["variant_options"] = options
+        for key in ("patch_size", "mirror_axes"):
+            if d.get(key) is not None:
+                d[key] = tuple(d[key])
+        return cls(**d)
+
+
+_RECIPE_DEFAULTS = {
+    "optimizer": "sgd", "lr": 1e-2, "weight_decay": 3e-5, "lr_schedule": "poly", "loss": "dice_ce",
+    "early_stopping_patience": None,
+}
+
+
+def resolve_recipe(config: TrainConfig) -> TrainConfig:
+    """A copy of ``config`` whose unset (``None``) optimisation settings come from the model's recipe.
+
+    Also fills in the model's planner configuration when ``config.configuration`` is ``None``.
+    Returns ``config`` itself when nothing was unset.
+    """
+    spec = get_model_spec(config.model)
+    recipe = spec.training
+    values: dict[str, Any] = {}
+    if config.configuration is None:
+        values["configuration"] = spec.configuration or ("2d" if spec.spatial_dims[0] == 2 else "3d_fullres")
+    for key, default in _RECIPE_DEFAULTS.items():
+        if getattr(config, key) is not None:
+            continue
+        if key == "early_stopping_patience":
+            values[key] = recipe.get("early_stopping_patience") if recipe.get("early_stopping") else None
+        else:
+            values[key] = recipe.get(key, default)
+    return replace(config, **values) if values else config
+
+
+__all__ = ["TrainConfig", "TrainingError", "register_variant_option", "resolve_recipe"]

@@ -1,0 +1,335 @@
+"""From a dataset (folder, ``RawDataset`` or arrays) to preprocessed, checked, split training cases.
+
+:func:`prepare_data` runs, in order:
+
+1. :func:`case_inputs` -- what the cases are (files or arrays), their label names and channels;
+2. :func:`plan_training` -- the plan: the resumed checkpoint's, the fine-tuning checkpoint's (so that
+   preprocessing matches the weights), or the automatic planner's on this data's fingerprint, with
+   the run's patch and batch size applied;
+3. the trainer class for this config and plan (:func:`~napari_medseg.engine.training.registry.trainer_for`),
+   whose :meth:`~napari_medseg.engine.training.trainer.Trainer.prepare_cases` hook preprocesses the
+   cases (a variant may add input channels there);
+4. :func:`check_labels` and :func:`split_cases` (validation fraction, seeded).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Generator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from napari_medseg.engine.checkpoints import Checkpoint, load_checkpoint
+from napari_medseg.engine.data import (
+    Case,
+    RawCase,
+    RawDataset,
+    case_from_arrays,
+    load_case,
+    load_raw_dataset,
+    read_raw_case,
+)
+from napari_medseg.engine.jobs import Message, Progress
+from napari_medseg.engine.planning import (
+    Plan,
+    compute_fingerprint,
+    get_pool_and_conv_props,
+    plan_from_fingerprint,
+)
+from napari_medseg.engine.training.config import TrainConfig, TrainingError, resolve_recipe
+from napari_medseg.engine.training.registry import trainer_for
+
+
+@dataclass
+class TrainingData:
+    """Preprocessed cases plus what the checkpoint must remember about them."""
+
+    train_cases: list
+    val_cases: list
+    plan: Plan
+    label_names: dict[int, str]
+    fingerprint: dict = field(default_factory=dict)
+    val_is_train: bool = False
+    source: Checkpoint | None = None  # the resume / fine-tune checkpoint, loaded once
+
+
+@dataclass
+class CaseInputs:
+    """The training cases before preprocessing: raw files or in-memory arrays.
+
+    Attributes:
+        raw_cases: The dataset's cases on disk (``None`` for arrays).
+        arrays: ``(image (C, *spatial), label, spacing)`` per case (empty for raw cases).
+        label_names: Class names by value (from ``dataset.json``, else the config's, else empty).
+        num_channels: Image channels.
+        modality: Modality per channel (``"CT"``, ``"MRI"``, ...).
+    """
+
+    raw_cases: list[RawCase] | None
+    arrays: list[tuple]
+    label_names: dict[int, str]
+    num_channels: int
+    modality: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return len(self.raw_cases) if self.raw_cases is not None else len(self.arrays)
+
+    def name(self, i: int) -> str:
+        """The name of case ``i`` (the file's case name, or ``case_{i}`` for arrays)."""
+        return self.raw_cases[i].name if self.raw_cases is not None else f"case_{i}"
+
+    def read(self, i: int) -> tuple[np.ndarray, tuple[float, ...], np.ndarray | None]:
+        """Case ``i`` in its source geometry: ``(image (C, *spatial) float32, spacing, label)``."""
+        if self.raw_cases is not None:
+            return read_raw_case(self.raw_cases[i])
+        image, label, spacing = self.arrays[i]
+        return image, spacing, label
+
+    def load(self, i: int, plan: Plan) -> Case:
+        """Case ``i`` preprocessed with ``plan`` (files: label values checked against the plan)."""
+        if self.raw_cases is not None:
+            return load_case(self.raw_cases[i], plan)
+        image, label, spacing = self.arrays[i]
+        return case_from_arrays(image, label, spacing, plan, name=self.name(i))
+
+
+def as_case_arrays(item) -> tuple[np.ndarray, np.ndarray | None, tuple]:
+    """Check one ``(image, label, spacing)`` item; returns it with a channel axis and float32 image.
+
+    Raises:
+        TrainingError: the image does not fit the spacing, or the labels not the image.
+    """
+    image, label, spacing = item
+    image = np.asarray(image, dtype=np.float32)
+    spacing = tuple(float(s) for s in spacing)
+    if image.ndim == len(spacing):
+        image = image[None]
+    if image.ndim != len(spacing) + 1:
+        raise TrainingError(f"Image of shape {image.shape} does not fit spacing {spacing}.")
+    if label is not None:
+        label = np.asarray(label)
+        if label.shape != image.shape[1:]:
+            raise TrainingError(
+                f"Labels of shape {label.shape} do not match the image's spatial shape {image.shape[1:]}."
+            )
+    return image, label, spacing
+
+
+def case_inputs(config: TrainConfig, data: Any) -> CaseInputs:
+    """What to train on: a dataset folder, a ``RawDataset`` or a list of ``(image, label, spacing)``.
+
+    The config's ``label_names``, when given, win over the dataset's.
+
+    Raises:
+        TrainingError: no cases, or images with different numbers of channels.
+    """
+    if isinstance(data, (str, os.PathLike)):
+        data = load_raw_dataset(os.fspath(data))
+    if isinstance(data, RawDataset):
+        inputs = CaseInputs(
+            list(data.cases), [], {int(k): v for k, v in data.labels.items()}, data.num_channels,
+            tuple(data.modality),
+        )
+    else:
+        arrays = [as_case_arrays(item) for item in data]
+        if not arrays:
+            raise TrainingError("No training cases were given.")
+        num_channels = arrays[0][0].shape[0]
+        if any(a[0].shape[0] != num_channels for a in arrays):
+            raise TrainingError("All training images must have the same number of channels.")
+        inputs = CaseInputs(None, arrays, dict(config.label_names or {}), num_channels, ("MRI",) * num_channels)
+    if config.label_names:
+        inputs.label_names = {int(k): v for k, v in config.label_names.items()}
+    return inputs
+
+
+def source_checkpoint(config: TrainConfig, loaded: Checkpoint | None = None) -> Checkpoint | None:
+    """The checkpoint a run resumes or fine-tunes from (``loaded`` when it is that one), else None."""
+    path = config.resume or config.init_checkpoint
+    if not path:
+        return None
+    if loaded is not None and loaded.path and os.path.realpath(loaded.path) == os.path.realpath(path):
+        return loaded
+    return load_checkpoint(path, map_location="cpu")
+
+
+# ------------------------------------------------------------------------------------------ planning
+#: Configurations a variant derives from the planner's others when the planner made none.
+_DERIVED: dict[str, tuple[Callable[[dict[str, Plan]], Plan | None], str]] = {}
+
+
+def register_derived_configuration(
+    configuration: str, derive: Callable[[dict[str, Plan]], Plan | None], message: str = ""
+) -> None:
+    """Let a variant supply ``configuration`` when the planner made no plan of that name.
+
+    Called by a trainer variant at import time (e.g. the cascade on the ``3d_fullres`` plan of
+    data too small for a low-res stage).
+
+    Args:
+        configuration: The configuration name a run may ask for.
+        derive: ``plans -> Plan`` (or ``None`` when it cannot be derived from these plans).
+        message: Told to the user when the derived plan is used.
+    """
+    _DERIVED[configuration] = (derive, message)
+
+
+def _choose_plan(config: TrainConfig, plans: dict[str, Plan]) -> Generator[Message, None, Plan]:
+    if config.configuration not in plans and config.configuration in _DERIVED:
+        derive, message = _DERIVED[config.configuration]
+        derived = derive(plans)
+        if derived is not None:
+            plans[config.configuration] = derived
+            if message:
+                yield Message(message)
+    if config.configuration not in plans:
+        raise TrainingError(
+            f"Configuration {config.configuration!r} does not apply to this data; "
+            f"the planner made {sorted(plans)}."
+        )
+    return plans[config.configuration]
+
+
+def _plan_from_data(config: TrainConfig, inputs: CaseInputs) -> Generator[Any, None, tuple[Plan, dict]]:
+    yield Progress("plan", 0, 1, "computing the dataset fingerprint")
+    fingerprint = compute_fingerprint(inputs.read(i) for i in range(len(inputs)))
+    num_classes = int(fingerprint.get("num_classes") or 2)
+    if config.ignore_label is not None and config.ignore_label == num_classes - 1:
+        num_classes -= 1  # the ignore label is not a class (partially annotated data)
+    num_classes = max(num_classes, max(inputs.label_names, default=0) + 1, 2)
+    plans = plan_from_fingerprint(fingerprint, modality=inputs.modality, num_classes=num_classes)
+    plan = yield from _choose_plan(config, plans)
+    yield Progress("plan", 1, 1, f"planned {config.configuration}")
+    return plan, fingerprint
+
+
+def _apply_patch_size(config: TrainConfig, plan: Plan) -> None:
+    """Set the run's patch size on ``plan`` (new pooling and kernels unless weights are loaded)."""
+    if len(config.patch_size) != len(plan.patch_size):
+        raise TrainingError(
+            f"patch_size {tuple(config.patch_size)} has {len(config.patch_size)} axes; this "
+            f"configuration needs {len(plan.patch_size)}."
+        )
+    patch = tuple(int(p) for p in config.patch_size)
+    if patch != tuple(plan.patch_size) and not (config.resume or config.init_checkpoint):
+        # As nnU-Net: the pooling and kernels follow the patch (a checkpoint's stay fixed).
+        _, pools, convs, padded, _ = get_pool_and_conv_props(plan.spacing[-len(patch):], patch)
+        if tuple(padded) != patch:
+            raise TrainingError(
+                f"patch_size {patch} does not fit the network's pooling; use {tuple(padded)} "
+                "(each axis a multiple of 2 to the number of poolings along it)."
+            )
+        plan.pool_kernels, plan.conv_kernels = pools, convs
+    plan.patch_size = patch
+
+
+def plan_training(
+    config: TrainConfig, inputs: CaseInputs, source: Checkpoint | None
+) -> Generator[Progress | Message, None, tuple[Plan, dict]]:
+    """The run's plan and the data fingerprint it came from (``{}`` when it is the checkpoint's).
+
+    Fills in ``inputs.label_names`` (``class_{c}``) when neither the data nor the config name them.
+
+    Raises:
+        TrainingError: the configuration does not apply, or the patch size does not fit.
+    """
+    fingerprint: dict = {}
+    if source is not None:
+        plan = Plan.from_dict(source.plan)
+    else:
+        plan, fingerprint = yield from _plan_from_data(config, inputs)
+    if not inputs.label_names:
+        inputs.label_names = {0: "background", **{c: f"class_{c}" for c in range(1, plan.num_classes)}}
+    plan.num_classes = max(plan.num_classes, len(inputs.label_names))
+    if config.patch_size is not None:
+        _apply_patch_size(config, plan)
+    if config.batch_size is not None:
+        plan.batch_size = int(config.batch_size)
+    return plan, fingerprint
+
+
+# ------------------------------------------------------------------------------------ checks, split
+def check_labels(
+    cases, label_names: dict[int, str], ignore_label: int | None, need_foreground: bool = True
+) -> None:
+    """Check that every case has labels, only known values, and that something is labelled.
+
+    Raises:
+        TrainingError: a case without labels or with unknown values; nothing labelled; or no
+            foreground anywhere while ``need_foreground`` (fine-tuning may learn from background).
+    """
+    allowed = set(label_names) | ({ignore_label} if ignore_label is not None else set())
+    any_fg = any_labelled = False
+    for case in cases:
+        if case.label is None:
+            raise TrainingError(f"Case {case.name!r} has no labels; training needs labels.")
+        values = set(np.unique(case.label).tolist())
+        unknown = values - allowed
+        if unknown:
+            raise TrainingError(
+                f"Case {case.name!r} has label values {sorted(unknown)} that are not among the "
+                f"classes {sorted(label_names)}" + (f" or the ignore label {ignore_label}" if ignore_label is not None else "")
+                + "."
+            )
+        labelled = values - ({ignore_label} if ignore_label is not None else set())
+        any_labelled |= bool(labelled)
+        any_fg |= bool(labelled - {0})
+    if not any_labelled:
+        raise TrainingError("No voxel is labelled: every voxel carries the ignore label.")
+    if need_foreground and not any_fg:
+        # Fine-tuning may learn from background-only corrections (erased false positives).
+        raise TrainingError("The labels are empty: no case has any foreground voxel to learn from.")
+
+
+def split_cases(cases: list, val_fraction: float, seed: int) -> tuple[list, list, bool]:
+    """Seeded train / validation split: ``(train, validation, validation is the training set)``.
+
+    At least one validation case when there are two or more cases and ``val_fraction > 0``; one
+    case trains and validates on itself.
+    """
+    order = np.random.default_rng(seed).permutation(len(cases))
+    n_val = int(round(val_fraction * len(cases))) if len(cases) > 1 else 0
+    n_val = min(max(n_val, 1 if len(cases) > 1 and val_fraction > 0 else 0), len(cases) - 1)
+    val_idx, train_idx = set(order[:n_val].tolist()), order[n_val:].tolist()
+    train_cases = [cases[i] for i in train_idx]
+    val_cases = [cases[i] for i in sorted(val_idx)] or train_cases
+    return train_cases, val_cases, not val_idx
+
+
+def prepare_data(
+    config: TrainConfig, data: Any, trainer_cls: type | None = None
+) -> Generator[Progress | Message, None, TrainingData]:
+    """Turn a dataset folder, a ``RawDataset`` or in-memory arrays into preprocessed cases.
+
+    Args:
+        config: The run's settings.
+        data: A path to an nnU-Net raw dataset, a ``RawDataset``, or a list of
+            ``(image, label, spacing)`` tuples (image ``(z, y, x)`` or ``(C, z, y, x)``).
+        trainer_cls: The trainer whose :meth:`prepare_cases` hook preprocesses the cases; default:
+            the registered one for this config and plan.
+
+    Yields:
+        ``Progress`` (planning, preprocessing) and ``Message`` events.
+
+    Returns:
+        The split cases, the plan and what the checkpoint must remember about them.
+    """
+    config = resolve_recipe(config)
+    inputs = case_inputs(config, data)
+    source = source_checkpoint(config)
+    plan, fingerprint = yield from plan_training(config, inputs, source)
+    cls = trainer_cls or trainer_for(config, plan)
+    cases = yield from cls.prepare_cases(config, inputs, plan)
+    check_labels(cases, inputs.label_names, config.ignore_label, need_foreground=not config.init_checkpoint)
+    train_cases, val_cases, val_is_train = split_cases(cases, config.val_fraction, config.seed)
+    return TrainingData(
+        train_cases, val_cases, plan, inputs.label_names, fingerprint, val_is_train=val_is_train, source=source
+    )
+
+
+__all__ = [
+    "CaseInputs", "TrainingData", "as_case_arrays", "case_inputs", "check_labels", "plan_training",
+    "prepare_data", "register_derived_configuration", "source_checkpoint", "split_cases",
+]
