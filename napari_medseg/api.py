@@ -43,8 +43,9 @@ from napari_medseg.engine.planning import (
     plans_to_json,
 )
 from napari_medseg.engine.training import TrainConfig
+from napari_medseg.io import check_outputs
 from napari_medseg.io.atomic import atomic_write_json
-from napari_medseg.models import count_parameters, create_model, get_model_spec, list_models
+from napari_medseg.models import create_model, get_model_spec, list_models
 
 EventCallback = Callable[[Any], None]
 Checkpoints = str | os.PathLike | Checkpoint | Sequence[str | os.PathLike | Checkpoint]
@@ -151,6 +152,7 @@ def plan(
     *,
     memory_budget: float | None = None,
     on_case: EventCallback | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Plan]:
     """Fingerprint an nnU-Net raw dataset and plan its configurations (nnU-Net v1's planner).
 
@@ -161,11 +163,22 @@ def plan(
         output: Where to write ``plans.json``.
         memory_budget: GPU memory in GB to plan for (default: nnU-Net's 8 GB reference).
         on_case: Called with each case's name as it is read.
+        overwrite: Replace existing ``plans.json`` / ``fingerprint.json`` (the dataset's own files
+            are never replaced).
+
+    Raises:
+        OutputError: an output would replace a dataset file, or an existing file without ``overwrite``.
 
     Returns:
         ``{configuration: Plan}``.
     """
     raw = load_raw_dataset(dataset_dir)
+    out = os.fspath(output or os.path.join(dataset_dir, "plans.json"))
+    fingerprint_path = os.path.join(os.path.dirname(os.path.abspath(out)), "fingerprint.json")
+    dataset_files = [os.path.join(dataset_dir, "dataset.json")] + [
+        p for rc in raw.cases for p in (*rc.image_paths, rc.label_path) if p
+    ]
+    check_outputs([out, fingerprint_path], dataset_files, overwrite=overwrite)
 
     def cases():
         for rc in raw.cases:
@@ -178,9 +191,8 @@ def plan(
         fingerprint, modality=tuple(raw.modality), memory_budget=memory_budget,
         num_classes=max(raw.num_classes, int(fingerprint.get("num_classes") or 2)),
     )
-    out = os.fspath(output or os.path.join(dataset_dir, "plans.json"))
     plans_to_json(plans, out)
-    atomic_write_json(os.path.join(os.path.dirname(os.path.abspath(out)), "fingerprint.json"), to_plain(fingerprint))
+    atomic_write_json(fingerprint_path, to_plain(fingerprint))
     return plans
 
 
@@ -247,8 +259,7 @@ def describe_models() -> list[dict]:
     for name in list_models():
         spec = get_model_spec(name)
         try:
-            model = create_model(name, 1, 2, spec.spatial_dims[-1], **spec.default_kwargs)
-            params: int | str = int(count_parameters(model))
+            params: int | str = evaluation.default_parameter_count(name)
         except Exception as err:  # a model that cannot build is reported, not hidden
             params = f"error: {err}"
         rows.append({

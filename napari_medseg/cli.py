@@ -11,6 +11,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -24,17 +25,21 @@ logger = logging.getLogger("napari_medseg")
 # --------------------------------------------------------------------------- helpers
 class TerminalProgress:
     """An ``on_event`` callback for the API's long jobs: one tqdm bar per stage on stderr, epoch
-    lines and messages above them. ``quiet`` shows nothing."""
+    lines and messages above them (``quiet`` shows nothing). When ``stop`` is set (a signal
+    arrived), it raises ``Cancelled``: the job stops at this event, after its own clean-up."""
 
-    def __init__(self, quiet: bool = False) -> None:
+    def __init__(self, quiet: bool = False, stop: Any = None) -> None:
         self.quiet = quiet
+        self.stop = stop
         self.bars: dict[str, Any] = {}
 
     def __call__(self, event: Any) -> None:
         from tqdm import tqdm
 
-        from .engine.jobs import EpochEnd, Message, Progress
+        from .engine.jobs import Cancelled, EpochEnd, Message, Progress
 
+        if self.stop is not None and self.stop.is_set():
+            raise Cancelled()
         if self.quiet:
             return
         if isinstance(event, Progress):
@@ -67,12 +72,27 @@ class TerminalProgress:
 
 @contextmanager
 def terminal_progress(quiet: bool = False) -> Iterator[TerminalProgress]:
-    """A :class:`TerminalProgress` whose bars are closed at the end."""
-    progress = TerminalProgress(quiet)
-    try:
-        yield progress
-    finally:
-        progress.close()
+    """A :class:`TerminalProgress` that stops the job on SIGINT/SIGTERM; bars closed at the end."""
+    from .engine.jobs import Cancelled, stop_on_signals
+
+    with stop_on_signals() as stop:
+        progress = TerminalProgress(quiet, stop)
+        try:
+            yield progress
+        except Cancelled:
+            if not stop.is_set():
+                raise
+            raise StoppedBySignal(stop.signum) from None
+        finally:
+            progress.close()
+
+
+class StoppedBySignal(Exception):
+    """A command stopped cleanly because of SIGINT or SIGTERM."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
 
 
 def _json_arg(text: str | None) -> dict:
@@ -109,7 +129,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from . import api
 
     with tqdm(desc="fingerprint", leave=False, file=sys.stderr) as bar:
-        plans = api.plan(args.dataset, args.output, on_case=lambda name: bar.update(1))
+        plans = api.plan(args.dataset, args.output, on_case=lambda name: bar.update(1), overwrite=args.overwrite)
     for name, plan in plans.items():
         print(
             f"{name:20s} patch {'x'.join(map(str, plan.patch_size)):>12s}  batch {plan.batch_size:4d}  "
@@ -149,6 +169,7 @@ def _train_config(args: argparse.Namespace) -> Any:
         "early_stopping_patience": args.early_stopping,
         "num_threads": args.threads,
         "rank_report_dir": args.rank_report,
+        "overwrite": args.overwrite or None,
     }
     for key, value in overrides.items():
         if value is not None:
@@ -189,7 +210,7 @@ OUTPUT_FORMATS = {"nifti": ".nii.gz", "nrrd": ".nrrd", "mha": ".mha", "dicom-seg
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from . import api
-    from .io import WRITE_EXTENSIONS
+    from .io import WRITE_EXTENSIONS, check_outputs
 
     inputs = _list_inputs(args.input)
     if not inputs:
@@ -206,7 +227,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     config = api.PredictConfig(
         device=args.device, mirror=not args.no_mirror, step=args.step, batch_size=args.batch_size,
         largest_component=args.largest_component, save_probabilities=args.save_probabilities,
+        overwrite=args.overwrite,
     )
+    check_outputs(outputs, inputs, overwrite=args.overwrite)  # all of them, before any compute
     for src, dst in zip(inputs, outputs):
         with terminal_progress(args.quiet) as progress:
             api.predict_file(src, dst, args.checkpoint, config, on_event=progress)
@@ -307,6 +330,13 @@ def cmd_models(args: argparse.Namespace) -> int:
     print("  ".join(h.ljust(w) for h, w in zip(header, widths)) + "  description")
     for r in rows:
         print("  ".join(c.ljust(w) for c, w in zip(r[:4], widths)) + "  " + r[4])
+    print("\ncheckpoints (use the name with -c, --init-checkpoint, or in Python):")
+    for info in api.list_checkpoints():
+        stem = os.path.splitext(os.path.basename(info.path))[0]
+        source = "shipped" if info.shipped else "yours"
+        segments = ", ".join(info.foreground_names)
+        print(f"  {stem}  [{source}, {info.model_name}]  {info.description or segments}")
+        print(f"      segments: {segments}; data: {info.training_data or '-'}; file: {info.path}")
     return 0
 
 
@@ -331,6 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("plan", help="fingerprint a dataset and write plans.json (nnU-Net v1 planner)")
     s.add_argument("dataset", help="dataset folder in the nnU-Net raw format (imagesTr/, labelsTr/, dataset.json)")
     s.add_argument("-o", "--output", help="where to write plans.json (default: DATASET/plans.json)")
+    s.add_argument("--overwrite", action="store_true",
+                   help="replace an existing plans.json / fingerprint.json (never the dataset's own files)")
     s.set_defaults(func=cmd_plan)
 
     s = sub.add_parser(
@@ -373,6 +405,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-amp", action="store_true", help="no mixed precision on CUDA")
     s.add_argument("--dist-backend", choices=["auto", "nccl", "gloo"], default="auto",
                    help="under torchrun: process-group backend (auto: nccl on CUDA, gloo on CPU)")
+    s.add_argument("--overwrite", action="store_true",
+                   help="replace the checkpoints of an existing run folder (default: refuse; --resume continues it)")
     s.add_argument("--rank-report", metavar="DIR",
                    help="under torchrun: each process writes rank{R}.json (its replica's weight "
                    "fingerprints and losses) into DIR, to check that the replicas stayed identical")
@@ -395,6 +429,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-mirror", action="store_true", help="no mirroring test-time augmentation")
     s.add_argument("--largest-component", action="store_true", help="keep the largest component per class")
     s.add_argument("--save-probabilities", action="store_true", help="also write softmax probabilities")
+    s.add_argument("--overwrite", action="store_true",
+                   help="replace existing output files (an input is never replaced)")
     s.add_argument("-q", "--quiet", action="store_true")
     s.set_defaults(func=cmd_predict)
 
@@ -437,6 +473,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     try:
         return int(args.func(args) or 0)
+    except StoppedBySignal as stop:
+        print(f"stopped by {signal.Signals(stop.signum).name}; a training run saved checkpoint_latest.pt "
+              "(continue it with --resume)", file=sys.stderr)
+        return 128 + int(stop.signum)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -56,6 +56,7 @@ def test_models_lists_registry(capsys):
     out = capsys.readouterr().out
     for name in ("unet-2d", "unet-3d-fullres", "unet-3d-lowres", "unet-3d-cascade"):
         assert name in out
+    assert "colin27_deepgm_unet3d  [shipped, unet-3d-fullres]" in out  # checkpoints by their usable name
 
 
 def test_train_predict_evaluate(trained, dataset, tmp_path, capsys):

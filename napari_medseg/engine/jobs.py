@@ -7,7 +7,10 @@ CLI to tqdm. Events are plain, immutable and cheap to create.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Generator
+import signal
+import threading
+from collections.abc import Callable, Generator, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -102,7 +105,37 @@ def collect(gen: Generator[Any, None, Any]) -> tuple[list[Any], Any]:
 
 
 class Cancelled(Exception):
-    """Raised by :func:`relay` when its ``should_stop`` says so; the inner generator is closed."""
+    """A job was asked to stop (:func:`relay`'s ``should_stop``, a signal under
+    :func:`stop_on_signals`); the generator has been closed, so it ran its own clean-up."""
+
+
+@contextmanager
+def stop_on_signals(signals: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)) -> Iterator[threading.Event]:
+    """Turn SIGINT (Ctrl-C) and SIGTERM (``kill``, a job scheduler) into a request to stop.
+
+    Inside the block, the first such signal only sets the returned event; the job's event callback
+    checks it and raises :class:`Cancelled`, so :func:`drive` closes the generator at its next
+    ``yield`` (within one training iteration or one tile): training saves a resumable checkpoint.
+    A second Ctrl-C interrupts at once. Outside the main thread nothing is installed.
+    """
+    stop = threading.Event()
+    stop.signum = None  # which signal asked
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+
+    def handler(signum, frame):
+        if stop.is_set() and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        stop.signum = signum
+        stop.set()
+
+    previous = {s: signal.signal(s, handler) for s in signals}
+    try:
+        yield stop
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 
 def relay(

@@ -24,10 +24,14 @@ from .dispatch import (
     write_volume,
 )
 from .nifti import MAX_VOXELS, NIFTI_EXTENSIONS, is_nifti_path, read_nifti, write_nifti
+from .outputs import OutputError, check_output, check_outputs
 from .volume import NiftiError, Volume, VolumeError, affine_from_spacing, geometry_from_volume
 from .world import affine_from_napari, layer_transform, napari_matrix, voxel_to_world
 
 __all__ = [
+    "OutputError",
+    "check_output",
+    "check_outputs",
     "MAX_VOXELS",
     "NIFTI_EXTENSIONS",
     "VOLUME_EXTENSIONS",

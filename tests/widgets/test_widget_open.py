@@ -67,4 +67,6 @@ def test_model_library_measures_cpu_time(make_napari_viewer, qtbot, monkeypatch)
     col = MODEL_COLUMNS.index("CPU s / patch")
     text = widget.models_table.item(widget.row_of("unet-3d-fullres"), col).text()
     seconds, patch = timing.cached_cpu_time("unet-3d-fullres")
+    params = widget.models_table.item(widget.row_of("unet-3d-fullres"), MODEL_COLUMNS.index("Parameters")).text()
+    assert params == f"{timing.default_parameter_count('unet-3d-fullres') / 1e6:.2f} M"  # the CLI's and README's figure
     assert seconds > 0 and text == f"{seconds:.2f} ({'×'.join(map(str, patch))})"

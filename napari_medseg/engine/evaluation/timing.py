@@ -32,8 +32,11 @@ def default_patch(model_name: str, model: Any = None) -> tuple[int, ...]:
 
 
 def default_parameter_count(model_name: str) -> int:
-    """Trainable parameters of ``model_name`` in its default configuration (1 channel, 2 classes)."""
-    return int(count_parameters(create_model(model_name, 1, 2)))
+    """Trainable parameters of ``model_name`` in its default configuration: its default kwargs,
+    1 channel, 2 classes, its highest dimensionality (3D for a 2D/3D family). The one figure that
+    the model library, ``napari-medseg models`` and the README show."""
+    spec = get_model_spec(model_name)
+    return int(count_parameters(create_model(model_name, 1, 2, spec.spatial_dims[-1], **spec.default_kwargs)))
 
 
 def _timing_key(model_name: str, patch: tuple[int, ...]) -> str:

@@ -25,6 +25,8 @@ class PredictConfig:
         return_uncertainty: Also return the normalised entropy of the mean softmax.
         save_probabilities: When predicting a file, also write the probabilities beside the labels
             (implies ``return_probabilities``).
+        overwrite: When predicting a file, replace an existing output file (an input is never
+            replaced).
     """
 
     device: str = "auto"
@@ -35,6 +37,7 @@ class PredictConfig:
     return_probabilities: bool = False
     return_uncertainty: bool = False
     save_probabilities: bool = False
+    overwrite: bool = False
 
     def __post_init__(self) -> None:
         if not (isinstance(self.step, (int, float)) and math.isfinite(self.step) and 0 < self.step <= 1):

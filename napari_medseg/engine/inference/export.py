@@ -21,7 +21,13 @@ from napari_medseg.engine.inference.config import InferenceError, PredictConfig
 from napari_medseg.engine.inference.postprocessing import PredictionResult
 from napari_medseg.engine.inference.predict import CheckpointsArg, predict
 from napari_medseg.engine.jobs import Progress
-from napari_medseg.io import WRITE_EXTENSIONS, read_volume, volume_format, write_volume
+from napari_medseg.io import (
+    WRITE_EXTENSIONS,
+    check_outputs,
+    read_volume,
+    volume_format,
+    write_volume,
+)
 from napari_medseg.io.atomic import atomic_path
 
 logger = logging.getLogger(__name__)
@@ -58,12 +64,16 @@ def predict_file(
     Raises:
         InferenceError: no input file, channel files of different shapes, or an output name
             :func:`~napari_medseg.io.write_volume` cannot write (checked before the compute).
+        OutputError: the output would replace an input, or an existing file without
+            ``overwrite`` (checked before the compute).
     """
     cfg = PredictConfig.build(config, **overrides)
     paths = [path_in] if isinstance(path_in, (str, os.PathLike)) else list(path_in)
     if not paths:
         raise InferenceError("predict_file needs at least one input file.")
     path_out = _checked_output(os.fspath(path_out), paths)  # fail before the compute, not after
+    check_outputs([path_out] + ([probabilities_path(path_out)] if cfg.save_probabilities else []), paths,
+                  overwrite=cfg.overwrite)
     os.makedirs(os.path.dirname(os.path.abspath(path_out)), exist_ok=True)
     volumes = [read_volume(p) for p in paths]
     channels = [v.data if v.channel_axis == 0 else v.data[None] for v in volumes]

@@ -9,6 +9,7 @@ Settings that only a trainer variant understands travel in :attr:`TrainConfig.va
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
@@ -82,6 +83,7 @@ class TrainConfig:
     variant_options: dict = field(default_factory=dict)  # read by trainer variants (plain types)
     grad_clip: float = 12.0
     num_threads: int | None = None
+    overwrite: bool = False  # replace an existing run's checkpoints (else refused; resume continues one)
     rank_report_dir: str | None = None  # distributed runs: each process writes rank{R}.json there
 
     def to_dict(self) -> dict:
@@ -119,6 +121,22 @@ class TrainConfig:
         return cls(**d)
 
 
+RUN_FILES = ("run.json", "checkpoint_latest.pt", "checkpoint_best.pt", "checkpoint_final.pt")
+
+
+def check_run_folder(config: TrainConfig) -> None:
+    """Refuse to start in a folder that holds another run, unless resuming or overwriting it."""
+    if config.resume or config.overwrite or not os.path.isdir(config.output_dir):
+        return
+    found = [f for f in RUN_FILES if os.path.exists(os.path.join(config.output_dir, f))]
+    if found:
+        raise TrainingError(
+            f"{config.output_dir} already holds a run ({', '.join(found)}): training there would replace "
+            "its checkpoints. Choose another output folder, continue it with --resume "
+            f"{os.path.join(config.output_dir, 'checkpoint_latest.pt')}, or pass --overwrite (overwrite=True)."
+        )
+
+
 _RECIPE_DEFAULTS = {
     "optimizer": "sgd", "lr": 1e-2, "weight_decay": 3e-5, "lr_schedule": "poly", "loss": "dice_ce",
     "early_stopping_patience": None,
@@ -146,4 +164,4 @@ def resolve_recipe(config: TrainConfig) -> TrainConfig:
     return replace(config, **values) if values else config
 
 
-__all__ = ["TrainConfig", "TrainingError", "register_variant_option", "resolve_recipe"]
+__all__ = ["RUN_FILES", "TrainConfig", "TrainingError", "check_run_folder", "register_variant_option", "resolve_recipe"]

@@ -95,7 +95,8 @@ def load_initial_weights(trainer) -> None:
             trainer.optimizer.load_state_dict(ckpt.optimizer_state)
         trainer.start_epoch = int(ckpt.epoch) + 1
         trainer.history = list(ckpt.history or [])
-        trainer.best_dice = float(ckpt.extra.get("best_dice", -math.inf)) if ckpt.extra else -math.inf
+        best = (ckpt.extra or {}).get("best_dice")  # None when saved before any validation (-inf)
+        trainer.best_dice = float(best) if best is not None else -math.inf
         trainer.messages.append(f"Resumed from {cfg.resume} at epoch {trainer.start_epoch}.")
     elif cfg.init_checkpoint:
         skipped = load_weights_for_finetune(trainer.model, ckpt)

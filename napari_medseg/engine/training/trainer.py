@@ -1,9 +1,8 @@
 """Training as a generator: nnU-Net (v1) style SGD/poly training behind a few overridable hooks.
 
-``train(config, data)`` yields :class:`~napari_medseg.engine.jobs.Progress` per iteration and
-:class:`~napari_medseg.engine.jobs.EpochEnd` per epoch, and returns the path of the final
-checkpoint. Closing the generator (the widget's Stop, Ctrl-C in the CLI) stops within one iteration
-and saves a resumable checkpoint first (DESIGN.md conventions 2 and 8).
+``train(config, data)`` yields ``Progress`` per iteration and ``EpochEnd`` per epoch and returns the
+final checkpoint's path. Closing the generator (Stop; Ctrl-C or SIGTERM in the CLI) stops within
+one iteration and saves a resumable ``checkpoint_latest.pt`` first.
 
 The loop follows Isensee et al., "nnU-Net", Nature Methods 18, 2021: SGD with Nesterov momentum
 0.99, poly learning-rate decay (exponent 0.9), Dice + CE, deep supervision, 33 % foreground
@@ -38,7 +37,12 @@ from napari_medseg.engine.planning import Plan
 from napari_medseg.engine.runtime import distributed as ddp
 from napari_medseg.engine.runtime.oom import is_oom_error
 from napari_medseg.engine.training import state
-from napari_medseg.engine.training.config import TrainConfig, TrainingError, resolve_recipe
+from napari_medseg.engine.training.config import (
+    TrainConfig,
+    TrainingError,
+    check_run_folder,
+    resolve_recipe,
+)
 from napari_medseg.engine.training.losses import (
     DeepSupervisionLoss,
     DiceCELoss,
@@ -396,13 +400,16 @@ def train(config: TrainConfig, data: Any, trainer_cls: type[Trainer] | None = No
     Args:
         config: The run's settings.
         data: A dataset folder, a ``RawDataset``, or a list of ``(image, label, spacing)``.
-        trainer_cls: A :class:`Trainer` subclass to use; default: the registered trainer for the run
-            (:func:`~napari_medseg.engine.training.registry.trainer_for`: a cascade stage's plan, a
-            model with its own variant (e.g. a whole-volume model), else :class:`Trainer`).
+        trainer_cls: A :class:`Trainer` subclass; default: :func:`~.registry.trainer_for` the run
+            (a registered variant for its model or plan, else :class:`Trainer`).
 
     Yields:
         ``Progress`` (planning, preprocessing, each iteration), ``Message`` and ``EpochEnd``.
+
+    Raises:
+        TrainingError: ``output_dir`` holds another run and neither ``resume`` nor ``overwrite`` is set.
     """
+    check_run_folder(config)
     config = resolve_recipe(config)
     prepared = yield from relay(prepare_data(config, data, trainer_cls))
     cls = trainer_cls or trainer_for(config, prepared.plan)
