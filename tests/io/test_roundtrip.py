@@ -7,6 +7,7 @@ import json
 import nibabel as nib
 import numpy as np
 import pytest
+from io_helpers import make_affine, rotation
 
 from napari_medseg.io import (
     NiftiError,
@@ -16,21 +17,6 @@ from napari_medseg.io import (
     read_nifti,
     write_nifti,
 )
-
-
-def rotation(ax: float, ay: float, az: float) -> np.ndarray:
-    cx, sx, cy, sy, cz, sz = np.cos(ax), np.sin(ax), np.cos(ay), np.sin(ay), np.cos(az), np.sin(az)
-    rx = np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
-    ry = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
-    rz = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
-    return rz @ ry @ rx
-
-
-def make_affine(zooms, rot=np.eye(3), flip=(1, 1, 1), origin=(-12.5, 30.25, 7.0)) -> np.ndarray:
-    aff = np.eye(4)
-    aff[:3, :3] = rot @ np.diag(np.asarray(flip, float) * np.asarray(zooms, float))
-    aff[:3, 3] = origin
-    return aff
 
 
 def save(path, data_ijk, affine, *, qcode=1, scode=1, sform=None, zooms=None, dtype=None) -> str:
