@@ -51,6 +51,7 @@ from napari_medseg.io import (
     read_dicom_series,
     read_volume,
     volume_format,
+    volume_stem,
 )
 from napari_medseg.io.world import display_axes, to_layer_order
 
@@ -85,11 +86,7 @@ def napari_get_reader(path: Any) -> Callable[[Any], list[LayerData]] | None:
 
 def layer_name(path: str) -> str:
     """File (or folder) name without its volume extension."""
-    base = os.path.basename(os.path.normpath(path))
-    for ext in sorted(VOLUME_EXTENSIONS, key=len, reverse=True):
-        if base.lower().endswith(ext):
-            return base[: -len(ext)]
-    return base
+    return volume_stem(path)
 
 
 def _piecewise_constant(data: np.ndarray) -> bool:

@@ -18,6 +18,7 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -34,7 +35,7 @@ from napari_medseg.engine.checkpoints import (
     load_checkpoint,
     to_plain,
 )
-from napari_medseg.engine.data import load_raw_dataset, read_label, read_raw_case
+from napari_medseg.engine.data import load_raw_dataset, parse_labels, read_label, read_raw_case
 from napari_medseg.engine.inference import PredictConfig, PredictionResult
 from napari_medseg.engine.planning import (
     Plan,
@@ -139,11 +140,9 @@ def train(
         data: An nnU-Net raw dataset folder, or a list of ``(image, labels, spacing)`` arrays.
         on_event: Called with every progress event (``Progress``, ``EpochEnd``, ``Message``).
     """
-    for field in ("init_checkpoint", "resume"):
-        value = getattr(config, field, None)
-        if value and not isinstance(value, Checkpoint):
-            setattr(config, field, os.fspath(resolve_checkpoint(value)))
-    return jobs.drive(training.train(config, data), on_event)
+    names = {f: getattr(config, f) for f in ("init_checkpoint", "resume")}
+    resolved = {f: os.fspath(resolve_checkpoint(v)) for f, v in names.items() if v and not isinstance(v, Checkpoint)}
+    return jobs.drive(training.train(dataclasses.replace(config, **resolved), data), on_event)
 
 
 def plan(
@@ -199,11 +198,8 @@ def plan(
 def dataset_label_names(dataset_json: str | os.PathLike) -> dict[int, str]:
     """``{value: name}`` from a ``dataset.json`` (either ``{"name": value}`` or ``{"value": "name"}``)."""
     with open(dataset_json, encoding="utf-8") as fh:
-        labels = json.load(fh).get("labels", {})
-    return {
-        (int(k) if str(k).lstrip("-").isdigit() else int(v)): str(v if str(k).lstrip("-").isdigit() else k)
-        for k, v in labels.items()
-    }
+        labels = json.load(fh).get("labels")
+    return parse_labels(labels, consecutive=False) if labels else {}
 
 
 def evaluate(

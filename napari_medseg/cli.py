@@ -249,17 +249,10 @@ def _is_dicom(path: str) -> bool:
     return volume_format(path) == "dicom"
 
 
-def _stem(path: str) -> str:
-    """The file (or folder) name without its image file ending."""
-    name = os.path.basename(os.path.normpath(path))
-    for ext in (".nii.gz", ".seg.nrrd", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm"):
-        if name.lower().endswith(ext):
-            return name[: -len(ext)]
-    return name
-
-
 def _case_name(path: str) -> str:
-    name = _stem(path)
+    from .io import volume_stem
+
+    name = volume_stem(path)
     if len(name) > 5 and name[-5] == "_" and name[-4:].isdigit():
         name = name[:-5]  # nnU-Net channel suffix _0000
     return name
@@ -268,7 +261,7 @@ def _case_name(path: str) -> str:
 def _list_inputs(path: str) -> list[str]:
     """The images to segment at ``path``: a file, a DICOM series folder, or a folder of image files
     and DICOM series folders (multi-channel nnU-Net cases by their ``_0000`` file)."""
-    from .io import is_volume_path
+    from .io import is_volume_path, volume_stem
 
     if os.path.isfile(path) or (os.path.isdir(path) and _is_dicom(path)):
         return [path]
@@ -278,7 +271,7 @@ def _list_inputs(path: str) -> list[str]:
     found = [e for e in entries if (os.path.isdir(e) and _is_dicom(e))
              or (os.path.isfile(e) and is_volume_path(e) and not e.lower().endswith(".dcm"))]
     # Multi-channel cases (_0000, _0001, ...) are predicted from their first channel file.
-    return [f for f in found if _case_name(f) == _stem(f) or _stem(f).endswith("_0000")]
+    return [f for f in found if _case_name(f) == volume_stem(f) or volume_stem(f).endswith("_0000")]
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:

@@ -30,6 +30,17 @@ def _modules() -> dict[str, pathlib.Path]:
     return {_module_name(p): p for p in PKG.rglob("*.py")}
 
 
+def _is_compute(name: str) -> bool:
+    parts = name.split(".")
+    return len(parts) > 1 and parts[1] in COMPUTE
+
+
+def _run_python(code: str, timeout: float = 300) -> None:
+    """Run ``code`` in a fresh interpreter; fail with its output unless it exits 0."""
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout)
+    assert run.returncode == 0, run.stdout + run.stderr
+
+
 def _resolve(module: str, node: ast.ImportFrom | ast.Import, is_package: bool) -> list[str]:
     """The napari_medseg modules an import statement loads (the named module itself, or for
     ``from pkg import name`` the submodule ``pkg.name`` when there is one, else ``pkg``)."""
@@ -104,8 +115,7 @@ def test_compute_code_imports_no_package_module_inside_functions():
     and the widgets defer heavy imports on purpose: torch must not slow napari's start)."""
     offenders = []
     for name, path in _modules().items():
-        parts = name.split(".")
-        if not ((len(parts) > 1 and parts[1] in COMPUTE) or name == "napari_medseg.api") or name in DEFERRED_OK:
+        if not (_is_compute(name) or name == "napari_medseg.api") or name in DEFERRED_OK:
             continue
         tree = ast.parse(path.read_text(), str(path))
         for node in ast.walk(tree):
@@ -140,7 +150,7 @@ def test_files_stay_readable():
 
 def test_every_compute_module_imports_headless():
     """Import every compute module (and the public API) in a fresh interpreter: no Qt, no napari."""
-    names = sorted(n for n in _modules() if n.split(".")[1:2] and n.split(".")[1] in COMPUTE)
+    names = sorted(n for n in _modules() if _is_compute(n))
     code = (
         "import importlib, sys\n"
         f"for name in {names + ['napari_medseg.api', 'napari_medseg.cli']!r}:\n"
@@ -149,8 +159,7 @@ def test_every_compute_module_imports_headless():
         "print(bad)\n"
         "sys.exit(1 if bad else 0)\n"
     )
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stdout + run.stderr
+    _run_python(code, timeout=300)
     assert len(names) > 40
 
 
@@ -172,8 +181,7 @@ def test_every_module_imports_first():
         "print('\\n'.join(failed))\n"
         "sys.exit(1 if failed else 0)\n"
     )
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stdout + run.stderr
+    _run_python(code, timeout=600)
 
 
 def test_package_import_is_light_and_the_api_documented():
@@ -185,5 +193,4 @@ def test_package_import_is_light_and_the_api_documented():
         "    assert name == '__version__' or (obj.__doc__ or '').strip(), name\n"
         "assert 'PredictionResult' in (m.predict.__doc__ or '')\n"
     )
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stdout + run.stderr
+    _run_python(code, timeout=300)

@@ -129,17 +129,19 @@ def read_header(path: str) -> Dataset:
         raise VolumeError(f"{path}: not a readable DICOM file ({type(exc).__name__}: {exc})") from exc
 
 
-def _floats(value, n: int, what: str, path: str) -> np.ndarray:
+def dicom_floats(value, n: int, what: str, path: str) -> np.ndarray:
+    """``value`` (a DICOM multi-value attribute) as ``n`` finite float64 numbers, or a
+    :class:`VolumeError` naming the file and the attribute."""
     try:
         arr = np.asarray([float(v) for v in value], dtype=np.float64)
     except (TypeError, ValueError) as exc:
-        raise VolumeError(f"{path}: {what} is not numeric ({value!r})") from exc
+        raise VolumeError(f"{path}: {what} is missing or not numeric ({value!r})") from exc
     if arr.size != n or not np.all(np.isfinite(arr)):
         raise VolumeError(f"{path}: {what} must be {n} finite numbers, got {value!r}")
     return arr
 
 
-def _functional(ds: Dataset, frame_item: Dataset | None, seq: str, attr: str):
+def functional_value(ds: Dataset, frame_item: Dataset | None, seq: str, attr: str):
     """An attribute from the per-frame functional group item, else the shared one, else ``None``."""
     for item in (frame_item, (ds.get("SharedFunctionalGroupsSequence") or [None])[0]):
         if item is not None and seq in item and len(item[seq].value) and attr in item[seq].value[0]:
@@ -156,8 +158,8 @@ def _record(ds: Dataset, path: str, frame: int | None, values: dict) -> SliceRec
     if values["position"] is None or values["orientation"] is None or values["spacing"] is None:
         missing = [k for k in ("position", "orientation", "spacing") if values[k] is None]
         raise VolumeError(f"{path}: no image plane ({', '.join(missing)} missing): not a cross-sectional image")
-    orientation = _floats(values["orientation"], 6, "ImageOrientationPatient", path)
-    spacing = _floats(values["spacing"], 2, "PixelSpacing", path)
+    orientation = dicom_floats(values["orientation"], 6, "ImageOrientationPatient", path)
+    spacing = dicom_floats(values["spacing"], 2, "PixelSpacing", path)
     if np.any(spacing <= 0):
         raise VolumeError(f"{path}: PixelSpacing {list(spacing)} must be positive")
     slope = float(values["slope"]) if values["slope"] not in (None, "") else 1.0
@@ -166,7 +168,7 @@ def _record(ds: Dataset, path: str, frame: int | None, values: dict) -> SliceRec
     return SliceRecord(
         path=path, frame=frame, sop_instance_uid=str(ds.SOPInstanceUID),
         sop_class_uid=str(ds.get("SOPClassUID", "")),
-        position=_floats(values["position"], 3, "ImagePositionPatient", path), orientation=orientation,
+        position=dicom_floats(values["position"], 3, "ImagePositionPatient", path), orientation=orientation,
         pixel_spacing=(float(spacing[0]), float(spacing[1])), rows=int(ds.Rows), columns=int(ds.Columns),
         slope=slope, intercept=intercept, instance_number=int(number) if number not in (None, "") else None,
         transfer_syntax=str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "") or ""),
@@ -198,11 +200,11 @@ def slice_records(ds: Dataset, path: str) -> list[SliceRecord]:
     for f in range(frames):
         item = per_frame[f] if per_frame else None
         values = {
-            "position": _functional(ds, item, "PlanePositionSequence", "ImagePositionPatient"),
-            "orientation": _functional(ds, item, "PlaneOrientationSequence", "ImageOrientationPatient"),
-            "spacing": _functional(ds, item, "PixelMeasuresSequence", "PixelSpacing"),
-            "slope": _functional(ds, item, "PixelValueTransformationSequence", "RescaleSlope"),
-            "intercept": _functional(ds, item, "PixelValueTransformationSequence", "RescaleIntercept"),
+            "position": functional_value(ds, item, "PlanePositionSequence", "ImagePositionPatient"),
+            "orientation": functional_value(ds, item, "PlaneOrientationSequence", "ImageOrientationPatient"),
+            "spacing": functional_value(ds, item, "PixelMeasuresSequence", "PixelSpacing"),
+            "slope": functional_value(ds, item, "PixelValueTransformationSequence", "RescaleSlope"),
+            "intercept": functional_value(ds, item, "PixelValueTransformationSequence", "RescaleIntercept"),
         }
         records.append(_record(ds, path, f, values))
     return records

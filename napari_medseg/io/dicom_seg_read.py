@@ -18,7 +18,7 @@ import os
 import numpy as np
 import pydicom
 
-from .dicom_scan import SEG_SOP_CLASSES, _functional
+from .dicom_scan import SEG_SOP_CLASSES, dicom_floats, functional_value
 from .dicom_series import normal_of
 from .nifti import MAX_VOXELS
 from .volume import Volume, VolumeError, foreign_errors_as, geometry_from_volume
@@ -31,34 +31,24 @@ __all__ = ["read_dicom_seg"]
 GRID_TOL = 0.1  # a frame may sit this fraction of a slice spacing off the grid
 
 
-def _vec(value, n: int, what: str, path: str) -> np.ndarray:
-    try:
-        arr = np.asarray([float(v) for v in value], dtype=np.float64)
-    except (TypeError, ValueError) as exc:
-        raise VolumeError(f"{path}: {what} is missing or not numeric") from exc
-    if arr.size != n or not np.all(np.isfinite(arr)):
-        raise VolumeError(f"{path}: {what} must be {n} finite numbers")
-    return arr
-
-
 def _frame_table(ds, path: str) -> dict:
     """Per frame: position, segment number, source SOP UID; plus the shared plane geometry."""
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     per = list(ds.get("PerFrameFunctionalGroupsSequence") or [None] * frames)
     if len(per) != frames:
         raise VolumeError(f"{path}: {len(per)} per-frame functional groups for {frames} frames")
-    iops = [_functional(ds, item, "PlaneOrientationSequence", "ImageOrientationPatient") for item in per]
-    iop = _vec(iops[0], 6, "ImageOrientationPatient", path)
-    if any(not np.allclose(_vec(o, 6, "ImageOrientationPatient", path), iop, atol=1e-4) for o in iops[1:]):
+    iops = [functional_value(ds, item, "PlaneOrientationSequence", "ImageOrientationPatient") for item in per]
+    iop = dicom_floats(iops[0], 6, "ImageOrientationPatient", path)
+    if any(not np.allclose(dicom_floats(o, 6, "ImageOrientationPatient", path), iop, atol=1e-4) for o in iops[1:]):
         raise VolumeError(f"{path}: frames with different orientations cannot form one label volume")
-    spacing = _vec(_functional(ds, per[0], "PixelMeasuresSequence", "PixelSpacing"), 2, "PixelSpacing", path)
-    between = _functional(ds, per[0], "PixelMeasuresSequence", "SpacingBetweenSlices")
-    thickness = _functional(ds, per[0], "PixelMeasuresSequence", "SliceThickness")
+    spacing = dicom_floats(functional_value(ds, per[0], "PixelMeasuresSequence", "PixelSpacing"), 2, "PixelSpacing", path)
+    between = functional_value(ds, per[0], "PixelMeasuresSequence", "SpacingBetweenSlices")
+    thickness = functional_value(ds, per[0], "PixelMeasuresSequence", "SliceThickness")
     positions, segments, sources = [], [], []
     for item in per:
-        positions.append(_vec(_functional(ds, item, "PlanePositionSequence", "ImagePositionPatient"), 3,
+        positions.append(dicom_floats(functional_value(ds, item, "PlanePositionSequence", "ImagePositionPatient"), 3,
                               "ImagePositionPatient (PlanePositionSequence)", path))
-        segments.append(_functional(ds, item, "SegmentIdentificationSequence", "ReferencedSegmentNumber"))
+        segments.append(functional_value(ds, item, "SegmentIdentificationSequence", "ReferencedSegmentNumber"))
         uid = None
         deriv = item.get("DerivationImageSequence") if item is not None else None
         if deriv and "SourceImageSequence" in deriv[0] and "ReferencedFrameNumber" not in deriv[0].SourceImageSequence[0]:

@@ -28,6 +28,7 @@ __all__ = [
     "write_dicom_seg",
     "write_metaimage",
     "write_nrrd",
+    "volume_stem",
     "write_volume",
 ]
 
@@ -38,6 +39,16 @@ DICOM_EXTENSIONS = (".dcm", ".dicom", ".ima")
 VOLUME_EXTENSIONS = NIFTI_EXTENSIONS + NRRD_EXTENSIONS + METAIMAGE_EXTENSIONS + DICOM_EXTENSIONS
 #: File name endings :func:`write_volume` writes (``.dcm`` is DICOM-SEG, for labels).
 WRITE_EXTENSIONS = NIFTI_EXTENSIONS + (".nrrd",) + METAIMAGE_EXTENSIONS + (".dcm",)
+
+
+def volume_stem(path: str | os.PathLike) -> str:
+    """The file (or folder) name of ``path`` without its volume extension (the longest of
+    :data:`VOLUME_EXTENSIONS` it ends with, any case): ``case_0000.nii.gz`` -> ``case_0000``."""
+    base = os.path.basename(os.path.normpath(os.fspath(path)))
+    for ext in sorted(VOLUME_EXTENSIONS, key=len, reverse=True):
+        if base.lower().endswith(ext):
+            return base[: -len(ext)]
+    return base
 
 
 def volume_format(path: str | os.PathLike) -> str | None:

@@ -19,6 +19,7 @@ from napari_medseg.engine.data.dataset import (
     RawCase,
     RawDataset,
     load_raw_dataset,
+    parse_labels,
     read_image,
     read_label,
     read_raw_case,
@@ -29,6 +30,6 @@ from napari_medseg.engine.data.sampling import PatchSampler
 __all__ = [
     "DATASET_FILE_ENDINGS",
     "AugmentationError", "Augmenter", "Case", "DatasetError", "PatchSampler", "RawCase", "RawDataset",
-    "case_from_arrays", "enlarged_patch_size", "iter_preprocess_dataset", "load_case", "load_raw_dataset",
+    "case_from_arrays", "enlarged_patch_size", "iter_preprocess_dataset", "load_case", "load_raw_dataset", "parse_labels",
     "read_image", "read_label", "read_raw_case", "verify_dataset",
 ]

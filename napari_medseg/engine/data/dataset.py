@@ -69,7 +69,13 @@ def _strip_ending(fname: str) -> str | None:
     return None
 
 
-def _parse_labels(raw: dict) -> dict[int, str]:
+def parse_labels(raw: dict, consecutive: bool = True) -> dict[int, str]:
+    """``{value: name}`` from dataset.json's ``labels``, nnU-Net v1 (``{"0": "background"}``) or v2
+    (``{"background": 0}``) style; ``consecutive`` also requires the values 0..K-1 (training does).
+
+    Raises:
+        DatasetError: empty, region-based (list-valued) or unreadable labels.
+    """
     if not isinstance(raw, dict) or not raw:
         raise DatasetError("dataset.json needs a non-empty 'labels' mapping")
     try:
@@ -83,7 +89,7 @@ def _parse_labels(raw: dict) -> dict[int, str]:
         if isinstance(err, DatasetError):
             raise
         raise DatasetError(f"Cannot read the 'labels' of dataset.json: {raw}") from err
-    if sorted(labels) != list(range(len(labels))):
+    if consecutive and sorted(labels) != list(range(len(labels))):
         raise DatasetError(
             f"dataset.json labels must be consecutive integers from 0 (background); got {sorted(labels)}"
         )
@@ -176,7 +182,7 @@ def load_raw_dataset(folder: str | os.PathLike) -> RawDataset:
     if ending not in DATASET_FILE_ENDINGS:
         raise DatasetError(f"Unsupported file_ending {ending!r} in {meta_path}; supported: {', '.join(DATASET_FILE_ENDINGS)}")
     channels = _parse_channels(meta)
-    labels = _parse_labels(meta.get("labels"))
+    labels = parse_labels(meta.get("labels"))
     images = _scan_images(images_tr, len(channels), "imagesTr")
     if not images:
         raise DatasetError(f"{images_tr} contains no images ({', '.join(DATASET_FILE_ENDINGS)})")

@@ -26,6 +26,7 @@ from napari_medseg.io import (
     check_outputs,
     read_volume,
     volume_format,
+    volume_stem,
     write_volume,
 )
 from napari_medseg.io.atomic import atomic_path
@@ -103,11 +104,7 @@ def _checked_output(path_out: str, paths: Sequence[PathArg]) -> str:
 def probabilities_path(label_path: str) -> str:
     """Where :func:`predict_file` writes the probabilities of ``label_path``: ``<name>.npz``
     (``case.nii.gz`` -> ``case.npz``)."""
-    lower = label_path.lower()
-    for ext in sorted(WRITE_EXTENSIONS, key=len, reverse=True):
-        if lower.endswith(ext):
-            return label_path[: -len(ext)] + ".npz"
-    return label_path + ".npz"
+    return os.path.join(os.path.dirname(label_path), volume_stem(label_path) + ".npz")
 
 
 def save_probabilities(path: str | os.PathLike, result: PredictionResult, spacing: Sequence[float]) -> None:
