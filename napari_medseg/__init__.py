@@ -11,16 +11,17 @@ The Python API (see :mod:`napari_medseg.api`)::
 
 Names: predict, predict_file, train, plan, evaluate, find_best, create_model, list_models,
 describe_models, load_checkpoint, list_checkpoints, resolve_checkpoint, TrainConfig, PredictConfig,
-PredictionResult, read_volume, write_volume. They are imported on first use, so that importing the
-package (as napari does for its plugin manifest) stays fast and does not import torch.
+PredictionResult, read_volume, write_volume, fill_between_slices (interpolate a label map painted
+every few slices, no model). They are imported on first use, so that importing the package (as
+napari does for its plugin manifest) stays fast and does not import torch.
 """
 
 __version__ = "0.1.0"
 
 _API_NAMES = (
     "Checkpoint", "CheckpointInfo", "PredictConfig", "PredictionResult", "TrainConfig", "create_model",
-    "describe_models", "evaluate", "find_best", "list_checkpoints", "list_models", "load_checkpoint",
-    "plan", "predict", "predict_file", "resolve_checkpoint", "train",
+    "describe_models", "evaluate", "fill_between_slices", "find_best", "list_checkpoints", "list_models",
+    "load_checkpoint", "plan", "predict", "predict_file", "resolve_checkpoint", "train",
 )
 _IO_NAMES = ("read_volume", "write_volume")
 

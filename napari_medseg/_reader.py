@@ -29,6 +29,12 @@ and its voxels are integers (or integral floats, which are converted):
    8-bit scans (which always have <= 256 values) as images.
 
 DICOM image series always open as images. Everything else opens as an Image layer.
+
+**Intensity window.** An image opens with a radiology window instead of napari's min..max
+(``contrast_limits``, and its name in ``metadata["medseg_window"]``): a CT (DICOM modality ``CT``,
+or, without a modality, Hounsfield units: at least 2 % of the voxels are air, -1100..-900) with the
+soft-tissue window W400/L40; anything else (MR) with its 1st..99th percentile. :data:`WINDOW_PRESETS`
+and :func:`window_limits` are the presets the Display widget offers.
 """
 
 from __future__ import annotations
@@ -64,6 +70,72 @@ MAX_LABEL_VALUES = 256
 MIN_EQUAL_NEIGHBOURS = 0.5
 #: The ``filename_patterns`` of the manifest's reader (folders are accepted too).
 FILE_PATTERNS = tuple(f"*{ext}" for ext in VOLUME_EXTENSIONS)
+
+#: Radiology windows: name -> (width, level), in Hounsfield units.
+WINDOW_PRESETS: dict[str, tuple[float, float]] = {
+    "CT soft tissue": (400.0, 40.0),
+    "CT lung": (1500.0, -600.0),
+    "CT bone": (2000.0, 300.0),
+    "CT brain": (80.0, 40.0),
+}
+#: The window of anything that is not CT: these percentiles of the voxel values.
+PERCENTILE_WINDOW = "MR 1-99 %"
+PERCENTILES = (1.0, 99.0)
+CT_DEFAULT_WINDOW = "CT soft tissue"
+#: CT without a modality: at least this fraction of the voxels lies in the air band (HU).
+AIR_BAND = (-1100.0, -900.0)
+MIN_AIR_FRACTION = 0.02
+_MAX_SAMPLES = 2**20
+
+
+def window_limits(width: float, level: float) -> tuple[float, float]:
+    """``(low, high)`` contrast limits of a window of ``width`` centred on ``level``."""
+    return float(level) - float(width) / 2, float(level) + float(width) / 2
+
+
+def _sample(data: np.ndarray) -> np.ndarray:
+    """Finite voxel values of ``data``, strided down to about a million."""
+    arr = np.asarray(data)
+    stride = max(1, int(np.ceil((arr.size / _MAX_SAMPLES) ** (1 / max(arr.ndim, 1)))))
+    sub = np.asarray(arr[(slice(None, None, stride),) * arr.ndim], dtype=np.float64).ravel()
+    return sub[np.isfinite(sub)]
+
+
+def percentile_limits(data: np.ndarray, percentiles: tuple[float, float] = PERCENTILES) -> tuple[float, float] | None:
+    """The ``percentiles`` of the voxel values (``None`` for an empty or constant image); a window
+    that would be empty (most voxels equal) widens to the maximum."""
+    values = _sample(data)
+    if values.size == 0:
+        return None
+    lo, hi = (float(v) for v in np.percentile(values, percentiles))
+    if hi <= lo:
+        hi = float(values.max())
+    return (lo, hi) if hi > lo else None
+
+
+def looks_like_ct(data: np.ndarray, modality: str | None = None) -> bool:
+    """CT by its DICOM modality; without one, by Hounsfield units (enough voxels of air)."""
+    if modality:
+        return modality.upper() == "CT"
+    values = _sample(data)
+    if values.size == 0:
+        return False
+    air = np.count_nonzero((values >= AIR_BAND[0]) & (values <= AIR_BAND[1]))
+    return air / values.size >= MIN_AIR_FRACTION
+
+
+def default_window(data: np.ndarray, modality: str | None = None) -> tuple[str, tuple[float, float]] | None:
+    """The window an image opens with: ``(name, (low, high))``, or ``None`` (napari's default)."""
+    if looks_like_ct(data, modality):
+        return CT_DEFAULT_WINDOW, window_limits(*WINDOW_PRESETS[CT_DEFAULT_WINDOW])
+    limits = percentile_limits(data)
+    return (PERCENTILE_WINDOW, limits) if limits is not None else None
+
+
+def _modality(vol: Volume) -> str | None:
+    dicom = vol.header.get("dicom")
+    modality = dicom.get("modality") if isinstance(dicom, dict) else None
+    return str(modality) if modality else None
 
 
 def _acceptable(path: Any) -> bool:
@@ -207,9 +279,19 @@ def volume_to_layer_data(vol: Volume, *, as_labels: bool | None = None, name: st
         return [(np.ascontiguousarray(_as_label_array(data)), kwargs, "labels")]
     if vol.channel_axis == 0:
         n = vol.num_channels
+        windows = [default_window(data[c], _modality(vol)) for c in range(n)]
         kwargs["channel_axis"] = 0
         kwargs["name"] = [f"{name} [{c}]" for c in range(n)]
         kwargs["metadata"] = [dict(meta, medseg_channel=c) for c in range(n)]
+        if all(w is not None for w in windows):
+            kwargs["contrast_limits"] = [list(w[1]) for w in windows]
+            for c, w in enumerate(windows):
+                kwargs["metadata"][c]["medseg_window"] = w[0]
+        return [(data, kwargs, "image")]
+    window = default_window(data, _modality(vol)) if data.dtype.kind in "biuf" else None
+    if window is not None:
+        kwargs["contrast_limits"] = list(window[1])
+        meta["medseg_window"] = window[0]
     return [(data, kwargs, "image")]
 
 
@@ -256,5 +338,6 @@ def read_layers(path: str | os.PathLike | list) -> list[LayerData]:
 #: The previous name of :func:`read_layers` (it read NIfTI only).
 read_nifti_layers = read_layers
 
-__all__ = ["FILE_PATTERNS", "NiftiError", "VolumeError", "is_label_volume", "napari_get_reader",
-           "read_layers", "read_nifti_layers", "volume_to_layer_data"]
+__all__ = ["FILE_PATTERNS", "PERCENTILE_WINDOW", "WINDOW_PRESETS", "NiftiError", "VolumeError", "default_window",
+           "is_label_volume", "looks_like_ct", "napari_get_reader", "percentile_limits", "read_layers",
+           "read_nifti_layers", "volume_to_layer_data", "window_limits"]

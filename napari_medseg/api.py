@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from napari_medseg.engine import evaluation, inference, jobs, training
+from napari_medseg.engine.annotation import fill_between_slices
 from napari_medseg.engine.checkpoints import (
     Checkpoint,
     CheckpointError,
@@ -35,7 +36,13 @@ from napari_medseg.engine.checkpoints import (
     load_checkpoint,
     to_plain,
 )
-from napari_medseg.engine.data import load_raw_dataset, parse_labels, read_label, read_raw_case
+from napari_medseg.engine.data import (
+    DatasetError,
+    load_raw_dataset,
+    parse_labels,
+    read_label,
+    read_raw_case,
+)
 from napari_medseg.engine.inference import PredictConfig, PredictionResult
 from napari_medseg.engine.planning import (
     Plan,
@@ -85,6 +92,7 @@ def predict(
     checkpoints: Checkpoints,
     config: PredictConfig | None = None,
     *,
+    affine: np.ndarray | None = None,
     on_event: EventCallback | None = None,
     **settings: Any,
 ) -> PredictionResult:
@@ -95,14 +103,22 @@ def predict(
         spacing: Voxel size per spatial axis in mm, same order.
         checkpoints: Checkpoint file(s), loaded checkpoints, or catalogue names.
         config: A :class:`PredictConfig`; ``settings`` override its fields (e.g. ``device="cpu"``,
-            ``mirror=False``, ``largest_component=True``, ``return_probabilities=True``).
+            ``mirror=False``, ``largest_component=True``, ``return_probabilities=True``,
+            ``force=True`` to segment an image far outside the model's training domain).
+        affine: The image's 4x4 voxel-to-RAS+ matrix (``Volume.affine``); with it the image is
+            reoriented to the orientation the checkpoints were trained in, and the result back.
         on_event: Called with every progress event.
 
     Returns:
         A :class:`PredictionResult` (``labels``, ``label_names``, and the probabilities or the
         uncertainty when asked for) on the image's own grid.
+
+    Raises:
+        DomainError: the image is far outside the training domain (before any compute; pass
+            ``force=True`` to segment it anyway).
     """
-    gen = inference.predict(image, spacing, _checkpoints(checkpoints), PredictConfig.build(config, **settings))
+    gen = inference.predict(image, spacing, _checkpoints(checkpoints), PredictConfig.build(config, **settings),
+                            affine=affine)
     return jobs.drive(gen, on_event)
 
 
@@ -116,6 +132,9 @@ def predict_file(
     **settings: Any,
 ) -> PredictionResult:
     """Segment an image file and write the label map with the source file's geometry.
+
+    The file's affine is used as in :func:`predict` (reorientation to the checkpoints' training
+    orientation and back); the domain check and ``force`` too.
 
     Args:
         path_in: The image file (or one file per channel, nnU-Net's ``_0000`` style).
@@ -197,9 +216,13 @@ def plan(
 
 def dataset_label_names(dataset_json: str | os.PathLike) -> dict[int, str]:
     """``{value: name}`` from a ``dataset.json`` (either ``{"name": value}`` or ``{"value": "name"}``)."""
-    with open(dataset_json, encoding="utf-8") as fh:
-        labels = json.load(fh).get("labels")
-    return parse_labels(labels, consecutive=False) if labels else {}
+    try:
+        with open(dataset_json, encoding="utf-8") as fh:
+            meta = json.load(fh)
+        labels = meta.get("labels") if isinstance(meta, dict) else None
+        return parse_labels(labels, consecutive=False) if labels else {}
+    except (OSError, ValueError, TypeError) as err:  # JSONDecodeError and DatasetError are ValueErrors
+        raise DatasetError(f"{os.fspath(dataset_json)}: {err}") from err
 
 
 def evaluate(
@@ -274,6 +297,7 @@ __all__ = [
     "create_model",
     "describe_models",
     "evaluate",
+    "fill_between_slices",
     "find_best",
     "list_checkpoints",
     "list_models",

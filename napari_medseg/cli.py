@@ -1,6 +1,6 @@
 """``napari-medseg``: the engine without a GUI.
 
-Subcommands: ``plan``, ``train``, ``predict``, ``evaluate``, ``find-best``, ``models``, ``view``.
+Subcommands: ``plan``, ``train``, ``predict``, ``fill``, ``evaluate``, ``find-best``, ``models``, ``view``.
 Each drives the same generators as the widgets (DESIGN.md convention 2) with tqdm progress bars.
 Heavy imports (torch, the engine) happen inside the subcommands so ``--help`` stays fast.
 """
@@ -142,17 +142,15 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def _train_config(args: argparse.Namespace) -> Any:
     from .api import TrainConfig
 
-    if args.config:
-        with open(args.config) as fh:
-            config = TrainConfig.from_dict(json.load(fh))
-    else:
-        config = TrainConfig()
+    config = _config_file(args.config, TrainConfig) if args.config else TrainConfig()
     overrides = {
         "output_dir": args.output,
         "model": args.model,
         "configuration": args.configuration,
         "epochs": args.epochs,
         "iterations_per_epoch": args.iterations,
+        "minutes": args.minutes,
+        "warmup": args.warmup,
         "val_batches": args.val_batches,
         "val_fraction": args.val_fraction,
         "lr": args.lr,
@@ -180,13 +178,37 @@ def _train_config(args: argparse.Namespace) -> Any:
         config.model_kwargs = _json_arg(args.model_kwargs)
     if args.no_augment:
         config.augment = False
+    if args.augment is not None:
+        config.augment = {"default": True, "none": False, "synth": "synth"}[args.augment]
     if args.no_deep_supervision:
         config.deep_supervision = False
     if args.no_amp:
         config.amp = False
     if args.resume and not args.output:
         config.output_dir = os.path.dirname(os.path.abspath(args.resume))
+    if args.minutes and args.epochs is None:
+        config.epochs = 10**6  # the budget decides
     return config
+
+
+def _config_file(text: str, config_class: Any) -> Any:
+    """``--config``: a JSON file of settings (or the JSON object itself); errors name the file."""
+    inline = text.lstrip().startswith("{")
+    where = "--config" if inline else text
+    try:
+        if inline:
+            value = json.loads(text)
+        else:
+            with open(text, encoding="utf-8") as fh:
+                value = json.load(fh)
+    except (OSError, ValueError) as err:
+        raise SystemExit(f"error: cannot read {where}: {err}") from None
+    if not isinstance(value, dict):
+        raise SystemExit(f"error: {where} must hold a JSON object of settings, not a {type(value).__name__}")
+    try:
+        return config_class.from_dict(value)
+    except (TypeError, ValueError) as err:
+        raise SystemExit(f"error: {where}: {err}") from None
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -210,29 +232,41 @@ OUTPUT_FORMATS = {"nifti": ".nii.gz", "nrrd": ".nrrd", "mha": ".mha", "dicom-seg
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from . import api
+    from .engine.inference.config import DomainError
     from .io import WRITE_EXTENSIONS, check_outputs
 
     inputs = _list_inputs(args.input)
     if not inputs:
         raise SystemExit(f"error: no image files or DICOM series found at {args.input}")
     out_lower = args.output.lower()
+    suffix = os.path.splitext(os.path.basename(os.path.normpath(out_lower)))[1]
+    if (not os.path.isdir(args.output) and not out_lower.endswith(WRITE_EXTENSIONS)
+            and 1 < len(suffix) <= 6 and suffix[1:].isalnum()):
+        raise SystemExit(f"error: {args.output}: unknown output format {suffix!r}; name a file ending in "
+                         f"{', '.join(WRITE_EXTENSIONS)} (any case), or an output folder (create it first if "
+                         "its name has a dot)")
     if len(inputs) == 1 and out_lower.endswith(WRITE_EXTENSIONS) and not os.path.isdir(args.output):
         outputs = [args.output]
     else:
         if out_lower.endswith(WRITE_EXTENSIONS):
             raise SystemExit(f"error: {len(inputs)} inputs need an output folder, not the file name {args.output}")
         ending = OUTPUT_FORMATS[args.format or ("dicom-seg" if all(_is_dicom(p) for p in inputs) else "nifti")]
-        os.makedirs(args.output, exist_ok=True)
         outputs = [os.path.join(args.output, _case_name(p) + ending) for p in inputs]
     config = api.PredictConfig(
         device=args.device, mirror=not args.no_mirror, step=args.step, batch_size=args.batch_size,
         largest_component=args.largest_component, save_probabilities=args.save_probabilities,
-        overwrite=args.overwrite,
+        overwrite=args.overwrite, force=args.force,
     )
     check_outputs(outputs, inputs, overwrite=args.overwrite)  # all of them, before any compute
+    if outputs != [args.output]:
+        os.makedirs(args.output, exist_ok=True)  # the output folder, once nothing is refused
     for src, dst in zip(inputs, outputs):
-        with terminal_progress(args.quiet) as progress:
-            api.predict_file(src, dst, args.checkpoint, config, on_event=progress)
+        try:
+            with terminal_progress(args.quiet) as progress:
+                api.predict_file(src, dst, args.checkpoint, config, on_event=progress)
+        except DomainError as err:  # found before any compute; nothing was written for this input
+            print(f"error: {src}: {err} Pass --force to segment anyway.", file=sys.stderr)
+            return 2
         print(f"{src} -> {dst}")
     return 0
 
@@ -272,6 +306,42 @@ def _list_inputs(path: str) -> list[str]:
              or (os.path.isfile(e) and is_volume_path(e) and not e.lower().endswith(".dcm"))]
     # Multi-channel cases (_0000, _0001, ...) are predicted from their first channel file.
     return [f for f in found if _case_name(f) == volume_stem(f) or volume_stem(f).endswith("_0000")]
+
+
+def _slice_list(text: str | None) -> list[int] | None:
+    if not text:
+        return None
+    try:
+        return [int(v) for v in text.replace(" ", "").split(",") if v]
+    except ValueError:
+        raise SystemExit(f"error: expected slice indices like 10,20,30, got {text!r}") from None
+
+
+def cmd_fill(args: argparse.Namespace) -> int:
+    """Fill the slices between painted ones (no model) and write the result in the source geometry."""
+    import numpy as np
+
+    from .engine.annotation import fill_between_slices, painted_slices
+    from .io import check_outputs, read_volume, write_volume
+
+    check_outputs([args.output], [args.labels], overwrite=args.overwrite)  # before any reading
+    volume = read_volume(args.labels)
+    data = np.asarray(volume.data)
+    if volume.channel_axis is not None:
+        raise SystemExit(f"error: {args.labels} has {data.shape[0]} channels; fill needs one label map")
+    if data.dtype.kind == "f":  # labels stored as floats by some tools
+        if not np.array_equal(data, np.round(data)):
+            raise SystemExit(f"error: {args.labels} holds non-integer values; fill needs a label map")
+        data = data.astype(np.int64)
+    slices = _slice_list(args.slices)
+    filled = fill_between_slices(data, axis=args.axis, slices=slices)
+    names = volume.header.get("label_names") if isinstance(volume.header, dict) else None
+    write_volume(args.output, filled, volume, is_label=True, label_names=names or None)
+    used = painted_slices(data, args.axis) if slices is None else sorted(set(slices))
+    shown = ", ".join(map(str, used[:12])) + (", ..." if len(used) > 12 else "")
+    print(f"{args.labels} -> {args.output}: filled between {len(used)} painted slice(s) along axis {args.axis} "
+          f"[{shown}]")
+    return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -349,6 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--version", action="version", version=f"napari-medseg {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    p.add_argument("--debug", action="store_true", help="on an error, show the full traceback (default: one line)")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     s = sub.add_parser("plan", help="fingerprint a dataset and write plans.json (nnU-Net v1 planner)")
@@ -369,12 +440,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("dataset", help="dataset folder in the nnU-Net raw format")
     s.add_argument("-o", "--output", help="run folder for checkpoints and run.json (default: medseg_run)")
-    s.add_argument("--config", help="a JSON file of TrainConfig fields; flags override it")
+    s.add_argument("--config", help="a JSON file of TrainConfig fields (or the JSON object itself); flags override it")
     s.add_argument("-m", "--model", help="registered model name (see `napari-medseg models`)")
     s.add_argument("-c", "--configuration", help="planner configuration: 2d, 3d_fullres, 3d_lowres (default: the model's)")
     s.add_argument("--model-kwargs", help="JSON object of architecture kwargs, e.g. '{\"base_width\": 16}'")
     s.add_argument("--epochs", type=int)
     s.add_argument("--iterations", type=int, help="iterations per epoch (nnU-Net: 250)")
+    s.add_argument("--minutes", type=float,
+                   help="time budget: train this long (or --epochs, whichever ends first); the learning "
+                   "rate follows the time, so a short run anneals fully")
+    s.add_argument("--warmup", type=float,
+                   help="share of the run with a linear learning-rate warm-up (default: 0.05 when "
+                   "fine-tuning with --minutes, else none)")
     s.add_argument("--val-batches", type=int, help="validation batches per epoch")
     s.add_argument("--val-fraction", type=float, help="fraction of cases held out for validation")
     s.add_argument("--lr", type=float, help="initial learning rate (default: the model's recipe; nnU-Net 1e-2)")
@@ -392,6 +469,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop after PATIENCE epochs without a lower validation loss")
     s.add_argument("--threads", type=int, help="CPU threads for torch")
     s.add_argument("--no-augment", action="store_true", help="turn data augmentation off")
+    s.add_argument("--augment", choices=["default", "none", "synth"],
+                   help="augmentation: default (nnU-Net's), none, or synth: half the patches painted "
+                   "from the label maps with random contrast, shape, resolution and artefacts (domain "
+                   "randomisation, for data sets with few label maps; see docs/synth.md)")
     s.add_argument("--mirror-axes", help="patch axes to mirror in training and test-time augmentation, "
                    "e.g. 2 (left-right only for brain anatomy) or none; default all")
     s.add_argument("--no-deep-supervision", action="store_true")
@@ -424,8 +505,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--save-probabilities", action="store_true", help="also write softmax probabilities")
     s.add_argument("--overwrite", action="store_true",
                    help="replace existing output files (an input is never replaced)")
+    s.add_argument("--force", action="store_true",
+                   help="segment even images far outside the model's training domain (another modality, "
+                   "much coarser voxels); without it such an image stops with an error before any compute")
     s.add_argument("-q", "--quiet", action="store_true")
     s.set_defaults(func=cmd_predict)
+
+    s = sub.add_parser("fill", help="fill the slices between painted ones (shape-based interpolation, no model)")
+    s.add_argument("labels", help="a label map painted on some slices (NIfTI/NRRD/MHA file, DICOM-SEG)")
+    s.add_argument("-o", "--output", required=True, help="output label file (.nii.gz, .nrrd, .mha, .dcm)")
+    s.add_argument("--axis", type=int, default=0,
+                   help="the axis painted across, napari order (z, y, x): 0 = the file's last voxel axis "
+                   "(default 0)")
+    s.add_argument("--slices", help="painted slice indices, e.g. 10,20,30 (default: the slices holding any "
+                   "label; list a slice painted as all background to end the objects there)")
+    s.add_argument("--overwrite", action="store_true",
+                   help="replace an existing output file (the input is never replaced)")
+    s.set_defaults(func=cmd_fill)
 
     s = sub.add_parser("evaluate", help="Dice and HD95 (mm) of a folder of predictions against labels")
     s.add_argument("predictions", help="folder of predicted label files")
@@ -457,7 +553,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv  # accepted after the subcommand too
+    args = parser.parse_args([a for a in argv if a != "--debug"])
+    args.debug = debug
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
@@ -473,10 +572,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (ValueError, OSError) as err:
-        # Our errors are ValueError subclasses with a message written for the user.
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except Exception as err:  # noqa: BLE001 - the one place every failure becomes one line
+        if args.debug:
+            raise
+        print(_one_line(err), file=sys.stderr)
+        return 2 if isinstance(err, (ValueError, OSError, MemoryError)) else 1
+
+
+def _one_line(err: BaseException) -> str:
+    """``error: ...`` in one line. The package's errors (ValueError subclasses) and OS errors carry a
+    message written for the user, naming the file; anything else is a bug, shown by its type."""
+    text = " ".join(str(err).split()) or type(err).__name__
+    if isinstance(err, MemoryError):
+        return (f"error: out of memory ({text}); try a smaller input, or set MEDSEG_MAX_MEMORY_GB "
+                "(--debug shows where)")
+    if isinstance(err, OSError) and getattr(err, "filename", None) and str(err.filename) not in text:
+        text = f"{err.filename}: {text}"
+    if isinstance(err, (ValueError, OSError)):
+        return f"error: {text}"
+    return f"error: internal error ({type(err).__name__}: {text}); please report it (--debug shows the traceback)"
 
 
 if __name__ == "__main__":

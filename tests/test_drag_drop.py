@@ -9,7 +9,18 @@ import pytest
 pytestmark = pytest.mark.gui
 
 
-def test_drop_nifti_on_window(make_napari_viewer, tmp_path):
+@pytest.fixture
+def fresh_napari_settings(tmp_path, monkeypatch):
+    """napari settings of a new user (a private file, no reader preference yet)."""
+    from napari import settings as napari_settings
+
+    fresh = napari_settings.NapariSettings(config_path=tmp_path / "napari_settings.yaml")
+    fresh._connect_events()
+    monkeypatch.setattr(napari_settings, "_SETTINGS", fresh)
+    return fresh
+
+
+def test_drop_nifti_on_window(make_napari_viewer, tmp_path, fresh_napari_settings, monkeypatch):
     from qtpy.QtCore import QMimeData, QPointF, Qt, QUrl
     from qtpy.QtGui import QDropEvent
 
@@ -19,15 +30,19 @@ def test_drop_nifti_on_window(make_napari_viewer, tmp_path):
     path = tmp_path / "scan.nii.gz"
     nib.save(nib.Nifti1Image(data, affine), str(path))
 
-    from napari.settings import get_settings
-
-    from napari_medseg._launcher import prefer_medseg_reader
+    import napari._qt.qt_viewer as qt_viewer
+    from npe2 import PluginManager
 
     viewer = make_napari_viewer()
-    # napari's builtin reader also claims every file name, so napari asks once which reader to use
-    # for *.nii.gz and can remember the answer; `napari-medseg view` records that answer for the user.
-    prefer_medseg_reader()
-    assert get_settings().plugins.extension2reader["*.nii.gz"] == "napari-medseg"
+    # napari's builtin reader also claims *.nii.gz and napari has no reader priority; the first use
+    # of any of the plugin's contributions in a session (npe2 on_activate; here a sample, as in a new
+    # session) records the plugin as the reader for its file patterns, so the drop asks nothing.
+    PluginManager.instance().deactivate("napari-medseg")
+    assert "*.nii.gz" not in fresh_napari_settings.plugins.extension2reader
+    viewer.open_sample("napari-medseg", "phantom")
+    viewer.layers.clear()
+    assert fresh_napari_settings.plugins.extension2reader["*.nii.gz"] == "napari-medseg"
+    monkeypatch.setattr(qt_viewer, "handle_gui_reading", lambda *a, **k: pytest.fail("napari asked for a reader"))
     mime = QMimeData()
     mime.setUrls([QUrl.fromLocalFile(str(path))])
     event = QDropEvent(QPointF(5, 5), Qt.DropAction.CopyAction, mime, Qt.MouseButton.LeftButton,

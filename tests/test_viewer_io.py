@@ -304,3 +304,96 @@ def test_screenshot_dicom_series_and_segmentation(make_napari_viewer):
     if os.environ.get("MEDSEG_SCREENSHOTS") == "1":
         DOCS.mkdir(exist_ok=True)
         viewer.screenshot(path=str(DOCS / "screenshot_dicom.png"), canvas_only=False, flash=False)
+
+
+# ------------------------------------------------------------- a plain napari picks this reader
+@pytest.fixture
+def fresh_napari_settings(tmp_path, monkeypatch):
+    """napari settings of a new user: a private file, no reader preference, whatever earlier tests
+    (or the developer's own napari) saved."""
+    from napari import settings as napari_settings
+
+    fresh = napari_settings.NapariSettings(config_path=tmp_path / "napari_settings.yaml")
+    fresh._connect_events()
+    monkeypatch.setattr(napari_settings, "_SETTINGS", fresh)
+    assert not any(v == PLUGIN for v in fresh.plugins.extension2reader.values())
+    return fresh
+
+
+def _new_session() -> None:
+    """As in a new napari session: the plugin has not been activated yet."""
+    from npe2 import PluginManager
+
+    PluginManager.instance().deactivate(PLUGIN)
+
+
+def _volume_files(tmp_path) -> dict[str, str]:
+    from napari_medseg.io import write_volume
+
+    data = np.random.default_rng(3).normal(300, 50, (6, 8, 10)).astype(np.float32)  # napari order
+    files = {"nifti": save(tmp_path / "plain" / "t1.nii.gz", data.T.copy(), np.diag([0.9, 0.8, 2.0, 1.0]))}
+    files["nrrd"] = write_volume(tmp_path / "plain" / "t2.nrrd", data, None, spacing=(2.0, 0.8, 0.9),
+                                 translate=(5.0, -3.0, 1.0))
+    return files
+
+
+def test_plain_napari_opens_volumes_with_this_plugin_after_its_first_use(
+        make_napari_viewer, fresh_napari_settings, tmp_path, monkeypatch):
+    """napari's own reader claims *.nii.gz and *.nrrd too and napari keeps no reader priority: a new
+    user's first open of such a file asks. The first use of any of the plugin's contributions (here
+    a sample) records the preference (npe2 ``on_activate``), and from then on napari's
+    ``open(path, plugin=None)``, File > Open and drag-and-drop use this reader without a question."""
+    from napari.errors import MultipleReaderError
+
+    files = _volume_files(tmp_path)
+    viewer = make_napari_viewer()
+    _new_session()
+    with pytest.raises(MultipleReaderError):  # napari would show "Choose reader"
+        viewer.open(files["nifti"], plugin=None)
+
+    viewer.open_sample(PLUGIN, "phantom")  # first use of the plugin in this session
+    prefs = fresh_napari_settings.plugins.extension2reader
+    assert {p: prefs.get(p) for p in ("*.nii", "*.nii.gz", "*.nrrd", "*.mha", "*.mhd", "*.dcm")} == dict.fromkeys(
+        ("*.nii", "*.nii.gz", "*.nrrd", "*.mha", "*.mhd", "*.dcm"), PLUGIN)
+
+    for kind, path in files.items():
+        (layer,) = viewer.open(path, plugin=None)
+        assert layer.source.reader_plugin == PLUGIN, kind
+        assert layer.metadata["medseg_source"] == path
+    np.testing.assert_allclose(viewer.layers["t1"].scale, [2.0, 0.8, 0.9])
+    np.testing.assert_allclose(viewer.layers["t2"].translate, [5.0, -3.0, 1.0])
+
+    # File > Open goes through the same preference: no reader dialog
+    import napari._qt.qt_viewer as qt_viewer
+
+    monkeypatch.setattr(qt_viewer, "handle_gui_reading", lambda *a, **k: pytest.fail("napari asked for a reader"))
+    before = len(viewer.layers)
+    viewer.window._qt_viewer._qt_open([files["nifti"]], stack=False)
+    assert len(viewer.layers) == before + 1
+    assert viewer.layers[-1].metadata["medseg_source"] == files["nifti"]
+
+
+def test_a_reader_chosen_by_the_user_is_kept(make_napari_viewer, fresh_napari_settings):
+    fresh_napari_settings.plugins.extension2reader = {"*.nrrd": "napari"}
+    viewer = make_napari_viewer()
+    _new_session()
+    viewer.open_sample(PLUGIN, "phantom")
+    prefs = fresh_napari_settings.plugins.extension2reader
+    assert prefs["*.nrrd"] == "napari" and prefs["*.nii.gz"] == PLUGIN
+
+
+def test_ct_opens_with_the_soft_tissue_window_and_mr_with_percentiles(make_napari_viewer, tmp_path):
+    shape = (30, 32, 12)  # (i, j, k)
+    i, j = np.indices(shape[:2])
+    body = (np.hypot(i - 15, j - 16) < 11)[..., None].repeat(shape[2], axis=2)
+    ct = np.where(body, 40, -1000) + np.random.default_rng(4).integers(-30, 30, shape)  # HU, with noise
+    ct[12:15, 14:18] += 900  # bone
+    ct = ct.astype(np.int16)
+    mr = np.where(body, 400.0, 0.0).astype(np.float32) + np.random.default_rng(4).normal(0, 20, shape).astype(np.float32)
+    viewer = make_napari_viewer()
+    (ct_layer,) = viewer.open(save(tmp_path / "ct.nii.gz", ct, np.eye(4)), plugin=PLUGIN)
+    (mr_layer,) = viewer.open(save(tmp_path / "mr.nii.gz", mr, np.eye(4)), plugin=PLUGIN)
+    np.testing.assert_allclose(ct_layer.contrast_limits, [-160.0, 240.0])  # W400 / L40, not min..max
+    assert ct_layer.metadata["medseg_window"] == "CT soft tissue"
+    np.testing.assert_allclose(mr_layer.contrast_limits, np.percentile(mr, [1, 99]), rtol=1e-5)
+    assert mr_layer.metadata["medseg_window"] == "MR 1-99 %"

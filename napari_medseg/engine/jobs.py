@@ -48,6 +48,8 @@ class EpochEnd:
         val_dice: Per-class validation Dice, keyed by label name.
         lr: Learning rate used during the epoch.
         elapsed_s: Wall time since training started.
+        validation: What ``val_dice`` is measured on: ``"held-out cases"``, ``"held-out slices"``,
+            ``"training cases"`` (fitting, not accuracy) or ``"none"``.
     """
 
     epoch: int
@@ -57,6 +59,7 @@ class EpochEnd:
     val_dice: dict[str, float] = field(default_factory=dict)
     lr: float = 0.0
     elapsed_s: float = 0.0
+    validation: str = ""
 
     @property
     def mean_dice(self) -> float | None:

@@ -4,23 +4,36 @@ Every writer of the package (NIfTI, DICOM-SEG, NRRD/MHA, checkpoints, JSON side 
 writes through :func:`atomic_path`: the data go to a hidden temporary file in the target's folder,
 which is flushed to disk (``fsync``) and renamed over the target (``os.replace``, atomic on POSIX and
 Windows); the folder is then fsynced so that the rename itself survives a power cut. If anything
-fails, the temporary file is removed and the previous file (if any) stays whole.
+fails, the temporary file is removed and the previous file (if any) stays whole. A process killed
+outright (SIGKILL) cannot remove its temporary file: the first write into a folder removes this
+helper's temporary files there that are older than an hour (:func:`remove_stale_temp_files`).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import secrets
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
+
+logger = logging.getLogger(__name__)
 
 #: Called between the fsync of the temporary file and the rename. ``None`` in production; tests that
 #: kill a process mid-save set it (in that process) to widen the window.
 before_replace: Callable[[str], None] | None = None
 
 TEMP_MARK = ".tmp"
+#: A temporary file of :func:`temp_path_for` (``.{name}.{12 hex}.tmp{ext}``).
+_TEMP_NAME = re.compile(r"^\..+\.[0-9a-f]{12}" + re.escape(TEMP_MARK) + r"(\.[^/\\]*)?$")
+#: Temporary files older than this (seconds since their last write) are left over from a killed
+#: process (SIGKILL, power cut: no ``finally`` ran) and are removed.
+STALE_TEMP_SECONDS = 3600
+_swept: set[str] = set()
 
 
 class AtomicWriteError(OSError):
@@ -55,6 +68,38 @@ def temp_path_for(path: str | os.PathLike) -> str:
     return os.path.join(folder, f".{base}.{secrets.token_hex(6)}{TEMP_MARK}{ext}")
 
 
+def remove_stale_temp_files(folder: str | os.PathLike, max_age: float = STALE_TEMP_SECONDS) -> list[str]:
+    """Remove this helper's temporary files in ``folder`` that no write has touched for ``max_age``
+    seconds (left by a killed process); return their paths. Other files are never touched."""
+    folder = os.fspath(folder)
+    removed = []
+    now = time.time()
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    for entry in entries:
+        if not _TEMP_NAME.match(entry.name):
+            continue
+        try:
+            if entry.is_file(follow_symlinks=False) and now - entry.stat(follow_symlinks=False).st_mtime > max_age:
+                os.unlink(entry.path)
+                removed.append(entry.path)
+        except OSError:
+            continue
+    if removed:
+        logger.info("Removed %d stale temporary file(s) in %s: %s", len(removed), folder, removed[:3])
+    return removed
+
+
+def _sweep_once(folder: str) -> None:
+    """:func:`remove_stale_temp_files` on the first write into ``folder`` of this process."""
+    key = os.path.realpath(folder)
+    if key not in _swept:
+        _swept.add(key)
+        remove_stale_temp_files(folder)
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike, *, make_parents: bool = False) -> Iterator[str]:
     """Yield a temporary path to write ``path``'s new content to; on a clean exit it replaces ``path``.
@@ -75,6 +120,7 @@ def atomic_path(path: str | os.PathLike, *, make_parents: bool = False) -> Itera
     if not os.path.isdir(folder):
         what = "is not a folder" if os.path.exists(folder) else "does not exist"
         raise AtomicWriteError(f"{path}: cannot write: the parent folder {folder} {what}")
+    _sweep_once(folder)
     tmp = temp_path_for(path)
     try:  # O_EXCL: never clobber; mode 0o666 minus the umask, like an ordinary new file
         os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))

@@ -13,7 +13,7 @@ import numpy as np
 
 from .nifti import NIFTI_EXTENSIONS, is_nifti_path, read_nifti, write_nifti
 from .volume import Volume, VolumeError, geometry_from_volume
-from .world import to_volume_order
+from .world import check_affine, to_volume_order
 
 __all__ = [
     "VOLUME_EXTENSIONS",
@@ -152,8 +152,7 @@ def write_volume(
     """
     path = os.fspath(path)
     lower = path.lower()
-    if isinstance(geometry, Volume):
-        geometry = geometry_from_volume(geometry)
+    geometry = _checked_geometry(path, geometry)
     try:
         data, geometry = to_volume_order(data, geometry)
     except ValueError as exc:
@@ -170,6 +169,22 @@ def write_volume(
                               ".nii.gz, .nrrd or .mha")
         return write_dicom_seg(path, data, geometry, label_names)
     raise VolumeError(f"{path}: unknown output format; use one of {', '.join(WRITE_EXTENSIONS)}")
+
+
+def _checked_geometry(path: str, geometry: dict | Volume | None) -> dict | None:
+    """The geometry as a dict, refusing one without a finite, invertible affine (before writing)."""
+    if isinstance(geometry, Volume):
+        geometry = geometry_from_volume(geometry)
+    if geometry is None:
+        return None
+    if not isinstance(geometry, dict) or "affine" not in geometry:
+        raise VolumeError(f"{path}: the geometry must be a dict with an 'affine' (or a Volume), got "
+                          f"{type(geometry).__name__}; nothing was written")
+    try:
+        check_affine(geometry["affine"], path)
+    except (TypeError, ValueError) as exc:
+        raise VolumeError(f"{exc}; nothing was written") from exc
+    return geometry
 
 
 def read_dicom_series(path, *, strict: bool = False) -> list[Volume]:
@@ -204,7 +219,7 @@ def write_nrrd(path, data, geometry=None, **kwargs) -> str:
     """An NRRD file (see :mod:`napari_medseg.io.nrrd_io`)."""
     from .nrrd_io import write_nrrd as impl
 
-    return impl(path, data, geometry, **kwargs)
+    return impl(path, data, _checked_geometry(os.fspath(path), geometry), **kwargs)
 
 
 def read_metaimage(path) -> Volume:
@@ -218,4 +233,4 @@ def write_metaimage(path, data, geometry=None, **kwargs) -> str:
     """A MetaImage file (see :mod:`napari_medseg.io.metaimage`)."""
     from .metaimage import write_metaimage as impl
 
-    return impl(path, data, geometry, **kwargs)
+    return impl(path, data, _checked_geometry(os.fspath(path), geometry), **kwargs)

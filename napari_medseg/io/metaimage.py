@@ -24,6 +24,7 @@ import numpy as np
 
 from ._dtypes import image_dtype, label_dtype
 from .atomic import AtomicWriteError, atomic_path
+from .limits import check_memory
 from .nifti import MAX_DEFLATE_RATIO, MAX_VOXELS
 from .volume import (
     Volume,
@@ -133,6 +134,8 @@ def _check_header(path: str) -> dict:
     if compressed and need > MAX_DEFLATE_RATIO * max(have, 1):
         raise VolumeError(f"{path}: file is truncated or its header is corrupt: {have} compressed bytes cannot "
                           f"hold the {need} bytes announced")
+    # SimpleITK's image plus the numpy copy (float32 for other floats): about three times the voxels
+    check_memory(3 * need, f"{path}: reading {' x '.join(map(str, sizes))} {element} voxels", VolumeError)
     return fields
 
 

@@ -13,8 +13,15 @@ Reading (:func:`read_nifti`):
   warning; the engine's preprocessing is responsible for replacing them.
 - The header is checked before any voxel is read: zero-size or over-large dimensions (more than
   ``MAX_VOXELS``), non-finite or zero spacing, a non-finite affine, a ``.nii`` shorter than its
-  header announces, or a ``.nii.gz`` too small to hold it even at deflate's best ratio all raise
-  :class:`NiftiError`, so a corrupt header never makes the reader allocate gigabytes.
+  header announces, a ``.nii.gz`` too small to hold it even at deflate's best ratio, or more memory
+  than is available for the voxels (:func:`~napari_medseg.io.limits.check_memory`) all raise
+  :class:`NiftiError`, so a corrupt header or a decompression bomb never makes the reader allocate
+  gigabytes.
+- A ``.nii.gz`` is read to the end of its gzip stream, so its CRC-32 and length are checked: a
+  damaged file raises instead of giving wrong voxels.
+- Spacing and affine are in mm whatever ``xyzt_units`` says (metres and microns are converted;
+  unknown is mm); the geometry keeps the unit, so the writer puts the file's own values back.
+- float64 values beyond float32's range are refused, not turned into infinities.
 
 Writing (:func:`write_nifti`) puts the source geometry back unchanged (the same qform and sform
 matrices and codes, zooms and units). Without a source geometry the affine is built from napari
@@ -35,11 +42,14 @@ from collections.abc import Sequence
 
 import nibabel as nib
 import numpy as np
+from nibabel.fileholders import FileHolder
 from nibabel.openers import ImageOpener
 
-from ._dtypes import image_dtype, label_dtype
+from ._dtypes import image_dtype, label_dtype, to_float32
 from .atomic import AtomicWriteError, atomic_path
+from .limits import check_memory
 from .volume import NiftiError, Volume, affine_from_spacing, geometry_from_volume
+from .world import check_affine
 
 __all__ = ["MAX_VOXELS", "NIFTI_EXTENSIONS", "is_nifti_path", "read_nifti", "write_nifti"]
 
@@ -48,6 +58,10 @@ logger = logging.getLogger(__name__)
 MAX_VOXELS = 2**31
 MAX_DEFLATE_RATIO = 1100  # deflate cannot compress better than ~1032:1, whatever the data
 NIFTI_EXTENSIONS = (".nii.gz", ".nii")
+#: Millimetres per spatial unit of ``xyzt_units`` (bits 0-2): 1 metre, 2 mm, 3 micron; 0 (unknown)
+#: is read as mm, as every tool does.
+UNIT_TO_MM = {0: 1.0, 1: 1000.0, 2: 1.0, 3: 0.001}
+_UNIT_NAMES = {1: "metres", 3: "microns"}
 _READ_ERRORS = (
     OSError, EOFError, ValueError, OverflowError, struct.error, zlib.error, gzip.BadGzipFile,
     nib.filebasedimages.ImageFileError, nib.spatialimages.HeaderDataError,
@@ -57,6 +71,11 @@ _READ_ERRORS = (
 def is_nifti_path(path: str | os.PathLike) -> bool:
     """True when the name ends with ``.nii`` or ``.nii.gz`` (case-insensitive)."""
     return os.fspath(path).lower().endswith(NIFTI_EXTENSIONS)
+
+
+def unit_to_mm(xyzt_units: int) -> float:
+    """Millimetres per unit of a NIfTI ``xyzt_units`` code (its spatial bits; unknown codes: mm)."""
+    return UNIT_TO_MM.get(int(xyzt_units) & 0x07, 1.0)
 
 
 def _matrix(m: np.ndarray) -> list[list[float]]:
@@ -116,7 +135,8 @@ def _check_header(img: nib.Nifti1Image, path: str) -> tuple[int, ...]:
         raise NiftiError(f"{path}: the affine (qform/sform) contains non-finite values")
     if hdr.get_data_dtype().fields is not None:
         raise NiftiError(f"{path}: RGB/structured voxel type {hdr.get_data_dtype()} is not supported")
-    need = int(hdr.get_data_offset()) + nvox * hdr.get_data_dtype().itemsize
+    itemsize = hdr.get_data_dtype().itemsize
+    need = int(hdr.get_data_offset()) + nvox * itemsize
     have = os.path.getsize(path)
     if not path.lower().endswith(".gz") and have < need:
         raise NiftiError(f"{path}: file is truncated: header announces {need} bytes, file has {have}")
@@ -125,6 +145,13 @@ def _check_header(img: nib.Nifti1Image, path: str) -> tuple[int, ...]:
             f"{path}: file is truncated or its header is corrupt: {have} compressed bytes cannot "
             f"hold the {need} bytes the header announces"
         )
+    slope, inter = float(hdr["scl_slope"]), float(hdr["scl_inter"])
+    scaled = np.isfinite(slope) and slope != 0 and (slope != 1 or (np.isfinite(inter) and inter != 0))
+    converted = scaled or (itemsize == 8 and hdr.get_data_dtype().kind == "f")
+    # Peak: the voxels as stored, plus the float64 scaled copy and the float32 result when converted.
+    peak = nvox * itemsize + (nvox * 12 if converted else 0)
+    check_memory(peak, f"{path}: reading {'x'.join(map(str, shape))} {hdr.get_data_dtype()} voxels", NiftiError,
+                 "The header may be corrupt (or the file a decompression bomb).")
     return shape
 
 
@@ -182,13 +209,33 @@ def read_nifti(path: str | os.PathLike) -> Volume:
         raise NiftiError(f"{path}: the NIfTI header is corrupt ({type(exc).__name__}: {exc})") from exc
 
 
+def _read_voxels(img: nib.Nifti1Image, path: str) -> np.ndarray:
+    """The voxel array (scaled as nibabel scales it). A ``.nii.gz`` is read through one gzip stream
+    to its end, so that gzip checks the CRC-32 and the length of the data in its trailer: a flipped
+    bit raises instead of becoming a wrong voxel (nibabel alone stops reading at the last voxel,
+    before the trailer). The check costs no second pass: the stream computes the CRC as it inflates."""
+    if not path.lower().endswith(".gz"):
+        return np.asanyarray(img.dataobj)
+    with gzip.open(path, "rb") as stream:
+        holder = FileHolder(fileobj=stream)
+        data = np.asanyarray(type(img).from_file_map({"header": holder, "image": holder}).dataobj)
+        while stream.read(1 << 20):  # the rest (extensions, padding) and the trailer's CRC and length
+            pass
+    return data
+
+
 def _read_checked(img: nib.Nifti1Image, path: str) -> Volume:
     shape = _check_header(img, path)
     new_shape, squeezed = _spatial_and_channels(shape, path)
     try:
-        data = np.asanyarray(img.dataobj)
+        data = _read_voxels(img, path)
     except NiftiError:
         raise
+    except gzip.BadGzipFile as exc:
+        if "CRC" in str(exc) or "length" in str(exc).lower():
+            raise NiftiError(f"{path}: the compressed data fail their gzip checksum ({exc}): the file is "
+                             "damaged (a changed byte on disk or in a copy); use another copy") from exc
+        raise NiftiError(f"{path}: voxel data is truncated or corrupt ({exc})") from exc
     except _READ_ERRORS as exc:
         raise NiftiError(f"{path}: voxel data is truncated or corrupt ({exc})") from exc
     if data.shape != shape:
@@ -196,7 +243,7 @@ def _read_checked(img: nib.Nifti1Image, path: str) -> Volume:
     if squeezed:
         data = data.reshape(new_shape, order="F")
     if data.dtype.kind == "f" and data.dtype != np.float32:
-        data = data.astype(np.float32)
+        data = to_float32(data, path, NiftiError)
     elif data.dtype.kind not in "biuf":
         raise NiftiError(f"{path}: voxel type {data.dtype} is not supported")
     data = data.T  # (i, j, k[, t]) -> ([t,] k, j, i); F-ordered on disk, so C-contiguous here
@@ -208,8 +255,15 @@ def _read_checked(img: nib.Nifti1Image, path: str) -> Volume:
     nsp = data.ndim - (1 if channel_axis == 0 else 0)
     geom = _geometry_from_header(img, shape)
     geom["squeezed"] = squeezed
-    spacing = tuple(abs(float(z)) for z in img.header.get_zooms()[:nsp][::-1])
-    vol = Volume(data, spacing, img.affine, geom, channel_axis, path)
+    # World coordinates and spacing in mm whatever the file's unit (xyzt_units); the header keeps
+    # the unit and the raw matrices, so that the writer puts the file's own values back.
+    to_mm = unit_to_mm(geom["xyzt_units"])
+    affine = np.array(img.affine, dtype=np.float64)
+    if to_mm != 1.0:
+        affine[:3, :] *= to_mm
+        logger.info("%s: spatial unit is %s; converted to mm", path, _UNIT_NAMES.get(int(geom["xyzt_units"]) & 7))
+    spacing = tuple(abs(float(z)) * to_mm for z in img.header.get_zooms()[:nsp][::-1])
+    vol = Volume(data, spacing, affine, geom, channel_axis, path)
     vol.header = geometry_from_volume(vol)
     return vol
 
@@ -235,9 +289,11 @@ def _build_header(geom: dict, arr_shape: tuple[int, ...], dtype: np.dtype, nsp: 
     hdr = nib.Nifti1Header()
     hdr.set_data_shape(arr_shape)
     hdr.set_data_dtype(dtype)
-    affine = np.asarray(geom["affine"], dtype=np.float64)
+    affine = np.array(geom["affine"], dtype=np.float64)
+    affine[:3, :] /= unit_to_mm(int(geom.get("xyzt_units", 2)))  # mm -> the source file's unit
     old_zooms = [abs(float(z)) for z in geom.get("zooms", [])]
-    spatial_zooms = list(old_zooms[:nsp]) if len(old_zooms) >= nsp else list(geom["spacing"][::-1])
+    spatial_zooms = (list(old_zooms[:nsp]) if len(old_zooms) >= nsp
+                     else [float(z) for z in np.linalg.norm(affine[:3, :nsp], axis=0)])
     extra = [old_zooms[3] if len(old_zooms) > 3 and len(arr_shape) > 3 else 1.0]
     zooms = (spatial_zooms + extra * (len(arr_shape) - nsp))[: len(arr_shape)]
     qcode, scode = int(geom.get("qform_code", 1)), int(geom.get("sform_code", 1))
@@ -326,8 +382,12 @@ def write_nifti(
             raise NiftiError(f"{path}: spacing {sp} does not match {nsp} spatial axes of {data.shape}")
         geometry = {"affine": _matrix(affine), "spacing": [float(s) for s in sp], "xyzt_units": 2}
     else:
-        if "affine" not in geometry:
+        if not isinstance(geometry, dict) or "affine" not in geometry:
             raise NiftiError(f"{path}: geometry dict has no 'affine'")
+        try:
+            check_affine(geometry["affine"], path)
+        except (TypeError, ValueError) as exc:
+            raise NiftiError(f"{exc}; nothing was written") from exc
         gshape = geometry.get("spatial_shape")
         spatial = tuple(data.shape[-nsp:])
         if gshape is not None and len(gshape) != nsp:

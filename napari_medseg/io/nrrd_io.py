@@ -23,6 +23,7 @@ import numpy as np
 
 from ._dtypes import image_dtype, label_dtype
 from .atomic import AtomicWriteError, atomic_path
+from .limits import check_memory
 from .nifti import MAX_DEFLATE_RATIO, MAX_VOXELS
 from .volume import (
     Volume,
@@ -88,6 +89,8 @@ def _check_size(header: dict, fh, path: str) -> None:
     if encoding in ("gzip", "gz", "bzip2", "bz2") and need > MAX_DEFLATE_RATIO * max(have, 1):
         raise VolumeError(f"{path}: file is truncated or its header is corrupt: {have} compressed bytes "
                           f"cannot hold the {need} bytes announced")
+    # pynrrd's decoded buffer plus the array (and its float32 copy): about three times the voxels
+    check_memory(3 * need, f"{path}: reading {' x '.join(map(str, sizes))} voxels", VolumeError)
 
 
 def _axes(header: dict, path: str) -> tuple[list[int], int | None, np.ndarray]:

@@ -28,6 +28,7 @@ import logging
 import os
 import sys
 import types
+import warnings
 
 from napari_medseg.models.registry import ModelError
 
@@ -65,7 +66,9 @@ def import_timm() -> types.ModuleType:
         return sys.modules["timm"]
     _patch_torchvision()
     try:
-        return importlib.import_module("timm")
+        with warnings.catch_warnings():  # timm's own torch.jit.interface use, not the user's concern
+            warnings.filterwarnings("ignore", message=r"`torch\.jit\.\w+` is deprecated", category=DeprecationWarning)
+            return importlib.import_module("timm")
     except ModuleNotFoundError as err:
         if err.name and err.name.split(".")[0] != "timm":
             raise

@@ -1,21 +1,41 @@
-"""Pieces shared by the widgets: pickers, the engine worker, error display. No compute here."""
+"""Pieces shared by the widgets: pickers, the engine worker, error display, docking. No compute here.
+
+**torch loads in the background.** Opening a widget must not wait for ``import torch`` (seconds):
+the pickers (:class:`ModelCombo`, :class:`DeviceCombo`, :class:`CheckpointPicker`) show a
+"loading" entry and fill themselves when :func:`when_engine_ready` says the engine modules are
+imported. The first widget starts that import in a daemon thread; once ``torch`` is imported (a
+later widget, a test process) everything fills at once, as before.
+
+**Docking.** Widgets that mix in :class:`MedsegPanel` (every engine widget, through
+:class:`EngineJobOwner`) join the other napari-medseg docks of their dock area as tabs when they
+are first shown, however they were opened (the Plugins menu stacks docks vertically, which left
+each too short to use); :func:`scroll_area` wraps a form so that a dock can be shorter than its
+content.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import sys
 import threading
+import warnings
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import Any
 
-from qtpy.QtCore import QObject, Qt, Signal
+from qtpy.QtCore import QObject, Qt, QTimer, Signal
 from qtpy.QtGui import QStandardItem, QStandardItemModel
 from qtpy.QtWidgets import (
     QComboBox,
+    QDockWidget,
     QFileDialog,
+    QFrame,
     QHBoxLayout,
     QLabel,
+    QMainWindow,
     QPushButton,
+    QScrollArea,
     QSizePolicy,
     QToolButton,
     QWidget,
@@ -44,6 +64,144 @@ def catalog_events() -> _CatalogEvents:
     if _EVENTS is None:
         _EVENTS = _CatalogEvents()
     return _EVENTS
+
+
+# ----------------------------------------------------------------- the engine, imported lazily
+#: What the pickers need; importing them imports torch.
+ENGINE_MODULES = ("napari_medseg.models", "napari_medseg.engine.checkpoints", "napari_medseg.engine.runtime")
+#: Deprecation warnings that torch's TorchScript raises while third-party packages are imported
+#: (``timm`` decorates classes with ``torch.jit.interface`` at import, and the model library builds
+#: timm-based models in a worker). superqt runs workers with an "always" filter and relays each
+#: warning (``warned``) to napari's notifications, so these popped up when a widget opened.
+TORCH_JIT_DEPRECATION = r"`torch\.jit\.\w+` is deprecated"
+#: Delay between the first widget asking for the engine and the background import (ms).
+START_DELAY_MS = 150
+
+
+def ignore_torch_jit_deprecations() -> None:
+    """In a napari/superqt worker: drop torch's TorchScript deprecation warnings (only those).
+
+    superqt runs each worker inside ``warnings.catch_warnings()`` with an "always" filter and
+    relays every warning to napari's notifications; a filter added here goes in front of that one
+    and is removed with it when the worker ends (nothing leaks into the rest of the process).
+    """
+    warnings.filterwarnings("ignore", message=TORCH_JIT_DEPRECATION, category=DeprecationWarning)
+
+
+class _EngineLoader(QObject):
+    """Imports :data:`ENGINE_MODULES` once, in a daemon thread; ``ready``/``failed`` reach the GUI thread."""
+
+    ready = Signal()
+    failed = Signal(str)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.state = "idle"  # idle -> loading -> ready | failed
+        self.error = ""
+
+    def _import(self) -> None:
+        import importlib
+
+        for name in ENGINE_MODULES:
+            importlib.import_module(name)
+
+    def load_now(self) -> None:
+        """Import in this thread (when torch is already imported: a fraction of a second)."""
+        self._import()
+        self.state = "ready"
+
+    def start(self) -> None:
+        """Start the import soon, after the event loop has drawn the widget that asked: the import
+        holds the GIL most of the time, so starting it at once would slow that first draw."""
+        if self.state != "idle":
+            return
+        self.state = "loading"
+        QTimer.singleShot(START_DELAY_MS, self._start_thread)
+
+    def _start_thread(self) -> None:
+        threading.Thread(target=self._run, name="napari-medseg engine import", daemon=True).start()
+
+    def _run(self) -> None:
+        try:
+            self._import()
+        except Exception as err:  # noqa: BLE001 - reported in the widgets
+            logger.warning("Could not import the segmentation engine: %s", err, exc_info=True)
+            self.error = f"{type(err).__name__}: {err}"
+            self.state = "failed"
+            self.failed.emit(self.error)
+            return
+        self.state = "ready"
+        self.ready.emit()
+
+
+_LOADER: _EngineLoader | None = None
+
+
+def _engine_loader() -> _EngineLoader:
+    global _LOADER
+    if _LOADER is None:
+        _LOADER = _EngineLoader()
+    return _LOADER
+
+
+def engine_ready() -> bool:
+    """Whether the engine modules can be used now without waiting for ``import torch``.
+
+    True once the background import has finished, or at once when ``torch`` is already imported
+    (the rest then loads in this thread).
+    """
+    loader = _engine_loader()
+    if loader.state == "idle" and "torch" in sys.modules:
+        loader.load_now()
+    return loader.state == "ready"
+
+
+def when_engine_ready(receiver: QObject, callback: Callable[[], None],
+                      on_failure: Callable[[str], None] | None = None) -> bool:
+    """Call ``callback`` (in the GUI thread) once the engine modules are imported.
+
+    Calls it now and returns True when they already are; otherwise starts the background import
+    (once per process), connects ``callback`` through ``receiver`` (a QObject of the GUI thread, so
+    that the call is dropped when the widget is gone) and returns False.
+    """
+    if engine_ready():
+        callback()
+        return True
+    loader = _engine_loader()
+    if loader.state == "failed":
+        if on_failure is not None:
+            on_failure(loader.error)
+        return False
+    relay = _Relay(receiver, callback, on_failure)
+    loader.ready.connect(relay.fire)
+    loader.failed.connect(relay.fail)
+    loader.start()
+    return False
+
+
+class _Relay(QObject):
+    """Lives as ``receiver``'s child: Qt queues the loader's signals to it and drops them with it."""
+
+    def __init__(self, receiver: QObject, callback: Callable[[], None],
+                 on_failure: Callable[[str], None] | None):
+        super().__init__(receiver)
+        self._callback = callback
+        self._on_failure = on_failure
+
+    def fire(self) -> None:
+        self._disconnect()
+        self._callback()
+
+    def fail(self, message: str) -> None:
+        self._disconnect()
+        if self._on_failure is not None:
+            self._on_failure(message)
+
+    def _disconnect(self) -> None:
+        loader = _engine_loader()
+        for signal, slot in ((loader.ready, self.fire), (loader.failed, self.fail)):
+            with contextlib.suppress(TypeError, RuntimeError):
+                signal.disconnect(slot)
 
 
 # ---------------------------------------------------------------------------------- messages
@@ -77,6 +235,138 @@ def show_status(label: QLabel, text: str, error: bool = False) -> None:
             show_error(text)
         except Exception:  # noqa: BLE001 - a notification must never break the widget
             logger.debug("could not show a napari notification", exc_info=True)
+
+
+# ------------------------------------------------------------------------------------ docking
+def is_medseg_widget(widget: object) -> bool:
+    """Whether ``widget`` is one of this plugin's dock widgets (by its class's module)."""
+    return type(widget).__module__.startswith("napari_medseg.widgets")
+
+
+def medseg_docks(window: QMainWindow) -> list[QDockWidget]:
+    """The docked (not floating) dock widgets of ``window`` that hold a napari-medseg widget."""
+    return [d for d in window.findChildren(QDockWidget)
+            if not d.isFloating() and d.widget() is not None and is_medseg_widget(d.widget())]
+
+
+def tabify_with_medseg_docks(widget: QWidget) -> bool:
+    """Put ``widget``'s dock in a tab beside the other napari-medseg docks of its dock area.
+
+    napari's Plugins menu docks each widget below the previous ones; four of them stacked in one
+    column left each too short to use and grew the window past the screen. Tabs give each the
+    full height. Does nothing for a floating or undocked widget, or one already tabbed.
+
+    Returns:
+        True when the dock was moved into a tab group.
+    """
+    dock = widget.parentWidget()
+    if not isinstance(dock, QDockWidget) or dock.isFloating():
+        return False
+    window = dock.parentWidget()
+    if not isinstance(window, QMainWindow):
+        return False
+    area = window.dockWidgetArea(dock)
+    others = [d for d in medseg_docks(window)
+              if d is not dock and window.dockWidgetArea(d) == area and not d.isHidden()]
+    if not others or any(dock in window.tabifiedDockWidgets(d) for d in others):
+        return False
+    window.tabifyDockWidget(others[0], dock)
+    for d in (*others, dock):  # short tab titles (five fit in a dock); the title bar keeps napari's name
+        d.setWindowTitle(TAB_TITLES.get(type(d.widget()).__name__, d.windowTitle()))
+    dock.show()
+    dock.raise_()
+    return True
+
+
+#: Tab titles of the plugin's docks when they share a dock area.
+TAB_TITLES = {"SegmentWidget": "Segment", "TrainWidget": "Train", "ModelLibraryWidget": "Library",
+              "FillBetweenSlicesWidget": "Fill", "DisplayWidget": "Display"}
+
+
+class _DockWatcher(QObject):
+    """Event filter of a main window: a napari-medseg dock added later joins the tabs too (also
+    for widgets that are not a :class:`MedsegPanel`)."""
+
+    def __init__(self, window: QMainWindow):
+        super().__init__(window)
+        self.setObjectName("medseg_dock_watcher")
+        window.installEventFilter(self)
+
+    def eventFilter(self, obj, event) -> bool:  # noqa: N802 - Qt API
+        from qtpy.QtCore import QEvent
+
+        if event.type() == QEvent.ChildAdded and isinstance(event.child(), QDockWidget):
+            dock = event.child()
+            QTimer.singleShot(0, lambda: self._join(dock))
+        return False
+
+    @staticmethod
+    def _join(dock: QDockWidget) -> None:
+        with contextlib.suppress(RuntimeError):  # closed meanwhile
+            widget = dock.widget()
+            if widget is not None and is_medseg_widget(widget):
+                tabify_with_medseg_docks(widget)
+
+
+def watch_medseg_docks(window: QMainWindow) -> None:
+    """Make napari-medseg docks added to ``window`` from now on join the tabs (once per window)."""
+    if window.findChild(_DockWatcher, "medseg_dock_watcher") is None:
+        _DockWatcher(window)
+
+
+#: The widest a scroll area makes its dock to show its whole form (px); wider forms scroll sideways.
+MAX_PANEL_WIDTH = 480
+
+
+def fit_scroll_widths(widget: QWidget, max_width: int = MAX_PANEL_WIDTH) -> None:
+    """Keep a narrow dock from cutting off the form of a vertical-only scroll area inside
+    ``widget``: the area becomes as wide as its content, up to ``max_width``; beyond that it gets
+    a horizontal scroll bar instead (a dock is never pushed wider than ``max_width`` by it)."""
+    for area in widget.findChildren(QScrollArea):
+        inner = area.widget()
+        if inner is None or area.horizontalScrollBarPolicy() != Qt.ScrollBarAlwaysOff:
+            continue
+        need = (inner.minimumSizeHint().width() + area.verticalScrollBar().sizeHint().width()
+                + 2 * area.frameWidth())
+        if need > max_width:
+            area.setHorizontalScrollBarPolicy(Qt.ScrollBarAsNeeded)
+            need = max_width
+        if area.minimumWidth() < need:
+            area.setMinimumWidth(need)
+
+
+class MedsegPanel:
+    """Mixin for the plugin's dock widgets (list it before ``QWidget``): when first shown, its
+    vertical scroll areas get the width of their content (:func:`fit_scroll_widths`); in a dock it
+    joins the other napari-medseg docks of that area as a tab (:func:`tabify_with_medseg_docks`),
+    and napari-medseg docks opened later join them as well."""
+
+    _joined_tabs = False
+
+    def showEvent(self, event) -> None:  # noqa: N802 - Qt API
+        if not self._joined_tabs:
+            fit_scroll_widths(self)
+        super().showEvent(event)
+        if not self._joined_tabs:
+            self._joined_tabs = True
+            QTimer.singleShot(0, self._join_medseg_tabs)  # after napari has placed the dock
+
+    def _join_medseg_tabs(self) -> None:
+        with contextlib.suppress(RuntimeError):  # the widget was closed meanwhile
+            tabify_with_medseg_docks(self)
+            window = self.window()
+            if isinstance(window, QMainWindow):
+                watch_medseg_docks(window)
+
+
+def scroll_area(inner: QWidget) -> QScrollArea:
+    """``inner`` in a frameless vertical scroll area, so that its dock may be shorter than it."""
+    scroll = QScrollArea()
+    scroll.setWidgetResizable(True)
+    scroll.setFrameShape(QFrame.NoFrame)
+    scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarAlwaysOff)
+    scroll.setWidget(inner)
+    return scroll
 
 
 # ----------------------------------------------------------------------------- the engine worker
@@ -117,6 +407,7 @@ def _drive(make_gen: Callable[[], Generator], stop: threading.Event) -> Generato
     """Run an engine generator, closing it (in this worker thread) as soon as ``stop`` is set."""
     from napari_medseg.engine.jobs import Cancelled, relay
 
+    ignore_torch_jit_deprecations()
     try:
         return (yield from relay(make_gen(), should_stop=stop.is_set))
     except Cancelled:
@@ -192,8 +483,8 @@ def shutdown_worker(worker, stop: threading.Event | None, timeout: float = 120.0
     return finished
 
 
-class EngineJobOwner:
-    """For widgets that run one engine job at a time in ``self.worker``.
+class EngineJobOwner(MedsegPanel):
+    """For widgets that run one engine job at a time in ``self.worker`` (a :class:`MedsegPanel`).
 
     The widget keeps ``worker`` and ``_stop`` (from :func:`start_engine_worker`) and ``_progress``
     (a :class:`ProgressRelay` or None).
@@ -289,24 +580,40 @@ class ProgressRelay:
 
 
 # ---------------------------------------------------------------------------------- combos
+LOADING_TEXT = "loading…"
+
+
 class DeviceCombo(QComboBox):
-    """``auto``, ``cuda:N``, ``mps`` and ``cpu``; devices missing on this machine are greyed out."""
+    """``auto``, ``cuda:N``, ``mps`` and ``cpu``; devices missing on this machine are greyed out.
+
+    Until torch is imported every entry is offered; then the missing ones are greyed out (a
+    selection of a missing device falls back to ``auto``).
+    """
 
     def __init__(self, parent: QWidget | None = None):
         super().__init__(parent)
-        from napari_medseg.engine.runtime import available_devices
+        self._fill(None)
+        self.setToolTip("auto: the first CUDA GPU, else Apple MPS, else the CPU")
+        when_engine_ready(self, self._check_devices)
 
-        available = set(available_devices())
-        cudas = [d for d in available if d.startswith("cuda")] or ["cuda:0"]
+    def _fill(self, available: set[str] | None) -> None:
+        current = self.currentText() or "auto"
+        cudas = sorted(d for d in (available or ()) if d.startswith("cuda")) or ["cuda:0"]
         model = QStandardItemModel(self)
-        for name in ["auto", *sorted(cudas), "mps", "cpu"]:
+        for name in ["auto", *cudas, "mps", "cpu"]:
             item = QStandardItem(name)
-            if name != "auto" and name not in available:
+            if available is not None and name != "auto" and name not in available:
                 item.setEnabled(False)
                 item.setToolTip(f"{name} is not available on this machine")
             model.appendRow(item)
         self.setModel(model)
-        self.setToolTip("auto: the first CUDA GPU, else Apple MPS, else the CPU")
+        idx = self.findText(current)
+        self.setCurrentIndex(idx if idx >= 0 and self.is_enabled(current) else 0)
+
+    def _check_devices(self) -> None:
+        from napari_medseg.engine.runtime import available_devices
+
+        self._fill(set(available_devices()))
 
     def device(self) -> str:
         return self.currentText()
@@ -317,15 +624,30 @@ class DeviceCombo(QComboBox):
 
 
 class ModelCombo(QComboBox):
-    """Registered architectures grouped by family (family headers are not selectable)."""
+    """Registered architectures grouped by family (family headers are not selectable).
+
+    Shows a disabled "loading…" entry until the model registry is imported; :meth:`set_model`
+    called before that takes effect when the list fills, and ``model_name()`` meanwhile names the
+    architecture that will be selected (``""`` for "any").
+    """
 
     def __init__(self, parent: QWidget | None = None, any_text: str | None = None):
         super().__init__(parent)
+        self._any_text = any_text
+        self._wanted = "" if any_text else "unet-3d-fullres"
+        self.loaded = False
+        self.addItem(f"{LOADING_TEXT} (the model registry)")
+        when_engine_ready(self, self._fill, self._failed)
+
+    def _failed(self, message: str) -> None:
+        self.setItemText(0, f"unavailable: {message}")
+
+    def _fill(self) -> None:
         from napari_medseg.models import get_model_spec, list_models
 
         model = QStandardItemModel(self)
-        if any_text:
-            item = QStandardItem(any_text)
+        if self._any_text:
+            item = QStandardItem(self._any_text)
             item.setData("", PATH_ROLE)
             model.appendRow(item)
         families: dict[str, list[str]] = {}
@@ -343,13 +665,20 @@ class ModelCombo(QComboBox):
                 item.setData(name, PATH_ROLE)
                 item.setToolTip(f"{spec.description}\n{spec.paper}")
                 model.appendRow(item)
+        self.loaded = True
+        self.blockSignals(True)
         self.setModel(model)
-        self.set_model("" if any_text else "unet-3d-fullres")
+        self.blockSignals(False)
+        self.set_model(self._wanted)
+        self.currentIndexChanged.emit(self.currentIndex())  # listeners see the filled list
 
     def model_name(self) -> str:
-        return self.currentData(PATH_ROLE) or ""
+        return (self.currentData(PATH_ROLE) or "") if self.loaded else self._wanted
 
     def set_model(self, name: str) -> bool:
+        if not self.loaded:
+            self._wanted = name
+            return False
         for row in range(self.count()):
             if self.itemData(row, PATH_ROLE) == name:
                 self.setCurrentIndex(row)
@@ -372,6 +701,9 @@ def describe_checkpoint(info) -> str:
 
 class CheckpointPicker(QWidget):
     """A combo of catalogue checkpoints (shipped first) and a "Browse..." button.
+
+    Shows "loading…" until the engine is imported (``loaded`` is False meanwhile and
+    ``current_info()`` is ``None``); then fills and emits ``changed``.
 
     Signals:
         changed: The selected checkpoint changed (``current_info()`` may be ``None``).
@@ -396,11 +728,13 @@ class CheckpointPicker(QWidget):
         self._infos: dict[str, Any] = {}
         self._extra_paths: list[str] = []
         self._model_filter = ""
+        self.loaded = False  # the catalogue has been read (the engine is imported)
         self.combo.currentIndexChanged.connect(lambda _i: self.changed.emit())
         self.browse_button.clicked.connect(self._browse)
         self.refresh_button.clicked.connect(self.refresh)
         catalog_events().changed.connect(self.refresh)
-        self.refresh()
+        self.combo.addItem(f"{LOADING_TEXT} (the checkpoint catalogue)", None)
+        when_engine_ready(self, self.refresh, lambda msg: self.combo.setItemText(0, f"unavailable: {msg}"))
 
     def set_model_filter(self, model_name: str) -> None:
         """Only list checkpoints of this architecture (``""``: all)."""
@@ -408,7 +742,12 @@ class CheckpointPicker(QWidget):
         self.refresh()
 
     def refresh(self) -> None:
-        """Reload the catalogue, keeping the selection when it is still listed."""
+        """Reload the catalogue, keeping the selection when it is still listed (once the engine
+        is imported; until then the "loading…" entry stays and the list fills when it is)."""
+        if engine_ready():
+            self._reload()
+
+    def _reload(self) -> None:
         from napari_medseg.engine.checkpoints import checkpoint_info, list_checkpoints
 
         current = self.current_path()
@@ -438,6 +777,7 @@ class CheckpointPicker(QWidget):
         idx = self.combo.findData(current) if current else -1
         self.combo.setCurrentIndex(max(idx, 0))
         self.combo.blockSignals(False)
+        self.loaded = True
         self.changed.emit()
 
     def add_path(self, path: str) -> None:
@@ -455,7 +795,7 @@ class CheckpointPicker(QWidget):
         if path not in self._extra_paths:
             self._extra_paths.append(path)
         self._model_filter = ""
-        self.refresh()
+        self._reload()  # the engine is imported now (checkpoint_info above), even mid-way in the background
         self.combo.setCurrentIndex(self.combo.findData(path))
 
     def _browse(self) -> None:

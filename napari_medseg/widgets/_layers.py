@@ -8,6 +8,9 @@ import numpy as np
 from qtpy.QtCore import Signal
 from qtpy.QtWidgets import QComboBox, QHBoxLayout, QToolButton, QVBoxLayout, QWidget
 
+from napari_medseg.io._dtypes import to_float32
+from napari_medseg.io.grid import grid_difference
+
 
 class LayerCombo(QComboBox):
     """The viewer's layers of one type, kept in sync with the layer list."""
@@ -159,8 +162,8 @@ class ImageInput:
     def array(self) -> np.ndarray:
         """``(C, *spatial)`` float32 (reads the layer data: call it in the worker)."""
         if self.stacked:
-            return np.asarray(self.layers[0].data, dtype=np.float32)
-        return np.stack([np.asarray(layer.data, dtype=np.float32) for layer in self.layers])
+            return to_float32(self.layers[0].data, f"Layer {self.layers[0].name!r}", InputError)
+        return np.stack([to_float32(layer.data, f"Layer {layer.name!r}", InputError) for layer in self.layers])
 
     def spatial_transform(self) -> dict:
         """``scale``, ``translate``, ``rotate``, ``shear`` and ``affine`` of the spatial axes, for result layers.
@@ -216,7 +219,7 @@ def resolve_image_input(layers: list) -> ImageInput:
     """Check the chosen image layers and describe them.
 
     Raises:
-        InputError: no layer, RGB, mismatched shapes, or not 2D/3D.
+        InputError: no layer, RGB, complex values, mismatched shapes, or not 2D/3D.
     """
     if not layers:
         raise InputError("Choose an image layer (open a scan or a sample first).")
@@ -225,6 +228,9 @@ def resolve_image_input(layers: list) -> ImageInput:
             raise InputError(f"Layer {layer.name!r} is RGB; medical scans must be greyscale layers.")
         if getattr(layer, "multiscale", False):
             raise InputError(f"Layer {layer.name!r} is multiscale; use a single-resolution layer.")
+        if np.dtype(getattr(layer.data, "dtype", np.float32)).kind == "c":
+            raise InputError(f"Layer {layer.name!r} holds complex values; take the magnitude (or the real "
+                             "part) first.")
     ref = layers[0]
     if len(layers) == 1 and ref.ndim == 4:
         channels, shape = int(ref.data.shape[0]), tuple(int(s) for s in ref.data.shape[1:])
@@ -244,13 +250,33 @@ def resolve_image_input(layers: list) -> ImageInput:
     return ImageInput(list(layers), channels, shape, spacing)
 
 
+def layer_grid_matrix(layer, n: int) -> np.ndarray:
+    """The ``(n + 1)`` square data-to-world matrix of the last ``n`` axes of ``layer`` (napari
+    order), measured through its whole transform (scale, translate, rotate, shear and affine)."""
+    lead = (0,) * (layer.ndim - n)
+    origin = np.asarray(layer.data_to_world(lead + (0,) * n), dtype=np.float64)[-n:]
+    matrix = np.eye(n + 1)
+    matrix[:n, n] = origin
+    for axis in range(n):
+        step = [0] * n
+        step[axis] = 1
+        matrix[:n, axis] = np.asarray(layer.data_to_world(lead + tuple(step)), dtype=np.float64)[-n:] - origin
+    return matrix
+
+
+#: The grid comparison's words, as napari names the parts of a layer's transform.
+_LAYER_TERMS = {"spacing": "voxel size (scale)", "origin": "origin (translate)",
+                "orientation": "their orientation (rotate, shear or affine)"}
+
+
 def check_same_grid(image: ImageInput, layer) -> None:
     """Refuse a labels layer that does not lie on the image's voxel grid.
 
     Same shape is not enough: a labels layer with another voxel size, origin or orientation (as
     napari places it in world space) would teach the model a shifted or stretched segmentation.
     Everything is compared in world coordinates, so layers that split the same transform
-    differently between scale, translate, rotate, shear and affine still match.
+    differently between scale, translate, rotate, shear and affine still match. The comparison is
+    the one dataset reading applies to label files (:func:`napari_medseg.io.grid.grid_difference`).
 
     Raises:
         InputError: the shapes, world voxel size, origin or orientation differ.
@@ -260,24 +286,10 @@ def check_same_grid(image: ImageInput, layer) -> None:
         raise InputError(
             f"Labels {layer.name!r} have shape {tuple(layer.data.shape)}; the image's is {image.spatial_shape}."
         )
-    lead = tuple(0 for _ in range(image.reference.ndim - n))
-    spacing = world_spacing(layer, n)
-    origin = tuple(float(v) for v in np.asarray(layer.data_to_world((0,) * n))[-n:])
-    ref_origin = tuple(float(v) for v in np.asarray(image.reference.data_to_world(lead + (0,) * n))[-n:])
-    for what, mine, theirs in (("voxel size (scale)", spacing, image.spacing),
-                               ("origin (translate)", origin, ref_origin)):
-        if not np.allclose(mine, theirs, rtol=1e-4, atol=1e-4):
-            raise InputError(
-                f"Labels {layer.name!r} are not on the image's grid: {what} {mine} vs the image's "
-                f"{tuple(theirs)}. Use labels made on this image (or resample them to it first)."
-            )
-    # Rotation, shear and affine: the voxel corners must land on the same world points.
-    corners = [np.zeros(n)] + [np.eye(n)[i] * max(image.spatial_shape[i] - 1, 1) for i in range(n)]
-    for corner in corners:
-        a = np.asarray(image.reference.data_to_world(lead + tuple(corner)))[-n:]
-        b = np.asarray(layer.data_to_world(tuple(corner)))[-n:]
-        if not np.allclose(a, b, rtol=1e-4, atol=1e-3):
-            raise InputError(
-                f"Labels {layer.name!r} are not on the image's grid: their orientation (rotate, shear or "
-                "affine) differs from the image's. Use labels made on this image (or resample them first)."
-            )
+    problem = grid_difference(image.spatial_shape, layer_grid_matrix(layer, n), image.spatial_shape,
+                              layer_grid_matrix(image.reference, n), ref_name="the image's", terms=_LAYER_TERMS)
+    if problem:
+        raise InputError(
+            f"Labels {layer.name!r} are not on the image's grid: {problem}. Use labels made on this image "
+            "(or resample them to it first)."
+        )

@@ -1,7 +1,9 @@
 """The Model library widget: registered architectures and the checkpoint catalogue, as tables.
 
-Parameter counts are computed in a worker when the widget opens; CPU time for one default patch
-is measured on demand ("Measure CPU time") and cached in the user folder.
+The tables fill once the engine (torch) is imported, in the background when the widget is the
+first to need it (see ``_common.when_engine_ready``), so opening the widget does not wait for it.
+Parameter counts are then computed in a worker; CPU time for one default patch is measured on
+demand ("Measure CPU time") and cached in the user folder.
 """
 
 from __future__ import annotations
@@ -21,7 +23,15 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from ._common import catalog_events, show_status
+from ._common import (
+    MedsegPanel,
+    _CloseWatcher,
+    catalog_events,
+    engine_ready,
+    ignore_torch_jit_deprecations,
+    show_status,
+    when_engine_ready,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +47,7 @@ def _item(text, tooltip: str | None = None) -> QTableWidgetItem:
     return item
 
 
-class ModelLibraryWidget(QWidget):
+class ModelLibraryWidget(MedsegPanel, QWidget):
     """Tables of the registered models and of the known checkpoints.
 
     Args:
@@ -82,22 +92,41 @@ class ModelLibraryWidget(QWidget):
         layout.addWidget(self.ckpt_table, 2)
         layout.addWidget(self.status)
 
+        self.setMinimumSize(320, 300)
         self.measure_button.clicked.connect(self.measure)
         self.refresh_button.clicked.connect(self.refresh)
-        catalog_events().changed.connect(self.fill_checkpoints)
-        self.refresh()
+        catalog_events().changed.connect(self._on_catalog_changed)
+        self._loading = True
+        self.status.setText("Loading the model registry (importing torch)…")
+        for w in (self.measure_button, self.refresh_button):
+            w.setEnabled(False)
+        when_engine_ready(self, self._engine_loaded,
+                          lambda msg: show_status(self.status, f"Could not load the engine: {msg}", error=True))
 
     # ------------------------------------------------------------------------------ fill
+    def _engine_loaded(self) -> None:
+        self._loading = False
+        self.status.setText("")
+        for w in (self.measure_button, self.refresh_button):
+            w.setEnabled(True)
+        self.refresh()
+
+    def _on_catalog_changed(self) -> None:
+        if engine_ready():
+            self.fill_checkpoints()
+
     def refresh(self) -> None:
         """Fill both tables; parameter counts arrive from a worker."""
+        if not engine_ready():
+            return
         self.fill_checkpoints()
         self.fill_models()
         self.count_parameters()
 
     @property
     def counting(self) -> bool:
-        """Whether parameter counts are still being computed in a worker."""
-        return self._param_worker is not None
+        """Whether the tables are still loading or parameter counts are being computed."""
+        return self._loading or self._param_worker is not None
 
     @property
     def timing(self) -> bool:
@@ -177,12 +206,15 @@ class ModelLibraryWidget(QWidget):
     # ---------------------------------------------------------------------------- workers
     def count_parameters(self) -> None:
         """Count each model's parameters in a worker thread, filling the column as they come."""
+        if self._param_worker is not None:
+            return
         from napari.qt.threading import thread_worker
 
         from napari_medseg.engine.evaluation import default_parameter_count
         from napari_medseg.models import list_models
 
         def work():
+            ignore_torch_jit_deprecations()  # building a timm-based model imports timm
             for name in list_models():
                 try:
                     yield name, default_parameter_count(name)
@@ -193,6 +225,31 @@ class ModelLibraryWidget(QWidget):
         self._param_worker.yielded.connect(self._set_parameters)
         self._param_worker.finished.connect(lambda: setattr(self, "_param_worker", None))
         self._param_worker.start()
+        self._watch_window_close()
+
+    def showEvent(self, event) -> None:  # noqa: N802 - Qt API
+        super().showEvent(event)
+        if self.counting or self.timing:
+            self._watch_window_close()
+
+    def _watch_window_close(self) -> None:
+        """Stop the workers when the main window closes (no signal may reach a deleted widget)."""
+        root = self.window()
+        if root is not self and getattr(self, "_close_watcher", None) is None:
+            self._close_watcher = _CloseWatcher(root, self.stop_workers)
+
+    def stop_workers(self) -> None:
+        """Ask the workers to stop after the model at hand and drop their results."""
+        for worker in (self._param_worker, self._time_worker):
+            if worker is None:
+                continue
+            for signal in (worker.yielded, worker.finished):
+                try:
+                    signal.disconnect()
+                except (TypeError, RuntimeError):
+                    pass
+            worker.quit()
+        self._param_worker = self._time_worker = None
 
     def _set_parameters(self, pair) -> None:
         name, count = pair
@@ -211,6 +268,7 @@ class ModelLibraryWidget(QWidget):
         from napari_medseg.models import list_models
 
         def work():
+            ignore_torch_jit_deprecations()
             for name in list_models():
                 yield name, None
                 try:
@@ -224,6 +282,7 @@ class ModelLibraryWidget(QWidget):
         self._time_worker.yielded.connect(self._set_timing)
         self._time_worker.finished.connect(self._timing_done)
         self._time_worker.start()
+        self._watch_window_close()
 
     def _set_timing(self, pair) -> None:
         name, value = pair

@@ -2,6 +2,11 @@
 
 The result becomes a Labels layer on the image's exact grid (scale, translate, affine and the
 ``medseg_geometry`` metadata are copied), so "Save..." writes a NIfTI that overlays the source scan.
+
+The engine gets the image layer's world geometry as an affine (layers this plugin read: their world
+is RAS+), so it can reorient the image to the orientation the model was trained in. An image far
+outside the model's training domain stops before any compute with a one-line reason; the widget
+asks whether to segment anyway (:meth:`SegmentWidget.ask_force`) and reruns with ``force=True``.
 """
 
 from __future__ import annotations
@@ -10,9 +15,11 @@ import copy
 import html
 import logging
 import os
+import time
 from types import SimpleNamespace
 
 import numpy as np
+from qtpy.QtCore import Signal
 from qtpy.QtWidgets import (
     QCheckBox,
     QDoubleSpinBox,
@@ -20,6 +27,7 @@ from qtpy.QtWidgets import (
     QFormLayout,
     QGroupBox,
     QHBoxLayout,
+    QMessageBox,
     QProgressBar,
     QPushButton,
     QSpinBox,
@@ -50,7 +58,12 @@ class SegmentWidget(EngineJobOwner, QWidget):
 
     Args:
         napari_viewer: The viewer (npe2 passes it).
+
+    Signals:
+        segmented(object): the labels layer a run added (after its status is set).
     """
+
+    segmented = Signal(object)
 
     def __init__(self, napari_viewer):
         super().__init__()
@@ -63,6 +76,7 @@ class SegmentWidget(EngineJobOwner, QWidget):
         self.last_result = None
         self.result_layer = None
         self._succeeded = False
+        self._domain_question: str | None = None  # a DomainError to ask about once the run has ended
 
         # --- input
         self.channels = ChannelPicker(self.viewer)
@@ -96,8 +110,9 @@ class SegmentWidget(EngineJobOwner, QWidget):
         self.cancel_button = QPushButton("Cancel")
         self.cancel_button.setEnabled(False)
         self.progress_bar = QProgressBar()
-        self.progress_bar.setFormat("%v / %m tiles")
+        self.progress_bar.setFormat("not run yet")  # no fake total before a run
         self.progress_bar.setValue(0)
+        self._tiles_started: float | None = None
         self.status = status_label()
         # --- result
         self.legend = status_label()
@@ -186,8 +201,13 @@ class SegmentWidget(EngineJobOwner, QWidget):
     def running(self) -> bool:
         return self.worker is not None
 
-    def run(self) -> None:
-        """Check the inputs, then start ``engine.predict`` in a worker thread."""
+    def run(self, *_args, force: bool = False) -> None:
+        """Check the inputs, then start ``engine.predict`` in a worker thread.
+
+        Args:
+            force: Segment even an image far outside the model's training domain (set when the
+                user answered "yes" to :meth:`ask_force`).
+        """
         if self.running:
             return
         from napari_medseg.engine.checkpoints import CheckpointError, check_compatible
@@ -208,20 +228,23 @@ class SegmentWidget(EngineJobOwner, QWidget):
             device=self.device.device(), mirror=self.mirror.isChecked(), step=float(self.step.value()),
             batch_size=int(self.batch.value()), largest_component=self.largest.isChecked(),
             return_probabilities=self.probabilities.isChecked(),
-            return_uncertainty=self.uncertainty.isChecked(),
+            return_uncertainty=self.uncertainty.isChecked(), force=force,
         )
+        affine = image_affine(image)
         path = info.path
         self._job = (image, info)
         self._succeeded = False
         self._progress = ProgressRelay(f"Segmenting {image.reference.name}")
         self.progress_bar.setRange(0, 0)
+        self.progress_bar.setFormat("starting…")
+        self._tiles_started = None
         show_status(self.status, f"Segmenting {image.reference.name} with {info.name}...")
         self.run_button.setEnabled(False)
         self.cancel_button.setEnabled(True)
         logger.info("predict(%s, %s, %s)", image.reference.name, path, options)
         self.watch_window_close()
         self.worker, self._stop = start_engine_worker(
-            lambda: predict(image.array(), image.spacing, [path], options),
+            lambda: predict(image.array(), image.spacing, [path], options, affine=affine),
             on_yield=self._on_event, on_return=self._on_result, on_error=self._on_error,
             on_finish=self._on_finish,
         )
@@ -242,15 +265,35 @@ class SegmentWidget(EngineJobOwner, QWidget):
         if stage == "tiles" and event.total:
             self.progress_bar.setRange(0, int(event.total))
             self.progress_bar.setValue(int(event.current))
-            self.progress_bar.setFormat("%v / %m tiles")
+            self.progress_bar.setFormat(tiles_text(event, self._tiles_started))
+            if self._tiles_started is None:
+                self._tiles_started = time.perf_counter()
         elif stage != "tiles":
-            self.progress_bar.setFormat(stage)
+            self.progress_bar.setRange(0, 0)  # busy: stages without a count show their name only
+            self.progress_bar.setFormat(f"{stage}…")
         # Last: napari's progress widgets may process pending events (even this run's end).
         if self._progress is not None:
             self._progress.update(stage, event.current, event.total, event.message)
 
     def _on_error(self, err: Exception) -> None:
+        from napari_medseg.engine.inference.config import DomainError
+
+        if isinstance(err, DomainError):  # raised before any compute: ask once the worker has ended
+            self._domain_question = str(err)
+            show_status(self.status, f"Not segmented: {err}", error=True)
+            return
         show_status(self.status, f"Segmentation failed: {err}", error=True)
+
+    def ask_force(self, message: str) -> bool:
+        """Ask whether to segment an image the engine found far outside the model's training domain.
+
+        ``message`` is the engine's one-line reason. Returns True for "Yes" (tests replace this method).
+        """
+        answer = QMessageBox.question(
+            self, "Segment anyway?", f"{message}\n\nSegment it anyway?",
+            QMessageBox.Yes | QMessageBox.No, QMessageBox.No,
+        )
+        return answer == QMessageBox.Yes
 
     def _on_finish(self) -> None:
         if self._progress is not None:
@@ -263,9 +306,15 @@ class SegmentWidget(EngineJobOwner, QWidget):
         self.progress_bar.setRange(0, max(self.progress_bar.maximum(), 1))
         if self._succeeded:
             self.progress_bar.setValue(self.progress_bar.maximum())
-            self.progress_bar.setFormat("done: %v / %m tiles")
+            self.progress_bar.setFormat("done: %v / %m tile passes")
         self.run_button.setEnabled(True)
         self.cancel_button.setEnabled(False)
+        question, self._domain_question = self._domain_question, None
+        if question is not None:
+            if self.ask_force(question):
+                self.run(force=True)
+            else:
+                show_status(self.status, f"Not segmented: {question}", error=True)
 
     def _on_result(self, result) -> None:
         if result is None or isinstance(result, Stopped):
@@ -282,6 +331,7 @@ class SegmentWidget(EngineJobOwner, QWidget):
         counts = np.bincount(result.labels.ravel(), minlength=len(result.label_names))
         found = [f"{result.label_names.get(k, k)}: {int(n):,} voxels" for k, n in enumerate(counts) if k and n]
         show_status(self.status, f"Done: added {self.result_layer.name!r}. " + ("; ".join(found) or "No foreground found."))
+        self.segmented.emit(self.result_layer)
 
     # ----------------------------------------------------------------------------- layers
     def _add_layers(self, result, image, info):
@@ -372,3 +422,40 @@ class SegmentWidget(EngineJobOwner, QWidget):
         show_status(self.status, f"Saved {layer.name!r} to {short_path(written[0], 3)}")
         self.status.setToolTip(written[0])
         return written
+
+
+def tiles_text(event, started: float | None) -> str:
+    """The progress bar's text for a ``tiles`` event: counts, what they count, and an ETA."""
+    text = f"%v / %m tile passes ({event.message})" if event.message else "%v / %m tiles"
+    if started is not None and event.current:
+        elapsed = time.perf_counter() - started
+        left = elapsed / max(event.current - 1, 1) * (event.total - event.current)
+        text += f" · about {int(left) // 60}:{int(left) % 60:02d} left"
+    return text
+
+
+def image_affine(image) -> np.ndarray | None:
+    """The 4x4 voxel-to-RAS+ affine of the array the engine gets from ``image`` (an ``ImageInput``).
+
+    Measured through the reference layer's whole data-to-world transform (so a layer shown with
+    permuted axes, flips or an oblique affine gives the right matrix). ``None`` for layers this
+    plugin did not read (no ``medseg_geometry`` metadata): their world is not known to be RAS+,
+    so the engine does not reorient them.
+    """
+    from napari_medseg.io import affine_from_napari
+
+    ref = image.reference
+    if not isinstance(getattr(ref, "metadata", {}).get("medseg_geometry"), dict):
+        return None
+    n = image.spatial_dims
+    lead = (0,) * (ref.ndim - n)
+    origin = np.asarray(ref.data_to_world(lead + (0,) * n), dtype=np.float64)[-n:]
+    matrix = np.eye(n + 1)
+    for axis in range(n):
+        step = tuple(int(a == axis) for a in range(n))
+        matrix[:n, axis] = np.asarray(ref.data_to_world(lead + step), dtype=np.float64)[-n:] - origin
+    matrix[:n, n] = origin
+    try:
+        return affine_from_napari(matrix)
+    except ValueError:
+        return None

@@ -14,9 +14,11 @@ import logging
 import os
 import time
 
+import numpy as np
 from qtpy.QtCore import Qt, QTimer
 from qtpy.QtWidgets import (
     QButtonGroup,
+    QCheckBox,
     QComboBox,
     QDoubleSpinBox,
     QFileDialog,
@@ -47,6 +49,7 @@ from ._common import (
     start_engine_worker,
     status_label,
 )
+from ._fill import FillBetweenSlicesWidget
 from ._layers import ChannelPicker, InputError, LayerCombo, check_same_grid, resolve_image_input
 from ._partial import MODES, tracker_for
 from ._plots import TrainingCurves
@@ -54,6 +57,19 @@ from ._plots import TrainingCurves
 logger = logging.getLogger(__name__)
 
 _ARCH_KEYS_FROM_PLAN = ("pool_kernels", "conv_kernels", "deep_supervision")
+
+
+#: The default time budget of a run, minutes (a fine-tune on a laptop CPU pays off in minutes).
+DEFAULT_MINUTES = 5.0
+#: Iterations per "epoch" (a curve point and a validation) in a budgeted run.
+BUDGET_EPOCH_ITERATIONS = 10
+
+#: The augmentation choices: (shown text, ``TrainConfig.augment``).
+AUGMENTATIONS = (
+    ("Default (nnU-Net's)", True),
+    ("Synthetic: domain randomisation from the labels", "synth"),
+    ("None", False),
+)
 
 
 class TrainWidget(EngineJobOwner, QWidget):
@@ -77,6 +93,7 @@ class TrainWidget(EngineJobOwner, QWidget):
         self.last_training_labels = None
         self.last_checkpoint: str | None = None
         self.last_epoch = None
+        self.last_resegmented = None
         self.events_seen: list = []
 
         # --- data
@@ -100,6 +117,17 @@ class TrainWidget(EngineJobOwner, QWidget):
         self.model_kwargs = QLineEdit()
         self.model_kwargs.setPlaceholderText('architecture options, JSON, e.g. {"base_width": 16}')
         # --- settings
+        self.minutes = QDoubleSpinBox()
+        self.minutes.setRange(0.0, 10000.0)
+        self.minutes.setDecimals(1)
+        self.minutes.setSingleStep(1.0)
+        self.minutes.setValue(DEFAULT_MINUTES)
+        self.minutes.setSuffix(" min")
+        self.minutes.setSpecialValueText("off: epochs x iterations")
+        self.minutes.setToolTip(
+            "Train for this long; the learning rate decays over the time, so a short run anneals fully. "
+            "Curves update every few iterations. 'off': train the epochs x iterations below."
+        )
         self.epochs = _spin(1, 100000, 50)
         self.iterations = _spin(1, 100000, 250)
         self.lr = QDoubleSpinBox()
@@ -115,6 +143,14 @@ class TrainWidget(EngineJobOwner, QWidget):
         self.patch = QLineEdit()
         self.patch.setPlaceholderText("auto (planner); or e.g. 64,128,128")
         self.device = DeviceCombo()
+        self.augment = QComboBox()
+        for text, value in AUGMENTATIONS:
+            self.augment.addItem(text, value)
+        self.augment.setToolTip(
+            "Synthetic: half the patches are painted from the label maps with random contrast, shape, "
+            "resolution and artefacts (domain randomisation), so that a model trained on few scans "
+            "holds on scans that look different. Needs one image channel."
+        )
         self.val_fraction = QDoubleSpinBox()
         self.val_fraction.setRange(0.0, 0.9)
         self.val_fraction.setSingleStep(0.05)
@@ -128,7 +164,14 @@ class TrainWidget(EngineJobOwner, QWidget):
             self.partial_mode.addItem(text, key)
         self.partial_summary = status_label()
         self.partial_reset = QPushButton("Forget edits (new baseline)")
+        self.fill = FillBetweenSlicesWidget(self.viewer)
+        self.fill.setToolTip("Interpolate painted slices through the volume (no model): the baseline a "
+                             "fine-tuned model must beat, and a quick first draft to correct.")
         # --- run
+        self.resegment = QCheckBox("Segment the image again with the new model")
+        self.resegment.setChecked(True)
+        self.resegment.setToolTip("When training ends, run Segment on the training image with the new "
+                                  "checkpoint and say what changed per class.")
         self.train_button = QPushButton("Train")
         self.stop_button = QPushButton("Stop")
         self.resume_button = QPushButton("Resume")
@@ -152,6 +195,7 @@ class TrainWidget(EngineJobOwner, QWidget):
         self._on_start_from()
         self._on_architecture()
         self._on_labels_layer()
+        self._on_minutes()
 
     # ---------------------------------------------------------------------------- layout
     def _build_layout(self) -> None:
@@ -178,12 +222,14 @@ class TrainWidget(EngineJobOwner, QWidget):
 
         box_set = QGroupBox("Settings")
         form = QFormLayout(box_set)
+        form.addRow("Train for:", self.minutes)
         form.addRow("Epochs:", self.epochs)
         form.addRow("Iterations / epoch:", self.iterations)
         form.addRow("Learning rate:", self.lr)
         form.addRow("Batch size:", self.batch)
         form.addRow("Patch size:", self.patch)
         form.addRow("Device:", self.device)
+        form.addRow("Augmentation:", self.augment)
         form.addRow("Validation fraction:", self.val_fraction)
         row = QHBoxLayout()
         row.addWidget(self.output, 1)
@@ -195,6 +241,8 @@ class TrainWidget(EngineJobOwner, QWidget):
         form.addRow("Mode:", self.partial_mode)
         form.addRow(self.partial_summary)
         form.addRow(self.partial_reset)
+        box_fill = QGroupBox("Fill between slices (no model)")
+        QVBoxLayout(box_fill).addWidget(self.fill)
 
         buttons = QHBoxLayout()
         buttons.addWidget(self.train_button)
@@ -203,8 +251,9 @@ class TrainWidget(EngineJobOwner, QWidget):
 
         inner = QWidget()
         layout = QVBoxLayout(inner)
-        for w in (box_data, box_model, box_set, box_partial):
+        for w in (box_data, box_model, box_set, box_partial, box_fill):
             layout.addWidget(w)
+        layout.addWidget(self.resegment)
         layout.addLayout(buttons)
         layout.addWidget(self.progress_bar)
         layout.addWidget(self.status)
@@ -225,6 +274,7 @@ class TrainWidget(EngineJobOwner, QWidget):
         self.output_button.clicked.connect(self._browse_output)
         self.architecture.currentIndexChanged.connect(self._on_architecture)
         self.start_from.currentIndexChanged.connect(self._on_start_from)
+        self.minutes.valueChanged.connect(self._on_minutes)
         self.checkpoints.changed.connect(self._on_start_from)
         self.labels.currentIndexChanged.connect(self._on_labels_layer)
         self.partial_mode.currentIndexChanged.connect(self._update_summary)
@@ -261,9 +311,14 @@ class TrainWidget(EngineJobOwner, QWidget):
         else:
             self._on_architecture()
 
+    def _on_minutes(self, *_args) -> None:
+        budget = self.minutes.value() > 0
+        self.epochs.setEnabled(not budget)
+        self.iterations.setEnabled(not budget)
+
     def _on_architecture(self, *_args) -> None:
-        if not self.architecture.isEnabled():
-            return
+        if not self.architecture.isEnabled() or not getattr(self.architecture, "loaded", True):
+            return  # the combo fills (and signals again) once the engine is imported in the background
         name = self.architecture.model_name()
         self.configuration.setText(
             f"{_model_configuration(name) or 'the model default'} · {_recipe(name)} · patch and batch: planner's choice"
@@ -358,13 +413,18 @@ class TrainWidget(EngineJobOwner, QWidget):
         output = self.output.text().strip()
         if not output:
             output = str(medseg_home() / "runs" / f"{time.strftime('%Y%m%d-%H%M%S')}-{model}")
+        minutes = float(self.minutes.value()) or None
+        if minutes:  # the budget decides; short epochs so that the curves move every few iterations
+            extra.update(epochs=10**6, iterations_per_epoch=BUDGET_EPOCH_ITERATIONS, val_batches=2)
+        else:
+            extra.update(epochs=int(self.epochs.value()), iterations_per_epoch=int(self.iterations.value()))
         return TrainConfig(
             output_dir=os.path.expanduser(output), model=model, model_kwargs=kwargs,
             configuration=info.configuration if info and info.configuration else _model_configuration(model),
-            epochs=int(self.epochs.value()), iterations_per_epoch=int(self.iterations.value()),
+            minutes=minutes,
             lr=float(self.lr.value()) or None, batch_size=int(self.batch.value()) or None,
             patch_size=self._parse_patch(), device=self.device.device(),
-            val_fraction=float(self.val_fraction.value()),
+            val_fraction=float(self.val_fraction.value()), augment=self.augment.currentData(),
             init_checkpoint=info.path if info else None, **extra,
         )
 
@@ -374,7 +434,6 @@ class TrainWidget(EngineJobOwner, QWidget):
         Raises:
             InputError: missing or inconsistent data.
         """
-        import numpy as np
 
         if self.source_folder.isChecked():
             folder = self.folder.text().strip()
@@ -388,11 +447,11 @@ class TrainWidget(EngineJobOwner, QWidget):
             raise InputError("Choose a labels layer (paint one, or segment the image first).")
         check_same_grid(image, layer)
         mode = self.partial_key()
+        names = layer.metadata.get("medseg_label_names")
+        if names:  # the layer's own class names win over a parent checkpoint's (another task: a new head)
+            config.label_names = {int(k): str(v) for k, v in names.items()}
         if mode == "all":
             labels = np.array(layer.data, dtype=np.int16, copy=True)
-            names = layer.metadata.get("medseg_label_names")
-            if names and config.label_names is None:
-                config.label_names = {int(k): v for k, v in names.items()}
         else:
             if config.init_checkpoint is None:
                 raise InputError(
@@ -448,7 +507,8 @@ class TrainWidget(EngineJobOwner, QWidget):
 
         self._progress = ProgressRelay("Training")
         self._epochs_done = 0 if not resume_from else self._epochs_done
-        self.progress_bar.setRange(0, config.epochs * config.iterations_per_epoch)
+        budgeted = bool(config.minutes)
+        self.progress_bar.setRange(0, int(config.minutes * 60) if budgeted else config.epochs * config.iterations_per_epoch)
         self.train_button.setEnabled(False)
         self.resume_button.setEnabled(False)
         self.stop_button.setEnabled(True)
@@ -486,7 +546,8 @@ class TrainWidget(EngineJobOwner, QWidget):
             if self.worker is None:  # late event of a finished run
                 return
             if event.stage == "train" and event.total:
-                self.progress_bar.setValue(self._epochs_done * event.total + event.current)
+                budgeted = bool(self._run and self._run["config"].minutes)  # current/total: seconds
+                self.progress_bar.setValue(event.current if budgeted else self._epochs_done * event.total + event.current)
                 self.progress_bar.setFormat(event.message or "%p%")
             else:
                 self.progress_bar.setFormat(f"{event.stage} {event.current}/{event.total} {event.message}")
@@ -498,8 +559,9 @@ class TrainWidget(EngineJobOwner, QWidget):
             self.last_epoch = event
             self.curves.add_epoch(event)
             dice = ", ".join(f"{k} {v:.3f}" for k, v in event.val_dice.items())
-            self._log(f"epoch {event.epoch + 1}/{event.epochs}: loss {event.train_loss:.4f}"
-                      + (f", Dice {dice}" if dice else ""))
+            of = "" if self._run and self._run["config"].minutes else f"/{event.epochs}"
+            self._log(f"epoch {event.epoch + 1}{of}: loss {event.train_loss:.4f}"
+                      + (f", Dice ({event.validation or 'validation'}) {dice}" if dice else ""))
         elif isinstance(event, Message):
             self._log(event.text)
             if event.level in ("warning", "error"):
@@ -520,19 +582,61 @@ class TrainWidget(EngineJobOwner, QWidget):
         self.last_checkpoint = str(result)
         self._register(self.last_checkpoint, stopped=False)
         show_status(self.status, f"Done: {short_path(self.last_checkpoint)} (listed in the Segment widget).")
+        if self.resegment.isChecked() and isinstance(self._run["data"], list):
+            self.segment_again(self.last_checkpoint)
+
+    # --------------------------------------------------------------------- close the loop
+    def segment_widget(self):
+        """The viewer's Segment widget (docked, tabbed with this one, when none is open)."""
+        from napari_medseg.widgets._segment import SegmentWidget
+
+        for inner in list(self.viewer.window.dock_widgets.values()):  # the docked (inner) widgets
+            found = inner if isinstance(inner, SegmentWidget) else inner.findChild(SegmentWidget)
+            if found is not None:
+                return found
+        widget = SegmentWidget(self.viewer)
+        self.viewer.window.add_dock_widget(widget, name="Segment", tabify=True)
+        return widget
+
+    def segment_again(self, checkpoint: str) -> None:
+        """Segment the training image with ``checkpoint``; log what changed per class."""
+        segment = self.segment_widget()
+        segment.checkpoints.add_path(checkpoint)
+        segment.channels.set_layers(self.channels.layers())
+        before = self.labels.layer()
+        names = dict(self._run["config"].label_names or {})
+        ignore = self._run["config"].ignore_label
+        reference = np.asarray(before.data) if before is not None else None
+
+        def report(layer) -> None:
+            segment.segmented.disconnect(report)
+            self.last_resegmented = layer
+            if reference is None or layer.data.shape != reference.shape:
+                return
+            self._log(f"Segmented again with the new model: {layer.name!r}. Voxels per class, "
+                      f"{before.name!r} -> new:")
+            for line in class_changes(reference, np.asarray(layer.data), names, ignore):
+                self._log("  " + line)
+
+        segment.segmented.connect(report)
+        self._log(f"Segmenting {', '.join(lay.name for lay in self.channels.layers())} with the new model...")
+        segment.run()
 
     def _register(self, path: str, stopped: bool) -> None:
         from napari_medseg.engine.checkpoints import register_checkpoint
 
         config, desc = self._run["config"], self._run["desc"]
         start = f"fine-tuned from {os.path.basename(config.init_checkpoint)}" if config.init_checkpoint else "from scratch"
-        dice = dict(self.last_epoch.val_dice) if self.last_epoch is not None else None
+        kind = self.last_epoch.validation if self.last_epoch is not None else "none"
+        # Only a held-out Dice goes into the catalogue beside the shipped models' held-out figures.
+        dice = dict(self.last_epoch.val_dice) if kind.startswith("held-out") else None
         epochs = self._epochs_done
         name = f"{config.model} · {os.path.basename(config.output_dir)}" + (" (stopped)" if stopped else "")
         try:
             register_checkpoint(
                 path, name=name, training_data=desc, dice=dice,
-                description=f"Trained in napari {start}, {epochs} epoch(s) on {desc}.",
+                description=f"Trained in napari {start}, {epochs} epoch(s) on {desc}. "
+                f"Dice: {'on ' + kind if dice else 'not measured on held-out data (' + kind + ')'}.",
             )
         except Exception as err:  # noqa: BLE001 - the run itself succeeded
             self._log(f"Could not register {path} in the catalogue: {err}")
@@ -554,6 +658,16 @@ class TrainWidget(EngineJobOwner, QWidget):
     def _log(self, text: str) -> None:
         self.log.appendPlainText(text)
         logger.info(text)
+
+
+def class_changes(before, after, names: dict, ignore_label: int | None = None) -> list[str]:
+    """One line per class: voxels labelled in ``before`` (ignore label excluded) and in ``after``."""
+    n = int(max(before.max(initial=0), after.max(initial=0))) + 1
+    counted = before != ignore_label if ignore_label is not None else np.ones(before.shape, bool)
+    old = np.bincount(before[counted].ravel().astype(np.int64), minlength=n)
+    new = np.bincount(after.ravel().astype(np.int64), minlength=n)
+    return [f"{names.get(c, f'class_{c}')}: {int(old[c]):,} -> {int(new[c]):,} ({int(new[c]) - int(old[c]):+,})"
+            for c in range(1, n) if c != ignore_label and (old[c] or new[c])]
 
 
 def _model_configuration(model_name: str) -> str | None:

@@ -9,8 +9,8 @@ import torch
 from napari_medseg.engine.data.augmentation import (
     AugmentationError,
     Augmenter,
-    _rotation_matrix,
     enlarged_patch_size,
+    rotation_matrix,
 )
 
 OFF = dict(p_rotation=0.0, p_scale=0.0, p_mirror=0.0, p_gamma=0.0, p_noise=0.0, p_brightness=0.0,
@@ -77,7 +77,7 @@ def test_3d_rotation_by_90_degrees_is_a_voxel_permutation():
     x, y = batch((5, 5, 5), b=1, c=1)
     xo, yo = Augmenter(3, **{**OFF, "p_rotation": 1.0}, rotation_deg=(90, 90), seed=0)(x, y)
     # the rotation (about all three axes by 90 degrees) maps output voxel offsets to input offsets
-    rot = np.rint(_rotation_matrix([np.pi / 2] * 3, 3)).astype(int)
+    rot = np.rint(rotation_matrix([np.pi / 2] * 3, 3)).astype(int)
     out = np.stack(np.meshgrid(*[np.arange(5)] * 3, indexing="ij"), -1).reshape(-1, 3)
     src = (out - 2) @ rot.T + 2
     expected_x = x[0, 0].numpy()[tuple(src.T)].reshape(5, 5, 5)

@@ -1,5 +1,9 @@
 """The bad-input matrix: every case asserts a clear, specific message and that nothing changed.
 
+Issue 15's classes 4-9 (wrong geometry, units, size guards, corruption, foreign exceptions, silent
+oddities) are the rows of ``matrix_cases.py``; ``python tests/reliability/count_cases.py`` prints
+the rows by class and outcome.
+
 Engine cases build their inputs in a workspace folder, hash every file in it, run the action,
 check the error type and message, and check the hashes again (nothing written, nothing replaced,
 no temporary file left). Viewer cases (marked ``gui``) also check the viewer's layers are unchanged.
@@ -16,6 +20,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from matrix_cases import NEW_CASES, Case
 from rel_helpers import make_tiny_checkpoint, phantom_cases, tree_hashes
 
 from napari_medseg.engine.checkpoints import (
@@ -279,18 +284,51 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize(("build", "exc", "message"), [c[1:] for c in CASES], ids=[c[0] for c in CASES])
-def test_bad_input(tmp_path, monkeypatch, build, exc, message):
+#: The kind of problem of the rows above (written before issue 15's classes 4-9).
+_EARLIER = {"corrupt": "reader", "truncated": "reader", "empty": "reader", "zero": "reader", "6D": "reader",
+            "5D": "reader", "nan-spacing-file": "reader", "inf-spacing-file": "reader", "nan-affine": "reader",
+            "2D": "shape", "4D": "shape", "5D-array": "shape", "image-labels": "shape", "nan-image": "values",
+            "inf-image": "values", "nan-labels": "values", "inf-labels": "values", "labels": "values",
+            "zero-spacing-predict": "values", "nan-spacing-predict": "values", "checkpoint": "checkpoint",
+            "folder": "dataset", "dataset": "dataset", "output": "output", "volume-too-large": "memory"}
+
+
+def _earlier_kind(case_id: str) -> str:
+    return next(kind for prefix, kind in sorted(_EARLIER.items(), key=lambda kv: -len(kv[0]))
+                if case_id.startswith(prefix))
+
+
+#: Every row: ``Case(id, build, exc, message, cls)``; ``cls`` is issue 15's class (4-9) or the kind of
+#: an earlier row. ``exc=None``: the input must be accepted (the action checks the result).
+ALL_CASES = [Case(c[0], c[1], c[2], c[3], _earlier_kind(c[0])) for c in CASES] + NEW_CASES
+
+
+@pytest.mark.parametrize("case", ALL_CASES, ids=[c.id for c in ALL_CASES])
+def test_bad_input(tmp_path, monkeypatch, case):
     ws = tmp_path / "ws"
     ws.mkdir()
-    action = build(ws, monkeypatch)
+    action = case.build(ws, monkeypatch)
     before = tree_hashes(ws)
-    with pytest.raises(exc, match=message):
+    if case.exc is None:
         action()
+    else:
+        with pytest.raises(case.exc, match=case.message):
+            action()
     monkeypatch.undo()
     after = tree_hashes(ws)
+    if case.exc is None:  # an accepted input may create outputs, never change or remove an existing file
+        assert {k: after.get(k) for k in before} == before
+        assert not [k for k in after if k not in before and ".tmp" in k], after
+        return
     created = {k for k in after if k not in before and k.startswith("run")}  # run.json of a refused run: none
     assert after == before, (set(after) ^ set(before), created)
+
+
+def test_the_matrix_covers_every_class_and_entry_point():
+    counts = {}
+    for c in ALL_CASES:
+        counts[c.cls] = counts.get(c.cls, 0) + 1
+    assert len(ALL_CASES) >= 120 and all(counts.get(k, 0) >= 5 for k in "456789"), counts
 
 
 def test_shear_affine_is_read_with_a_warning(tmp_path, caplog):
@@ -395,8 +433,8 @@ def test_viewer_save_to_unwritable_location(make_napari_viewer, qtbot, tmp_path)
 
 @pytest.mark.gui
 @pytest.mark.parametrize(("change", "message"), [
-    ({"scale": (2.0, 1.0, 1.0)}, r"voxel size \(scale\) \(2\.0, 1\.0, 1\.0\) vs the image's \(1\.0, 1\.0, 1\.0\)"),
-    ({"translate": (0.0, 5.0, 0.0)}, r"origin \(translate\) \(0\.0, 5\.0, 0\.0\)"),
+    ({"scale": (2.0, 1.0, 1.0)}, r"voxel size \(scale\) \(2, 1, 1\) vs the image's \(1, 1, 1\)"),
+    ({"translate": (0.0, 5.0, 0.0)}, r"origin \(translate\) \(0, 5, 0\) vs the image's \(0, 0, 0\), 5 mm away"),
     ({"rotate": 30}, r"their orientation \(rotate, shear or affine\) differs"),
 ], ids=["other-spacing", "other-origin", "other-orientation"])
 def test_viewer_labels_on_another_grid_are_refused(make_napari_viewer, tmp_path, change, message):

@@ -112,6 +112,7 @@ def _train_setup(make_napari_viewer, tmp_path):
     viewer.add_labels(labels, name="truth")
     widget = TrainWidget(viewer)
     viewer.window.add_dock_widget(widget, name="Train")
+    widget.minutes.setValue(0)  # no time budget: epochs x iterations, so epoch 1 ends after 3 iterations
     widget.epochs.setValue(50)
     widget.iterations.setValue(3)
     widget.batch.setValue(1)

@@ -40,6 +40,8 @@ def test_train_then_segment_in_the_viewer(make_napari_viewer, qtbot, tmp_path, m
     viewer.window.add_dock_widget(train, name="Train")
     assert train.architecture.set_model(model)
     assert train.architecture.model_name() == model  # the registry-driven list offers it
+    train.minutes.setValue(0)  # epochs x iterations, not the default time budget
+    train.resegment.setChecked(False)
     train.epochs.setValue(1)
     train.iterations.setValue(2)
     train.batch.setValue(batch)

@@ -47,6 +47,7 @@ def _train(viewer, qtbot, image, truth, epochs, tmp_path) -> str:
     train_dock = _dock(viewer, train, "Train / Fine-tune")
     train.labels.set_layer(truth)
     train.channels.set_layers([image])
+    train.minutes.setValue(float(os.environ.get("MEDSEG_SCREENSHOT_MINUTES", 0)))  # 0: epochs below
     train.epochs.setValue(epochs)
     train.iterations.setValue(int(os.environ.get("MEDSEG_SCREENSHOT_ITERATIONS", 15)))
     train.batch.setValue(2)

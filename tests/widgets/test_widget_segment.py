@@ -115,3 +115,16 @@ def test_device_combo_greys_out_missing_devices(make_napari_viewer):
     assert names[0] == "auto" and "cpu" in names and "mps" in names
     for name in names[1:]:
         assert combo.is_enabled(name) == (name in available_devices())
+
+
+def test_progress_text_names_tiles_passes_and_eta():
+    """The bar counts tile passes and says so (tiles x mirror passes), with an ETA; no fake total."""
+    import time
+
+    from napari_medseg.engine.jobs import Progress
+    from napari_medseg.widgets._segment import tiles_text
+
+    event = Progress("tiles", 10, 756, "378 tiles x 2 mirror passes")
+    assert tiles_text(event, None) == "%v / %m tile passes (378 tiles x 2 mirror passes)"
+    text = tiles_text(event, time.perf_counter() - 9.0)  # 9 s for tiles 2..10: 1 s a pass
+    assert text.endswith("about 12:26 left")

@@ -21,6 +21,8 @@ def _train_widget(viewer):
 
 
 def _tiny_settings(widget, tmp_path, epochs=2, iterations=2):
+    widget.minutes.setValue(0)  # epochs x iterations, not a time budget
+    widget.resegment.setChecked(False)
     widget.epochs.setValue(epochs)
     widget.iterations.setValue(iterations)
     widget.batch.setValue(1)
@@ -186,3 +188,68 @@ def test_tracker_sees_history_edits_and_direct_writes():
     assert out.dtype == np.int16 and (out == 9).sum() == 600 - 3
     tracker.reset()
     assert not tracker.painted_voxels().any() and tracker.painted_slices() == {}
+
+
+def test_synthetic_augmentation_trains_from_layers(make_napari_viewer, qtbot, phantom, tmp_path):
+    """The Augmentation choice reaches the engine: a real tiny run with domain randomisation."""
+    from napari_medseg.engine.checkpoints import load_checkpoint
+    from napari_medseg.widgets._train import AUGMENTATIONS
+
+    viewer = make_napari_viewer()
+    image, labels = phantom
+    viewer.add_image(image, name="scan")
+    viewer.add_labels(labels, name="truth")
+    widget = _train_widget(viewer)
+    _tiny_settings(widget, tmp_path, epochs=1, iterations=2)
+    widget.augment.setCurrentIndex([v for _, v in AUGMENTATIONS].index("synth"))
+    assert widget.build_config().augment == "synth"
+    widget.train_button.click()
+    qtbot.waitUntil(lambda: not widget.running, timeout=120_000)
+    assert widget.last_checkpoint, widget.status.text()
+    assert load_checkpoint(widget.last_checkpoint).train_config["augment"] == "synth"
+
+
+def test_paint_finetune_for_a_budget_then_segment_again(make_napari_viewer, qtbot, phantom, tiny_checkpoint, tmp_path):
+    """The loop a user closes in the viewer: paint slices -> fine-tune for minutes -> segment again."""
+    from napari_medseg.engine.checkpoints import load_checkpoint
+    from napari_medseg.widgets._partial import tracker_for
+    from napari_medseg.widgets._segment import SegmentWidget
+
+    viewer = make_napari_viewer()
+    image, truth = phantom
+    viewer.add_image(image, name="scan")
+    layer = viewer.add_labels(np.zeros_like(truth), name="scan segmentation")
+    init = tiny_checkpoint("parent")
+    widget = _train_widget(viewer)
+    widget.labels.set_layer(layer)
+    tracker_for(layer, viewer)
+    for z in (5, 7, 8, 9, 11):  # the user paints five axial slices through the object
+        viewer.dims.set_point(0, z)
+        yy, xx = np.nonzero(truth[z] >= 0)
+        layer.data_setitem((np.full(yy.shape, z), yy, xx), truth[z][yy, xx])
+    widget.start_from.setCurrentIndex(1)
+    widget.checkpoints.combo.setCurrentIndex(widget.checkpoints.combo.findData(os.path.realpath(init)))
+    widget.partial_mode.setCurrentIndex(widget.partial_mode.findData("slices"))
+    widget.device.setCurrentText("cpu")
+    widget.output.setText(str(tmp_path / "run"))
+    widget.minutes.setValue(0.1)  # a 6 s budget
+    assert not widget.epochs.isEnabled()
+    assert widget.resegment.isChecked()
+    widget.train_button.click()
+    assert widget.running, widget.status.text()
+    assert widget.last_config.minutes == pytest.approx(0.1)
+    qtbot.waitUntil(lambda: not widget.running, timeout=120_000)
+    assert widget.last_checkpoint, widget.status.text()
+    ckpt = load_checkpoint(widget.last_checkpoint)
+    assert ckpt.train_config["minutes"] == pytest.approx(0.1)
+    log = widget.log.toPlainText()
+    assert "held-out painted slice" in log  # five painted slices: one is kept for validation
+    assert "Dice (held-out slices)" in log
+
+    qtbot.waitUntil(lambda: widget.last_resegmented is not None, timeout=120_000)
+    segment = widget.segment_widget()
+    assert isinstance(segment, SegmentWidget)
+    assert segment.checkpoints.current_path() == os.path.realpath(widget.last_checkpoint)
+    new = widget.last_resegmented
+    assert new in viewer.layers and new.data.shape == truth.shape
+    assert "Voxels per class" in widget.log.toPlainText()

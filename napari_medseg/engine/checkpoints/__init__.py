@@ -1,11 +1,15 @@
-"""Checkpoints: the file format (save, load, validate), using one (rebuild the model, fine-tune,
-summarise), and the catalogue of shipped and user checkpoints."""
+"""Checkpoints: the file format (save, load, validate; the optional ``orientation`` and ``domain``
+fields in :mod:`.fields`), using one (rebuild the model, fine-tune, summarise, record its
+orientation or domain), and the catalogue of shipped and user checkpoints."""
 
 from napari_medseg.engine.checkpoints.build import (
     build_model,
     check_compatible,
     checkpoint_summary,
     load_weights_for_finetune,
+    with_domain,
+    with_orientation,
+    write_checkpoint,
 )
 from napari_medseg.engine.checkpoints.catalog import (
     CheckpointInfo,
@@ -45,4 +49,7 @@ __all__ = [
     "to_plain",
     "unregister_checkpoint",
     "user_checkpoint_dir",
+    "with_domain",
+    "with_orientation",
+    "write_checkpoint",
 ]

@@ -1,16 +1,27 @@
 """Use a checkpoint: check an image fits it, rebuild its model, carry weights over for fine-tuning,
-summarise it for the model library and the CLI."""
+summarise it for the model library and the CLI; set its orientation or training domain on a copy
+(:func:`with_orientation`, :func:`with_domain`) and write a loaded checkpoint back
+(:func:`write_checkpoint`)."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from typing import Any
 
 import torch
 
-from napari_medseg.engine.checkpoints.format import Checkpoint, CheckpointError, as_checkpoint
+from napari_medseg.engine.checkpoints.fields import check_domain_field, check_orientation_field
+from napari_medseg.engine.checkpoints.format import (
+    Checkpoint,
+    CheckpointError,
+    as_checkpoint,
+    save_checkpoint,
+)
+from napari_medseg.engine.checkpoints.plain import to_plain
 from napari_medseg.engine.runtime import resolve_device
+from napari_medseg.io.limits import check_memory
 from napari_medseg.models import ModelError, create_model
 
 logger = logging.getLogger(__name__)
@@ -79,6 +90,23 @@ def _describe_mismatch(ckpt: Checkpoint, model: torch.nn.Module) -> str | None:
 _WEIGHT_INITIALISERS = {"pretrained": False, "init_2d": None}
 
 
+def _build(ckpt: Checkpoint, kwargs: dict, device: torch.device | None) -> torch.nn.Module | None:
+    """The checkpoint's model; on ``device`` ``meta``: shapes without memory, ``None`` when a
+    factory cannot build there (the checks then run on the real model)."""
+    try:
+        if device is None:
+            return create_model(ckpt.model_name, ckpt.in_channels, ckpt.num_classes, ckpt.spatial_dims, **kwargs)
+        with device:
+            return create_model(ckpt.model_name, ckpt.in_channels, ckpt.num_classes, ckpt.spatial_dims, **kwargs)
+    except (ModelError, TypeError, ValueError) as err:
+        raise CheckpointError(f"Cannot build the model {ckpt.model_name!r} this checkpoint names: {err}") from err
+    except Exception as err:  # noqa: BLE001 - only the meta build may fail for a foreign reason
+        if device is None:
+            raise
+        logger.debug("Cannot build %s on %s (%s); checking the real model", ckpt.model_name, device, err)
+        return None
+
+
 def build_model(ckpt: Checkpoint | str | os.PathLike, device: Any = "cpu", **override_kwargs: Any):
     """Rebuild the model a checkpoint describes and load its weights strictly.
 
@@ -100,18 +128,20 @@ def build_model(ckpt: Checkpoint | str | os.PathLike, device: Any = "cpu", **ove
     for key, neutral in _WEIGHT_INITIALISERS.items():
         if key in kwargs and key not in override_kwargs:
             kwargs[key] = neutral
-    try:
-        model = create_model(
-            ckpt.model_name, ckpt.in_channels, ckpt.num_classes, ckpt.spatial_dims, **kwargs
-        )
-    except (ModelError, TypeError) as err:
-        raise CheckpointError(
-            f"Cannot build the model {ckpt.model_name!r} this checkpoint names: {err}"
-        ) from err
+    where = f"Checkpoint {ckpt.path}" if ckpt.path else "The checkpoint"
+    # First on the meta device (shapes only, no memory): settings that describe another or a giant
+    # network are refused here, before they allocate gigabytes.
+    skeleton = _build(ckpt, kwargs, torch.device("meta"))
+    if skeleton is not None:
+        problem = _describe_mismatch(ckpt, skeleton)
+        if problem:
+            raise CheckpointError(f"{where} does not fit: {problem}.")
+        nbytes = sum(t.numel() * t.element_size() for t in skeleton.state_dict().values())
+        check_memory(nbytes, f"Building the {ckpt.model_name!r} model of {where.lower()}", CheckpointError)
+    model = _build(ckpt, kwargs, None)
     device = resolve_device(device)
     problem = _describe_mismatch(ckpt, model)
     if problem:
-        where = f"Checkpoint {ckpt.path}" if ckpt.path else "The checkpoint"
         raise CheckpointError(f"{where} does not fit: {problem}.")
     for k, v in ckpt.state_dict.items():
         if v.is_floating_point() and not bool(torch.isfinite(v).all()):
@@ -176,7 +206,51 @@ def checkpoint_summary(path_or_ckpt: Checkpoint | str | os.PathLike) -> dict:
         "last_metrics": {k: v for k, v in last.items() if isinstance(v, (int, float, str))},
         "resumable": ckpt.optimizer_state is not None,
         "extra": dict(ckpt.extra),
+        "orientation": ckpt.orientation,
+        "domain": dict(ckpt.domain) if ckpt.domain is not None else None,
     }
+
+
+def with_orientation(ckpt: Checkpoint | str | os.PathLike, orientation: str | None) -> Checkpoint:
+    """A copy of ``ckpt`` recording the orientation (axis codes, e.g. ``"SAR"``) its model was trained in.
+
+    Raises:
+        CheckpointError: ``orientation`` is not ``None`` or 2-3 axis codes.
+    """
+    return dataclasses.replace(as_checkpoint(ckpt), orientation=check_orientation_field(orientation))
+
+
+def with_domain(ckpt: Checkpoint | str | os.PathLike, domain: dict | None) -> Checkpoint:
+    """A copy of ``ckpt`` recording its training domain (see :mod:`.fields`), e.g. for a checkpoint
+    trained before domains were recorded; write it with :func:`write_checkpoint`.
+
+    Raises:
+        CheckpointError: ``domain`` is not plain data of the documented shape.
+    """
+    domain = check_domain_field(to_plain(domain, "domain") if domain is not None else None)
+    return dataclasses.replace(as_checkpoint(ckpt), domain=domain)
+
+
+def write_checkpoint(ckpt: Checkpoint, path: str | os.PathLike, *, with_optimizer: bool = True) -> str:
+    """Write a loaded (or :func:`with_domain`-changed) checkpoint to ``path``, atomically.
+
+    Args:
+        ckpt: The checkpoint; every field is written as it is.
+        path: Target file (its folder is created); an existing file is replaced atomically.
+        with_optimizer: Keep the optimiser and scheduler state (``False``: an inference-only file,
+            about half the size).
+
+    Returns:
+        The path written.
+    """
+    return save_checkpoint(
+        path, ckpt.state_dict, model_name=ckpt.model_name, model_kwargs=ckpt.model_kwargs,
+        in_channels=ckpt.in_channels, num_classes=ckpt.num_classes, spatial_dims=ckpt.spatial_dims,
+        plan=ckpt.plan, label_names=ckpt.label_names, train_config=ckpt.train_config, epoch=ckpt.epoch,
+        optimizer=ckpt.optimizer_state if with_optimizer else None,
+        scheduler=ckpt.scheduler_state if with_optimizer else None,
+        history=ckpt.history, extra=ckpt.extra, orientation=ckpt.orientation, domain=ckpt.domain,
+    )
 
 
 __all__ = [
@@ -184,4 +258,7 @@ __all__ = [
     "check_compatible",
     "checkpoint_summary",
     "load_weights_for_finetune",
+    "with_domain",
+    "with_orientation",
+    "write_checkpoint",
 ]

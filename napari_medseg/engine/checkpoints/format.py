@@ -2,11 +2,14 @@
 
 A checkpoint is one ``torch.save`` file holding a dict of plain types (dict, list, str, int, float,
 bool, None) and tensors: the model's registry name and kwargs, the preprocessing plan, the label
-names, the training config, the package versions and the weights. Everything needed to rebuild the
-model and to preprocess an image the way it was trained is in the file; nothing names a Python class.
+names, the training config, the package versions and the weights; optionally the orientation the
+model was trained in and its training domain (:mod:`.fields`; missing in older files: ``None``).
+Everything needed to rebuild the model and to preprocess an image the way it was trained is in the
+file; nothing names a Python class.
 
-Loading uses ``torch.load(weights_only=True)`` only, so a file cannot run code when opened, and every
-field is validated before use. Writing goes to a temporary file in the target folder, is flushed and
+Loading uses ``torch.load(weights_only=True)`` only, so a file cannot run code when opened; before it
+the archive's CRC-32 checksums are verified (:mod:`.integrity`: a damaged copy is refused, not loaded
+with wrong weights), and every field is validated before use. Writing goes to a temporary file in the target folder, is flushed and
 fsynced, then atomically renamed over the target: a crash never leaves a half-written checkpoint.
 """
 
@@ -16,7 +19,6 @@ import logging
 import os
 import pickle
 import platform
-import zipfile
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,6 +26,8 @@ from typing import Any
 import torch
 
 from napari_medseg import __version__
+from napari_medseg.engine.checkpoints.fields import check_domain_field, check_orientation_field
+from napari_medseg.engine.checkpoints.integrity import TensorBudget, check_file
 from napari_medseg.engine.checkpoints.plain import MAX_DEPTH, CheckpointError, to_plain
 from napari_medseg.io.atomic import atomic_path
 
@@ -65,6 +69,8 @@ class Checkpoint:
         extra: Anything else worth keeping, plain types.
         format_version: Format version of the file.
         path: File the checkpoint was loaded from, if any.
+        orientation: Axis codes the model was trained in (``"SAR"``: RAS+ NIfTI); ``None``: unknown.
+        domain: The training images' modality, spacing, intensities (:mod:`.fields`); ``None``: unknown.
     """
 
     model_name: str
@@ -84,29 +90,13 @@ class Checkpoint:
     extra: dict = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
     path: str | None = None
+    orientation: str | None = None
+    domain: dict | None = None
 
 
 # --------------------------------------------------------------------------------------- plain data
-class _Budget:
-    """Counts tensors and elements while validating, refusing absurd sizes."""
-
-    def __init__(self) -> None:
-        self.tensors = 0
-        self.elements = 0
-
-    def add(self, t: torch.Tensor, where: str) -> None:
-        self.tensors += 1
-        self.elements += t.numel()
-        if self.tensors > MAX_TENSORS:
-            raise CheckpointError(f"Refusing checkpoint: more than {MAX_TENSORS} tensors ({where}).")
-        if self.elements > MAX_TOTAL_ELEMENTS:
-            raise CheckpointError(
-                f"Refusing checkpoint: its tensors hold more than {MAX_TOTAL_ELEMENTS} elements."
-            )
-
-
 def _check_plain(
-    obj: Any, where: str, *, tensors: _Budget | None = None, depth: int = 0
+    obj: Any, where: str, *, tensors: TensorBudget | None = None, depth: int = 0
 ) -> None:
     """Check ``obj`` is made only of plain types (and tensors when ``tensors`` is given)."""
     if depth > MAX_DEPTH:
@@ -185,6 +175,8 @@ def save_checkpoint(
     scheduler: Any = None,
     history: list[dict] | None = None,
     extra: dict | None = None,
+    orientation: str | None = None,
+    domain: dict | None = None,
 ) -> str:
     """Write a checkpoint atomically (temp file in the same folder, fsync, ``os.replace``).
 
@@ -204,6 +196,8 @@ def save_checkpoint(
         scheduler: LR scheduler (or its state dict), or ``None``.
         history: Per-epoch metrics (plain dicts).
         extra: Anything else, plain types.
+        orientation: Axis codes the model was trained in (e.g. ``"SAR"``), or ``None``.
+        domain: The training domain (:mod:`.fields`), or ``None``.
 
     Returns:
         The path written, as a string.
@@ -234,6 +228,8 @@ def save_checkpoint(
         "scheduler": sched_state,
         "history": to_plain(history or [], "history"),
         "extra": to_plain(extra or {}, "extra"),
+        "orientation": orientation,
+        "domain": to_plain(domain, "domain") if domain is not None else None,
     }
     _validate_payload(payload)  # never write what we would refuse to read
     _atomic_torch_save(payload, path)
@@ -291,12 +287,14 @@ def _validate_payload(payload: Any) -> None:
     _check_plain(history, "history")
     if not all(isinstance(h, dict) for h in history):
         raise CheckpointError("Checkpoint field 'history' must be a list of dicts.")
-    budget = _Budget()
+    budget = TensorBudget(MAX_TENSORS, MAX_TOTAL_ELEMENTS)
     state = _require(payload, "state_dict", dict)
     for k, v in state.items():
         if not isinstance(k, str) or not isinstance(v, torch.Tensor):
             raise CheckpointError(f"Checkpoint state_dict entry {k!r} is not a named tensor.")
         budget.add(v, f"state_dict[{k!r}]")
+    _check_plain(check_domain_field(payload.get("domain")), "domain")
+    check_orientation_field(payload.get("orientation"))
     for key in ("optimizer", "scheduler"):
         value = payload.get(key)
         if value is not None and not isinstance(value, dict):
@@ -324,34 +322,9 @@ def _from_payload(payload: dict, path: str | None) -> Checkpoint:
         extra=dict(payload["extra"]),
         format_version=payload["format_version"],
         path=path,
+        orientation=payload.get("orientation"),
+        domain=dict(payload["domain"]) if payload.get("domain") is not None else None,
     )
-
-
-def _precheck_file(path: str) -> None:
-    """Refuse files that are empty, absurdly large, or zip archives that would inflate far beyond
-    their size on disk (a zip bomb), before ``torch.load`` reads anything."""
-    size = os.path.getsize(path)
-    if size == 0:
-        raise CheckpointError(f"{path} is empty (0 bytes): not a checkpoint. Was the copy interrupted?")
-    if size > MAX_FILE_BYTES:
-        raise CheckpointError(
-            f"Refusing {path}: {size} bytes is more than the {MAX_FILE_BYTES} a checkpoint may have."
-        )
-    if not zipfile.is_zipfile(path):
-        return  # legacy (non-zip) torch format: weights_only still applies
-    try:
-        with zipfile.ZipFile(path) as zf:
-            infos = zf.infolist()
-    except (zipfile.BadZipFile, OSError, ValueError) as err:
-        raise CheckpointError(f"Could not read checkpoint {path}: damaged archive ({err}).") from None
-    if len(infos) > 2 * MAX_TENSORS + 100:
-        raise CheckpointError(f"Refusing {path}: its archive has {len(infos)} entries (at most {2 * MAX_TENSORS + 100}).")
-    unpacked = sum(max(i.file_size, 0) for i in infos)
-    if unpacked > 4 * size + 2**20:
-        raise CheckpointError(
-            f"Refusing {path}: its archive would unpack to {unpacked} bytes from {size} on disk; torch "
-            "checkpoints are stored uncompressed, so this file is damaged or crafted."
-        )
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> Checkpoint:
@@ -368,7 +341,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> Check
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise CheckpointError(f"No checkpoint file at {path}.")
-    _precheck_file(path)
+    check_file(path, MAX_FILE_BYTES, MAX_TENSORS)  # size, zip bomb, CRC-32 of every entry
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
@@ -396,11 +369,6 @@ def as_checkpoint(ckpt: Checkpoint | str | os.PathLike) -> Checkpoint:
 
 
 __all__ = [
-    "FORMAT_VERSION",
-    "Checkpoint",
-    "CheckpointError",
-    "as_checkpoint",
-    "load_checkpoint",
-    "save_checkpoint",
+    "FORMAT_VERSION", "Checkpoint", "CheckpointError", "as_checkpoint", "load_checkpoint", "save_checkpoint",
     "to_plain",
 ]

@@ -38,7 +38,7 @@ def _range(value, name: str) -> tuple[float, float]:
     return lo, hi
 
 
-def _rotation_matrix(angles: Sequence[float], dims: int) -> np.ndarray:
+def rotation_matrix(angles: Sequence[float], dims: int) -> np.ndarray:
     """Rotation in array-axis order: 2D one angle; 3D rotations about axes 0, 1, 2, composed."""
     if dims == 2:
         c, s = math.cos(angles[0]), math.sin(angles[0])
@@ -73,7 +73,7 @@ def enlarged_patch_size(
     for axis in range(1 if dims == 2 else 3):
         for a in angles_to_try:
             ang = [a] if dims == 2 else [a if k == axis else 0.0 for k in range(3)]
-            r = np.abs(_rotation_matrix(ang, dims))
+            r = np.abs(rotation_matrix(ang, dims))
             best = np.maximum(best, r @ ext)
     best *= max(1.0, max(scale_range))
     return tuple(int(math.ceil(b - 1e-6)) for b in best)
@@ -189,7 +189,7 @@ class Augmenter:
 
     # ---------------------------------------------------------------------------------- spatial
     def _theta(self, angles: np.ndarray, scale: float, in_size, out_size) -> torch.Tensor:
-        a = _rotation_matrix(angles, self.spatial_dims) * scale  # voxel offsets, array-axis order
+        a = rotation_matrix(angles, self.spatial_dims) * scale  # voxel offsets, array-axis order
         a = np.diag(2.0 / np.asarray(in_size, float)) @ a @ np.diag(np.asarray(out_size, float) / 2.0)
         a = a[::-1, ::-1]  # affine_grid works in (x, y[, z]) = reversed axis order
         return torch.from_numpy(np.concatenate([a, np.zeros((self.spatial_dims, 1))], 1).copy())

@@ -20,11 +20,14 @@ import json
 import logging
 import os
 import re
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from napari_medseg.io import read_volume
+from napari_medseg.io import Volume, read_volume
+from napari_medseg.io._dtypes import to_float32
+from napari_medseg.io.grid import grid_difference, grid_of
 
 logger = logging.getLogger(__name__)
 
@@ -39,11 +42,19 @@ class DatasetError(ValueError):
 
 @dataclass
 class RawCase:
-    """One case on disk: a file per channel (or one 4D file) and an optional label file."""
+    """One case on disk: a file per channel (or one 4D file) and an optional label file.
+
+    ``generation_values`` are the label values of the dataset's *generation-only* classes
+    (``dataset.json``'s ``generation_labels``: e.g. white matter or scalp in a full label map made
+    for domain randomisation). :func:`read_case_label` returns them as background unless
+    ``keep_generation`` is set (the synthesising trainer sets it).
+    """
 
     name: str
     image_paths: list[str]
     label_path: str | None = None
+    generation_values: tuple[int, ...] = ()
+    keep_generation: bool = False
 
 
 @dataclass
@@ -59,6 +70,7 @@ class RawDataset:
     modality: tuple[str, ...]
     test_images: list[RawCase] = field(default_factory=list)
     name: str = ""
+    generation_labels: dict[int, str] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------------------------- raw
@@ -78,12 +90,17 @@ def parse_labels(raw: dict, consecutive: bool = True) -> dict[int, str]:
     """
     if not isinstance(raw, dict) or not raw:
         raise DatasetError("dataset.json needs a non-empty 'labels' mapping")
+    regions = {str(k): v for k, v in raw.items() if isinstance(v, (list, tuple, dict))}
+    if regions:
+        raise DatasetError(f"Region-based labels (lists of values) in dataset.json are not supported: {regions}")
     try:
         if all(str(k).lstrip("-").isdigit() for k in raw):  # v1: {"0": "background"}
             labels = {int(k): str(v) for k, v in raw.items()}
         else:  # v2: {"background": 0}
-            if any(isinstance(v, (list, tuple)) for v in raw.values()):
-                raise DatasetError("Region-based labels (lists of values) in dataset.json are not supported")
+            bad = {str(k): v for k, v in raw.items()
+                   if isinstance(v, bool) or (isinstance(v, float) and not v.is_integer())}
+            if bad:
+                raise DatasetError(f"Label values in dataset.json must be integers, got {bad}")
             labels = {int(v): str(k) for k, v in raw.items()}
     except (TypeError, ValueError) as err:
         if isinstance(err, DatasetError):
@@ -174,15 +191,21 @@ def load_raw_dataset(folder: str | os.PathLike) -> RawDataset:
             "(plus labelsTr/ for training)"
         )
     try:
-        with open(meta_path) as fh:
+        with open(meta_path, encoding="utf-8") as fh:
             meta = json.load(fh)
-    except (OSError, json.JSONDecodeError) as err:
+    except (OSError, ValueError) as err:
         raise DatasetError(f"Cannot read {meta_path}: {err}") from err
+    if not isinstance(meta, dict):
+        raise DatasetError(f"{meta_path} holds a JSON {type(meta).__name__}, not an object of dataset settings")
     ending = meta.get("file_ending", ".nii.gz")
     if ending not in DATASET_FILE_ENDINGS:
         raise DatasetError(f"Unsupported file_ending {ending!r} in {meta_path}; supported: {', '.join(DATASET_FILE_ENDINGS)}")
-    channels = _parse_channels(meta)
-    labels = parse_labels(meta.get("labels"))
+    try:
+        channels = _parse_channels(meta)
+        labels = parse_labels(meta.get("labels"))
+    except DatasetError as err:
+        raise DatasetError(f"{meta_path}: {err}") from err
+    generation = _parse_generation_labels(meta.get("generation_labels"), labels, meta_path)
     images = _scan_images(images_tr, len(channels), "imagesTr")
     if not images:
         raise DatasetError(f"{images_tr} contains no images ({', '.join(DATASET_FILE_ENDINGS)})")
@@ -190,7 +213,7 @@ def load_raw_dataset(folder: str | os.PathLike) -> RawDataset:
     unlabelled = [n for n in images if n not in label_files]
     if unlabelled:
         logger.warning("%d training case(s) have no label file, e.g. %s", len(unlabelled), unlabelled[:3])
-    cases = [RawCase(n, p, label_files.get(n)) for n, p in images.items()]
+    cases = [RawCase(n, p, label_files.get(n), tuple(sorted(generation))) for n, p in images.items()]
     test = []
     images_ts = os.path.join(root, "imagesTs")
     if os.path.isdir(images_ts):
@@ -200,22 +223,76 @@ def load_raw_dataset(folder: str | os.PathLike) -> RawDataset:
     return RawDataset(
         root=root, cases=cases, labels=labels, channel_names=channels, num_channels=len(channels),
         num_classes=len(labels), modality=tuple(channels[i] for i in range(len(channels))),
-        test_images=test, name=str(meta.get("name", os.path.basename(root))),
+        test_images=test, name=str(meta.get("name", os.path.basename(root))), generation_labels=generation,
     )
 
 
+def _parse_generation_labels(value, labels: dict[int, str], meta_path: str) -> dict[int, str]:
+    """``dataset.json``'s optional ``generation_labels`` (name -> value, like ``labels``)."""
+    if value is None:
+        return {}
+    try:
+        generation = parse_labels({"background": 0, **dict(value)}, consecutive=False)
+    except (DatasetError, TypeError, ValueError) as err:
+        raise DatasetError(f"{meta_path}: bad generation_labels: {err}") from err
+    generation.pop(0)
+    clash = sorted(set(generation) & set(labels))
+    if clash:
+        raise DatasetError(f"{meta_path}: generation_labels reuse the label values {clash} of labels")
+    return generation
+
+
 # ---------------------------------------------------------------------------------------- reading
-def _read_volume(path: str) -> tuple[np.ndarray, tuple[float, ...]]:
-    """``(data, spacing)`` in napari order; data ``(z, y, x)`` or channels-first ``(C, z, y, x)``.
+#: Grids of the files read last, ``{(path, size, mtime): (spatial shape, napari-order matrix)}``:
+#: a case's label file is checked against its image's grid without reading the image again.
+_GRIDS: OrderedDict[tuple, tuple[tuple[int, ...], np.ndarray]] = OrderedDict()
+_GRIDS_KEPT = 512
+
+
+def _file_key(path: str) -> tuple:
+    st = os.stat(path)
+    return os.path.abspath(path), st.st_size, st.st_mtime_ns
+
+
+def _read_volume_file(path: str) -> Volume:
+    """Read ``path`` (remembering its grid).
 
     Raises:
         DatasetError: the file cannot be read (the message names it).
     """
     try:
         vol = read_volume(path)
+        _GRIDS[_file_key(path)] = grid_of(vol)
     except ValueError as err:
         raise DatasetError(f"Cannot read {path}: {err}") from err
+    while len(_GRIDS) > _GRIDS_KEPT:
+        _GRIDS.popitem(last=False)
+    return vol
+
+
+def _file_grid(path: str) -> tuple[tuple[int, ...], np.ndarray]:
+    """``(spatial shape, napari-order voxel-to-world matrix)`` of a volume file (cached)."""
+    try:
+        return _GRIDS[_file_key(path)]
+    except (KeyError, OSError):
+        return grid_of(_read_volume_file(path))
+
+
+def _read_volume(path: str) -> tuple[np.ndarray, tuple[float, ...]]:
+    """``(data, spacing)`` in napari order; data ``(z, y, x)`` or channels-first ``(C, z, y, x)``."""
+    vol = _read_volume_file(path)
     return np.asarray(vol.data), tuple(float(s) for s in vol.spacing)
+
+
+def _as_label(data: np.ndarray, path: str) -> np.ndarray:
+    if not np.issubdtype(data.dtype, np.integer):
+        rounded = np.round(data)
+        if not np.allclose(rounded, data):
+            raise DatasetError(f"Label file {path} has non-integer values")
+        data = rounded
+    if data.size and (data.max() >= 2**15 or data.min() < -(2**15)):
+        raise DatasetError(f"Label file {path} has values outside the int16 range")
+    return data.astype(np.int16)
 
 
 def read_label(path: str) -> tuple[np.ndarray, tuple[float, ...]]:
@@ -225,67 +302,105 @@ def read_label(path: str) -> tuple[np.ndarray, tuple[float, ...]]:
         DatasetError: unreadable file, non-integer values or values that do not fit int16.
     """
     data, spacing = _read_volume(path)
-    if not np.issubdtype(data.dtype, np.integer):
-        rounded = np.round(data)
-        if not np.allclose(rounded, data):
-            raise DatasetError(f"Label file {path} has non-integer values")
-        data = rounded
-    if data.size and (data.max() >= 2**15 or data.min() < -(2**15)):
-        raise DatasetError(f"Label file {path} has values outside the int16 range")
-    return data.astype(np.int16), spacing
+    return _as_label(data, path), spacing
+
+
+def read_label_volume(path: str) -> Volume:
+    """A label map as a :class:`~napari_medseg.io.Volume` (int16 data, with its geometry).
+
+    Raises:
+        DatasetError: unreadable file, non-integer values or values that do not fit int16.
+    """
+    vol = _read_volume_file(path)
+    vol.data = _as_label(np.asarray(vol.data), path)
+    return vol
+
+
+def check_on_grid(path: str, reference: str, what: str) -> None:
+    """Refuse the volume file ``path`` unless it lies on the voxel grid of ``reference`` (shape, voxel
+    size, axis directions, origin: :func:`napari_medseg.io.grid.grid_difference`). The widget
+    applies the same comparison to layers.
+
+    Raises:
+        DatasetError: naming both files and what differs, with the numbers.
+    """
+    shape, matrix = _file_grid(path)
+    ref_shape, ref_matrix = _file_grid(reference)
+    if shape != ref_shape:
+        raise DatasetError(f"{what}: {path} has shape {shape}, which differs from {reference}'s {ref_shape}")
+    problem = grid_difference(shape, matrix, ref_shape, ref_matrix, ref_name=f"{os.path.basename(reference)}'s")
+    if problem:
+        raise DatasetError(
+            f"{what}: {path} is not on the voxel grid of {reference}: {problem}. Same shape is not enough: "
+            "the voxels would not correspond. Resample it onto that grid (or correct the header that is wrong)."
+        )
 
 
 def read_image(raw_case: RawCase) -> tuple[np.ndarray, tuple[float, ...]]:
     """Read a raw case's channel files: ``(image (C, *spatial) float32, spacing of channel 0)``.
 
     Raises:
-        DatasetError: unreadable files, a multi-channel file among per-channel files, or channel
-            files of different shapes.
+        DatasetError: unreadable files, a multi-channel file among per-channel files, channel files
+            of different shapes, or channel files on another grid than channel 0.
     """
     chans, spacing = [], None
     for p in raw_case.image_paths:
         data, sp = _read_volume(p)
         if spacing is None:
             spacing = sp
-        elif not np.allclose(sp, spacing, rtol=1e-3):
-            logger.warning("Case %s: %s has spacing %s, channel 0 has %s", raw_case.name, p, sp, spacing)
         if len(raw_case.image_paths) > 1 and data.ndim == len(sp) + 1:
             raise DatasetError(f"{p} has several channels, but case {raw_case.name} uses one file per channel")
         chans.extend(data if data.ndim == len(sp) + 1 else [data])
     shapes = {c.shape for c in chans}
     if len(shapes) != 1:
         raise DatasetError(f"Case {raw_case.name}: channel files have different shapes {sorted(shapes)}")
-    return np.stack(chans).astype(np.float32, copy=False), spacing
+    for p in raw_case.image_paths[1:]:
+        check_on_grid(p, raw_case.image_paths[0], f"Case {raw_case.name}")
+    return to_float32(np.stack(chans), f"Case {raw_case.name}", DatasetError), spacing
 
 
 def read_raw_case(raw_case: RawCase) -> tuple[np.ndarray, tuple[float, ...], np.ndarray | None]:
     """``(image (C, *sp) float32, spacing, label or None)`` of a raw case, before preprocessing."""
     image, spacing = read_image(raw_case)
-    label = read_label(raw_case.label_path)[0] if raw_case.label_path else None
+    label = read_case_label(raw_case) if raw_case.label_path else None
     return image, spacing, label
 
 
+def read_case_label(raw_case: RawCase, *, keep_generation: bool | None = None) -> np.ndarray:
+    """The label map of a raw case, checked to lie on its image's grid (:func:`check_on_grid`);
+    generation-only values become 0 unless ``keep_generation`` (default: the case's setting).
+
+    Raises:
+        DatasetError: unreadable file, values that are no labels, or another grid than the image's.
+    """
+    label, _ = read_label(raw_case.label_path)
+    check_on_grid(raw_case.label_path, raw_case.image_paths[0], f"Case {raw_case.name}: label file")
+    keep = raw_case.keep_generation if keep_generation is None else keep_generation
+    if raw_case.generation_values and not keep:
+        label = np.where(np.isin(label, raw_case.generation_values), 0, label).astype(label.dtype)
+    return label
+
+
 def verify_dataset(raw: RawDataset) -> None:
-    """Read every training label and check its values and its shape against the images.
+    """Read every training case and check its label values and that the label (and every channel)
+    lies on the image's grid: shape, voxel size, axis directions and origin.
 
     Raises:
         DatasetError: on the first problem found.
     """
-    allowed = set(raw.labels)
+    allowed = set(raw.labels) | set(raw.generation_labels)
     for rc in raw.cases:
         if rc.label_path is None:
             continue
-        label, _ = read_label(rc.label_path)
+        read_image(rc)
+        label = read_case_label(rc, keep_generation=True)
         bad = set(np.unique(label).tolist()) - allowed
         if bad:
             raise DatasetError(f"Label file {rc.label_path} contains values {sorted(bad)} that are not in "
                                f"dataset.json's labels {sorted(allowed)}")
-        img, _ = read_image(rc)
-        if img.shape[1:] != label.shape:
-            raise DatasetError(f"Case {rc.name}: label shape {label.shape} != image shape {img.shape[1:]}")
 
 
 __all__ = [
-    "DatasetError", "RawCase", "RawDataset", "load_raw_dataset", "read_image", "read_label", "read_raw_case",
-    "verify_dataset",
+    "DatasetError", "RawCase", "RawDataset", "check_on_grid", "load_raw_dataset", "read_image", "read_label",
+    "read_label_volume", "read_raw_case", "verify_dataset",
 ]

@@ -14,7 +14,7 @@ import torch
 from napari_medseg.engine.data.cases import Case
 
 
-def _crop(arr: np.ndarray, start: Sequence[int], size: Sequence[int], pad_value) -> np.ndarray:
+def crop_patch(arr: np.ndarray, start: Sequence[int], size: Sequence[int], pad_value) -> np.ndarray:
     """Crop the trailing ``len(size)`` axes of ``arr`` at ``start``, padding with ``pad_value``."""
     lead = arr.shape[: arr.ndim - len(size)]
     out = np.full((*lead, *size), pad_value, dtype=arr.dtype)
@@ -52,6 +52,9 @@ class PatchSampler:
         ignore_label: Label value excluded from the foreground classes and used for label padding.
         final_patch_size: Size of the patch after the augmenter's centre crop (default: the patch).
         max_locations: Voxel locations remembered per class and case.
+        foreground_classes: The label values forced samples may centre on (default: every
+            nonzero value but the ignore label); e.g. the target classes of a full label map whose
+            other values are generation-only.
     """
 
     def __init__(
@@ -64,6 +67,7 @@ class PatchSampler:
         ignore_label: int | None = None,
         final_patch_size: Sequence[int] | None = None,
         max_locations: int = 10000,
+        foreground_classes: Sequence[int] | None = None,
     ) -> None:
         self.cases = list(cases)
         if not self.cases:
@@ -92,6 +96,7 @@ class PatchSampler:
             raise ValueError(f"final_patch_size {final_patch_size} must fit inside patch_size {self.patch_size}")
         self.final_patch_size = final
         self.max_locations = int(max_locations)
+        self.foreground_classes = None if foreground_classes is None else {int(c) for c in foreground_classes}
         self.rng = np.random.default_rng(seed)
         self._locations: dict[int, dict[int, np.ndarray]] = {}
         self.num_channels = channels.pop()
@@ -109,6 +114,8 @@ class PatchSampler:
             locs = {}
             for c in np.unique(flat):
                 if c == 0 or (self.ignore_label is not None and c == self.ignore_label):
+                    continue
+                if self.foreground_classes is not None and int(c) not in self.foreground_classes:
                     continue
                 where = np.flatnonzero(flat == c)
                 n = max(min(self.max_locations, where.size), int(np.ceil(where.size * 0.01)))
@@ -152,8 +159,8 @@ class PatchSampler:
             voxel = voxel[1:] if voxel is not None else None
         start = self._start(label.shape, voxel)
         pad_label = self.ignore_label if self.ignore_label is not None else 0
-        img = _crop(image, start, self.patch_size, 0)
-        lab = _crop(label, start, self.patch_size, pad_label)
+        img = crop_patch(image, start, self.patch_size, 0)
+        lab = crop_patch(label, start, self.patch_size, pad_label)
         return img, lab
 
     def sample_numpy(self) -> tuple[np.ndarray, np.ndarray]:
@@ -179,4 +186,4 @@ class PatchSampler:
         return self.sample()
 
 
-__all__ = ["PatchSampler"]
+__all__ = ["PatchSampler", "crop_patch"]

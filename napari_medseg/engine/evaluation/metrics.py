@@ -21,7 +21,9 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from scipy import ndimage
 
-from napari_medseg.engine.data import DATASET_FILE_ENDINGS, read_label
+from napari_medseg.engine.data import DATASET_FILE_ENDINGS
+from napari_medseg.engine.data.dataset import read_label_volume
+from napari_medseg.io.grid import volume_grid_difference
 
 logger = logging.getLogger(__name__)
 
@@ -139,7 +141,9 @@ def evaluate_folder(
         "foreground_mean_dice": float}``; HD95 in mm using the reference's spacing.
 
     Raises:
-        EvaluationError: no references, missing predictions, or shape mismatches.
+        EvaluationError: no references, missing predictions, or a prediction on another grid than
+            its reference (shape, voxel size, axis directions or origin: compared as the training
+            data are, :func:`napari_medseg.io.grid.grid_difference`).
     """
     pred_dir, ref_dir = os.fspath(pred_dir), os.fspath(ref_dir)
     for d in (pred_dir, ref_dir):
@@ -154,11 +158,15 @@ def evaluate_folder(
     evaluated = {int(k): str(v) for k, v in labels.items() if include_background or int(k) != 0}
     cases = {}
     for name, ref_path in refs.items():
-        ref, spacing = read_label(ref_path)
-        pred, _ = read_label(preds[name])
-        if pred.shape != ref.shape:
-            raise EvaluationError(f"Case {name}: prediction shape {pred.shape} != reference shape {ref.shape}")
-        cases[name] = evaluate_case(pred, ref, spacing, evaluated)
+        ref_vol, pred_vol = read_label_volume(ref_path), read_label_volume(preds[name])
+        problem = volume_grid_difference(pred_vol, ref_vol, ref_name="the reference's")
+        if problem:  # Dice and HD95 of voxels that are not the same place mean nothing
+            raise EvaluationError(
+                f"Case {name}: the prediction {preds[name]} is not on the reference's grid ({ref_path}): {problem}. "
+                "Predict on the reference's image (or resample the prediction onto it)."
+            )
+        ref, pred = np.asarray(ref_vol.data), np.asarray(pred_vol.data)
+        cases[name] = evaluate_case(pred, ref, ref_vol.spacing, evaluated)
         logger.debug("evaluated %s: %s", name, cases[name])
     mean = {
         lname: {m: _mean([c[lname][m] for c in cases.values()]) for m in ("dice", "hd95")}

@@ -35,11 +35,19 @@ def _val_cases(run_dir: str) -> list[str]:
     path = os.path.join(run_dir, "run.json")
     if not os.path.isfile(path):
         raise SelectionError(f"{run_dir} has no run.json; it is not a napari-medseg run folder.")
-    with open(path) as fh:
-        info = json.load(fh)
+    try:
+        with open(path, encoding="utf-8") as fh:
+            info = json.load(fh)
+    except (OSError, ValueError) as err:
+        raise SelectionError(f"Cannot read {path}: {err}") from err
+    if not isinstance(info, dict):
+        raise SelectionError(f"{path} holds a JSON {type(info).__name__}, not a run's record (an object).")
     if info.get("val_is_train"):
         raise SelectionError(f"{run_dir} was validated on its training data; it cannot be compared fairly.")
-    return list(info.get("val_cases", []))
+    cases = info.get("val_cases", [])
+    if not isinstance(cases, list) or not all(isinstance(c, str) for c in cases):
+        raise SelectionError(f"{path}: 'val_cases' must be a list of case names, got {cases!r}.")
+    return list(cases)
 
 
 def find_best(
@@ -56,6 +64,11 @@ def find_best(
     Returns:
         ``{"scores": {candidate: mean foreground Dice}, "best": candidate, "cases": [...],
         "members": {candidate: [run names]}}``; an ensemble is named ``"a+b"``.
+
+    Raises:
+        SelectionError: no runs, a run without ``run.json`` (or one that is no JSON object) or
+            checkpoint, no common validation case, validation cases the dataset does not label,
+            or no foreground to score (every score would be NaN).
     """
     if not runs:
         raise SelectionError("No runs to compare.")
@@ -69,7 +82,13 @@ def find_best(
             "The runs share no validation case; train them with the same --seed and --val-fraction."
         )
     by_name = {c.name: c for c in raw.cases}
-    names = sorted(n for n in common if n in by_name)
+    unknown = sorted(n for n in common if n not in by_name or by_name[n].label_path is None)
+    if unknown:
+        raise SelectionError(
+            f"{len(unknown)} validation case(s) of the runs are not labelled cases of {raw.root}: {unknown[:5]}. "
+            "Were the runs trained on this dataset?"
+        )
+    names = sorted(common)
     ckpts = {name: _run_checkpoint(d) for name, d in runs.items()}
     candidates = {name: [name] for name in runs}
     for a, b in itertools.combinations(sorted(runs), 2):
@@ -92,7 +111,13 @@ def find_best(
             vals = [v for v in scores.values() if not np.isnan(v)]
             per_candidate[cand].append(float(np.mean(vals)) if vals else float("nan"))
         yield Progress("cases", i + 1, len(names), case_name)
-    scores = {c: float(np.nanmean(v)) for c, v in per_candidate.items()}
+    scores = {c: float(np.mean([x for x in v if not np.isnan(x)])) if any(not np.isnan(x) for x in v) else float("nan")
+              for c, v in per_candidate.items()}
+    if any(np.isnan(v) for v in scores.values()):
+        raise SelectionError(
+            f"No foreground in the validation cases {names[:5]} (references and predictions are empty), so "
+            "there is no Dice to compare the runs by."
+        )
     best = max(scores, key=lambda c: (scores[c], -len(candidates[c])))
     yield Message(f"Best: {best} (mean foreground Dice {scores[best]:.4f})")
     return {"scores": scores, "best": best, "cases": names, "members": candidates,

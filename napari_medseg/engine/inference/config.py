@@ -11,6 +11,18 @@ class InferenceError(ValueError):
     """Prediction cannot run with these settings or this input."""
 
 
+class DomainError(InferenceError):
+    """The image lies far outside what the model was trained on (another modality, much coarser
+    voxels, ...); raised before any compute. The message is one line of reasons; ``reasons`` holds
+    them one by one. Predict with ``force=True`` to segment it anyway."""
+
+    def __init__(self, reasons: list[str]) -> None:
+        self.reasons = list(reasons)
+        super().__init__(
+            "The image looks unlike the model's training data: " + "; ".join(self.reasons) + "."
+        )
+
+
 @dataclass(frozen=True)
 class PredictConfig:
     """How to predict (what to predict with is the checkpoint list, passed beside it).
@@ -27,6 +39,8 @@ class PredictConfig:
             (implies ``return_probabilities``).
         overwrite: When predicting a file, replace an existing output file (an input is never
             replaced).
+        force: Segment even an image far outside the checkpoint's training domain (otherwise
+            :class:`DomainError` is raised before any compute).
     """
 
     device: str = "auto"
@@ -38,6 +52,7 @@ class PredictConfig:
     return_uncertainty: bool = False
     save_probabilities: bool = False
     overwrite: bool = False
+    force: bool = False
 
     def __post_init__(self) -> None:
         if not (isinstance(self.step, (int, float)) and math.isfinite(self.step) and 0 < self.step <= 1):

@@ -65,6 +65,8 @@ def predict_file(
     Raises:
         InferenceError: no input file, channel files of different shapes, or an output name
             :func:`~napari_medseg.io.write_volume` cannot write (checked before the compute).
+        DomainError: the image lies far outside the training domain and ``force`` is not set
+            (checked before the compute; nothing is written).
         OutputError: the output would replace an input, or an existing file without
             ``overwrite`` (checked before the compute).
     """
@@ -82,7 +84,8 @@ def predict_file(
     if len(shapes) > 1:
         raise InferenceError(f"The channel files of one case differ in shape: {sorted(shapes)}.")
     data = channels[0] if len(channels) == 1 else np.concatenate(channels, axis=0)
-    result = yield from predict(data, volumes[0].spacing, checkpoints, cfg)
+    # The file's affine lets predict reorient the image to the checkpoints' training orientation.
+    result = yield from predict(data, volumes[0].spacing, checkpoints, cfg, affine=volumes[0].affine)
     write_volume(path_out, result.labels, volumes[0], is_label=True, label_names=result.label_names)
     logger.info("Wrote %s", path_out)
     if cfg.save_probabilities:

@@ -150,8 +150,8 @@ def sliding_window(
             labels are wanted.
 
     Yields:
-        ``Progress("tiles", done, total)`` after every predictor call; ``total`` is the number of
-        tiles times the number of mirror combinations (see :func:`count_tiles`).
+        ``Progress("tiles", done, total, "N tiles x P mirror passes")`` after every predictor call;
+        ``total`` is the number of tiles times the number of mirror combinations (:func:`count_tiles`).
 
     Returns:
         Blended logits ``(K, *spatial)`` (``(K - 1, *spatial)`` when ``relative``) in
@@ -298,7 +298,9 @@ def _predict_batch(
             else:
                 summed += out.to(device=run.acc_dev, dtype=torch.float32)
         done += len(batch)
-        yield Progress("tiles", done, run.total)
+        passes = len(run.combos)
+        yield Progress("tiles", done, run.total, f"{run.total // passes} tiles x {passes} mirror pass"
+                       + ("es" if passes > 1 else ""))
     return summed, done
 
 

@@ -1,5 +1,7 @@
 """Preprocessing (nnU-Net v1): crop to the nonzero region, transpose, resample to the plan's
-spacing, normalise; and the exact inverse that puts predictions back on the source grid."""
+spacing, normalise; and the exact inverse that puts predictions back on the source grid. Before all
+that, :mod:`.orientation` reorients a volume to the orientation its model was trained in
+(permutations and flips only) and back."""
 
 from napari_medseg.engine.preprocessing.cropping import bbox_of, bbox_slices, nonzero_mask
 from napari_medseg.engine.preprocessing.normalization import (
@@ -8,6 +10,14 @@ from napari_medseg.engine.preprocessing.normalization import (
     PreprocessingError,
     normalization_params,
     normalize,
+)
+from napari_medseg.engine.preprocessing.orientation import (
+    OrientationError,
+    Reorientation,
+    check_codes,
+    orientation_codes,
+    reorient,
+    reorientation,
 )
 from napari_medseg.engine.preprocessing.preprocess import (
     DUMMY_SPACING,
@@ -34,10 +44,13 @@ __all__ = [
     "CaseProperties",
     "ChannelNorm",
     "LazyNormalizedImage",
+    "OrientationError",
     "PreprocessingError",
+    "Reorientation",
     "ResamplingError",
     "bbox_of",
     "bbox_slices",
+    "check_codes",
     "compute_new_shape",
     "get_do_separate_z",
     "get_lowres_axis",
@@ -45,7 +58,10 @@ __all__ = [
     "nonzero_mask",
     "normalization_params",
     "normalize",
+    "orientation_codes",
     "preprocess_case",
+    "reorient",
+    "reorientation",
     "resample_image",
     "resample_to_shape",
     "resize_segmentation",

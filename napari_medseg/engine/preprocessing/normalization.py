@@ -41,9 +41,35 @@ class ChannelNorm:
     hi: float = np.inf
     masked: bool = False
 
+    @property
+    def extreme(self) -> bool:
+        """Statistics so large that float32 arithmetic could overflow (values near float32's limit)."""
+        values = [self.mean, self.std] + [v for v in (self.lo, self.hi) if np.isfinite(v)]
+        return max(abs(float(v)) for v in values) > EXTREME
+
     def apply(self, x: np.ndarray, out: np.ndarray, mask: np.ndarray | None = None) -> np.ndarray:
-        """Normalise ``x`` into float32 ``out`` (same shape) with in-place float32 arithmetic."""
-        x = x.astype(np.float32, copy=False)
+        """Normalise ``x`` into float32 ``out`` (same shape): in-place float32 arithmetic, or float64
+        slice by slice when the statistics are :attr:`extreme` (values near 1e38 would overflow)."""
+        if self.extreme and self.scheme != "none":
+            self._apply_float64(x, out)
+        else:
+            self._apply_float32(x, out)
+        if self.masked and mask is not None:
+            out[~mask] = 0
+        return out
+
+    def _apply_float64(self, x: np.ndarray, out: np.ndarray) -> None:
+        flat_in, flat_out = (x[None], out[None]) if x.ndim == 0 else (x, out)
+        for i in range(len(flat_in)):
+            v = np.asarray(flat_in[i], dtype=np.float64)
+            if self.scheme == "ct":
+                flat_out[i] = (np.clip(v, self.lo, self.hi) - self.mean) / max(self.std, 1e-8)
+            else:
+                flat_out[i] = (v - self.mean) / (self.std + 1e-8)
+
+    def _apply_float32(self, x: np.ndarray, out: np.ndarray) -> None:
+        if x.dtype.itemsize < 8 or x.dtype.kind != "f":  # float64 is narrowed by the ufuncs below
+            x = x.astype(np.float32, copy=False)
         if self.scheme == "ct":
             np.clip(x, self.lo, self.hi, out=out)
             out -= self.mean
@@ -53,9 +79,39 @@ class ChannelNorm:
             out /= self.std + 1e-8
         else:
             out[...] = x
-        if self.masked and mask is not None:
-            out[~mask] = 0
-        return out
+
+
+#: Statistics beyond this magnitude take the float64 path (float32 arithmetic could overflow).
+EXTREME = 1e18
+_CHUNK = 1 << 20
+
+
+def mean_std(x: np.ndarray) -> tuple[float, float]:
+    """Mean and standard deviation of ``x``. numpy's (in ``x``'s float type) when they are finite and
+    moderate; else accumulated in float64, scaled, in chunks along the first axis (no full-size
+    float64 copy): float32 sums of values near 1e38 overflow to infinity."""
+    if x.dtype.kind in "biuf":
+        xf = x if x.dtype.kind == "f" else x.astype(np.float32)
+        with np.errstate(over="ignore", invalid="ignore"):
+            mean, std = float(xf.mean()), float(xf.std())
+        del xf
+        if np.isfinite(mean) and np.isfinite(std) and max(abs(mean), std) <= EXTREME:
+            return mean, std
+    x = x[None] if x.ndim == 0 else x
+    step = max(1, _CHUNK // max(1, x[0].size))
+    chunks = [slice(i, i + step) for i in range(0, len(x), step)]
+    total, scale = 0.0, 0.0
+    for sl in chunks:
+        chunk = x[sl].astype(np.float64)
+        total += float(chunk.sum())
+        scale = max(scale, float(np.abs(chunk).max()) if chunk.size else 0.0)
+    mean = total / x.size
+    scale = scale or 1.0  # squares of values near float64's limit would overflow: sum them scaled
+    squares = 0.0
+    for sl in chunks:
+        d = ((x[sl].astype(np.float64) - mean) / scale).ravel()
+        squares += float(np.vdot(d, d))
+    return mean, float(scale * np.sqrt(squares / x.size))
 
 
 def normalization_params(image: np.ndarray, plan: Plan, mask: np.ndarray | None = None) -> list[ChannelNorm]:
@@ -86,10 +142,11 @@ def normalization_params(image: np.ndarray, plan: Plan, mask: np.ndarray | None 
                 ) from err
             params.append(ChannelNorm("ct", mean, std, lo, hi, masked))
         elif scheme == "zscore":
-            x = image[c].astype(np.float32, copy=False)
-            vals = x[mask] if masked else x
-            mean, std = (float(vals.mean()), float(vals.std())) if vals.size else (0.0, 1.0)
-            del vals, x
+            if image[c].dtype.kind == "c":
+                raise PreprocessingError(f"Channel {c} holds complex values; take the magnitude first")
+            vals = image[c][mask] if masked else image[c]
+            mean, std = mean_std(vals) if vals.size else (0.0, 1.0)
+            del vals
             params.append(ChannelNorm("zscore", mean, std, masked=masked))
         else:
             params.append(ChannelNorm("none", masked=masked))

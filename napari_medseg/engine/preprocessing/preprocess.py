@@ -174,6 +174,8 @@ def preprocess_case(
         PreprocessingError: on mismatched shapes, channels, spacing or plan fields.
     """
     image = np.asarray(image)
+    if image.dtype.kind == "c":
+        raise PreprocessingError("The image holds complex values; take the magnitude (np.abs) or the real part first.")
     orig_shape = image.shape[-len(spacing):] if image.ndim >= len(spacing) else image.shape
     img, sp, is_2d = _as_3d(image, spacing)
     if plan.num_channels and img.shape[0] != plan.num_channels:

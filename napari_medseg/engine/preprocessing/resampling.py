@@ -21,10 +21,13 @@ from ``n`` to ``m`` voxels samples input coordinate ``(o + 0.5) * n / m - 0.5``.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 
 import numpy as np
 from scipy import ndimage
+
+from napari_medseg.io.limits import GUARD_ENV, check_memory, guard_enabled
 
 logger = logging.getLogger(__name__)
 
@@ -35,19 +38,71 @@ class ResamplingError(ValueError):
     """Inconsistent shapes or spacings were given to a resampling function."""
 
 
+#: Resampling may make at most this many voxels out of each input voxel (when the result is also
+#: larger than :data:`GUARD_MIN_VOXELS`): more means a voxel size in the wrong unit or a wrong model.
+MAX_UPSAMPLING = 1000
+GUARD_MIN_VOXELS = 2**24
+#: Bytes per output voxel at the peak of resampling one channel (output, membership/spline temporaries).
+_BYTES_PER_VOXEL = 12
+
+
 def compute_new_shape(
-    shape: Sequence[int], old_spacing: Sequence[float], new_spacing: Sequence[float]
+    shape: Sequence[int], old_spacing: Sequence[float], new_spacing: Sequence[float], *, check: bool = True
 ) -> tuple[int, ...]:
-    """Spatial shape after resampling ``shape`` from ``old_spacing`` to ``new_spacing`` (>= 1 each)."""
+    """Spatial shape after resampling ``shape`` from ``old_spacing`` to ``new_spacing`` (>= 1 each).
+
+    With ``check`` (the default) the result is refused before anything is allocated when it is
+    absurd: more than :data:`MAX_UPSAMPLING` voxels per input voxel (and more than
+    :data:`GUARD_MIN_VOXELS`), or more memory than is available (:mod:`napari_medseg.io.limits`;
+    ``MEDSEG_SIZE_GUARD=off`` skips both).
+
+    Raises:
+        ResamplingError: mismatched lengths, non-positive spacing, an axis of size 0, or an absurd result.
+    """
     if not (len(shape) == len(old_spacing) == len(new_spacing)):
         raise ResamplingError(
             f"shape {tuple(shape)}, old spacing {tuple(old_spacing)} and new spacing "
             f"{tuple(new_spacing)} must have one entry per spatial axis"
         )
-    if min(old_spacing) <= 0 or min(new_spacing) <= 0:
-        raise ResamplingError(f"Spacings must be positive, got {old_spacing} -> {new_spacing}")
+    if not (np.all(np.isfinite(old_spacing)) and np.all(np.isfinite(new_spacing))) or \
+            min(old_spacing) <= 0 or min(new_spacing) <= 0:
+        raise ResamplingError(f"Spacings must be finite and positive, got {tuple(old_spacing)} -> {tuple(new_spacing)}")
+    if min(shape) <= 0:
+        raise ResamplingError(f"The image has an axis of size 0 (shape {tuple(int(s) for s in shape)}): it holds no voxels")
     new = np.round(np.asarray(old_spacing, float) / np.asarray(new_spacing, float) * np.asarray(shape))
-    return tuple(max(int(v), 1) for v in new)
+    out = tuple(max(int(v), 1) for v in new)
+    if check:
+        check_resample_size(shape, out, old_spacing, new_spacing)
+    return out
+
+
+def check_resample_size(
+    shape: Sequence[int], new_shape: Sequence[int], old_spacing: Sequence[float], new_spacing: Sequence[float]
+) -> None:
+    """Refuse resampling ``shape`` to ``new_shape`` when it multiplies the voxels absurdly or needs
+    more memory than there is, with the numbers (see :func:`compute_new_shape`).
+
+    Raises:
+        ResamplingError: what would be made, from what, and what to check.
+    """
+    if not guard_enabled():
+        return
+    old_vox = math.prod(int(s) for s in shape)
+    new_vox = math.prod(int(s) for s in new_shape)
+    what = (f"Resampling {_x(shape)} voxels of {_x(old_spacing)} mm to {_x(new_spacing)} mm would make "
+            f"{_x(new_shape)} = {new_vox:,} voxels")
+    if new_vox > GUARD_MIN_VOXELS and new_vox > MAX_UPSAMPLING * old_vox:
+        raise ResamplingError(
+            f"{what}, {new_vox / old_vox:,.0f} per input voxel (at most {MAX_UPSAMPLING}). Is the voxel size right "
+            f"(a file in metres or microns read as mm)? Is the model meant for images this coarse? Set "
+            f"{GUARD_ENV}=off to resample anyway."
+        )
+    check_memory(new_vox * _BYTES_PER_VOXEL, f"Resampling {_x(shape)} voxels to {_x(new_shape)} ({_x(old_spacing)} "
+                 f"-> {_x(new_spacing)} mm)", ResamplingError, "Is the voxel size right?")
+
+
+def _x(values: Sequence[float]) -> str:
+    return "x".join(str(int(v)) if float(v).is_integer() else f"{float(v):.4g}" for v in values)
 
 
 def get_do_separate_z(spacing: Sequence[float], threshold: float = ANISOTROPY_THRESHOLD) -> bool:

@@ -9,6 +9,7 @@ Settings that only a trainer variant understands travel in :attr:`TrainConfig.va
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
@@ -57,6 +58,8 @@ class TrainConfig:
     configuration: str | None = None  # None: the model's (unet-2d -> "2d", 3D models -> "3d_fullres")
     epochs: int = 50
     iterations_per_epoch: int = 250
+    minutes: float | None = None  # a time budget: stop when spent (or after `epochs`); LR follows the time
+    warmup: float | None = None  # share of the run with a linear LR warm-up; None: 0.05 when fine-tuning with a budget
     val_batches: int = 10
     val_fraction: float = 0.2
     optimizer: str | None = None  # "sgd" (nnU-Net) | "adam" | "lookahead_nadam"
@@ -71,7 +74,7 @@ class TrainConfig:
     deep_supervision: bool = True
     batch_dice: bool | None = None
     oversample_foreground: float = 0.33
-    augment: bool = True
+    augment: bool | str = True  # True: nnU-Net's augmentation; False: none; "synth": + domain randomisation
     mirror_axes: tuple[int, ...] | None = None  # patch axes mirrored in training and TTA; None: all
     ignore_label: int | None = None
     device: str = "auto"
@@ -85,6 +88,35 @@ class TrainConfig:
     num_threads: int | None = None
     overwrite: bool = False  # replace an existing run's checkpoints (else refused; resume continues one)
     rank_report_dir: str | None = None  # distributed runs: each process writes rank{R}.json there
+
+    def check(self) -> TrainConfig:
+        """Refuse values no run can use, naming the setting (and its CLI flag); return ``self``.
+
+        Called where a config is resolved (:func:`resolve_recipe`, at the start of every run) and by
+        :meth:`from_dict`, so a bad value stops the run before anything is read or written.
+
+        Raises:
+            TrainingError: e.g. ``epochs`` of ``-3``, ``iterations_per_epoch`` of ``0``,
+                ``val_fraction`` of ``2``, ``epochs`` of ``"abc"``, a patch size of ``0``.
+        """
+        for name, kind, low, high in _CHECKS:
+            _check_value(name, getattr(self, name), kind, low, high)
+        if self.patch_size is not None:
+            patch = self.patch_size
+            if not isinstance(patch, (list, tuple)) or len(patch) not in (2, 3) or not all(
+                    _is_int(v) and v >= 1 for v in patch):
+                raise TrainingError(f"{_name('patch_size')} must be 2 or 3 positive integers, got {patch!r}.")
+        if self.mirror_axes is not None and (not isinstance(self.mirror_axes, (list, tuple)) or not all(
+                _is_int(v) and 0 <= v <= 2 for v in self.mirror_axes)):
+            raise TrainingError(f"{_name('mirror_axes')} must be patch axes 0-2, got {self.mirror_axes!r}.")
+        if not (isinstance(self.augment, bool) or self.augment == "synth"):
+            raise TrainingError(f"{_name('augment')} must be true, false or 'synth', got {self.augment!r}.")
+        for name in ("model_kwargs", "variant_options"):
+            if not isinstance(getattr(self, name), dict):
+                raise TrainingError(f"{_name(name)} must be a JSON object (dict), got {getattr(self, name)!r}.")
+        if self.label_names is not None and not isinstance(self.label_names, dict):
+            raise TrainingError(f"{_name('label_names')} must be a mapping of value to name, got {self.label_names!r}.")
+        return self
 
     def to_dict(self) -> dict:
         """The settings in plain types (tuples as lists), as stored in ``run.json`` and checkpoints."""
@@ -116,9 +148,54 @@ class TrainConfig:
             raise TrainingError(f"Unknown training settings {sorted(unknown)}; known: {sorted(known)}")
         d["variant_options"] = options
         for key in ("patch_size", "mirror_axes"):
-            if d.get(key) is not None:
+            if isinstance(d.get(key), list):
                 d[key] = tuple(d[key])
-        return cls(**d)
+        return cls(**d).check()
+
+
+#: ``(setting, kind, lowest, highest)``; kind "int", "float" or "str", with "?" when ``None`` is allowed.
+_CHECKS = (
+    ("epochs", "int", 1, None), ("iterations_per_epoch", "int", 1, None), ("val_batches", "int", 0, None),
+    ("val_fraction", "float", 0.0, 0.999), ("minutes", "float?", 1e-6, None), ("warmup", "float?", 0.0, 0.999),
+    ("lr", "float?", 0.0, None), ("momentum", "float", 0.0, 1.0), ("weight_decay", "float?", 0.0, None),
+    ("early_stopping_patience", "int?", 0, None), ("batch_size", "int?", 1, None),  # 0: never stop early
+    ("oversample_foreground", "float", 0.0, 1.0), ("ignore_label", "int?", None, None), ("seed", "int", 0, None),
+    ("grad_clip", "float", 0.0, None), ("num_threads", "int?", 1, None), ("output_dir", "path", None, None),
+    ("model", "str", None, None), ("configuration", "str?", None, None),
+    ("optimizer", "str?", None, None), ("lr_schedule", "str?", None, None), ("loss", "str?", None, None),
+    ("deep_supervision", "bool", None, None), ("amp", "bool", None, None), ("overwrite", "bool", None, None),
+    ("batch_dice", "bool?", None, None),
+)
+#: The CLI flag of a setting, where it is not ``--`` + the name with dashes.
+_FLAGS = {"iterations_per_epoch": "--iterations", "early_stopping_patience": "--early-stopping",
+          "num_threads": "--threads", "output_dir": "-o/--output", "model": "-m/--model"}
+
+
+def _name(setting: str) -> str:
+    return f"{setting} ({_FLAGS.get(setting, '--' + setting.replace('_', '-'))})"
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_value(name: str, value: Any, kind: str, low: float | None, high: float | None) -> None:
+    if kind.endswith("?"):
+        if value is None:
+            return
+        kind = kind[:-1]
+    ok = {"int": _is_int(value), "bool": isinstance(value, bool), "str": isinstance(value, str) and bool(value),
+          "path": isinstance(value, (str, os.PathLike)) and bool(os.fspath(value)),
+          "float": isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)}[kind]
+    word = {"int": "an integer", "float": "a finite number", "str": "a non-empty text", "bool": "true or false",
+            "path": "a folder name"}[kind]
+    if ok and low is not None and value < low:
+        ok = False
+    if ok and high is not None and value > high:
+        ok = False
+    if not ok:
+        bounds = (f" from {low} to {high}" if high is not None else f" of at least {low}") if low is not None else ""
+        raise TrainingError(f"Training setting {_name(name)} must be {word}{bounds}, got {value!r}.")
 
 
 RUN_FILES = ("run.json", "checkpoint_latest.pt", "checkpoint_best.pt", "checkpoint_final.pt")
@@ -148,7 +225,11 @@ def resolve_recipe(config: TrainConfig) -> TrainConfig:
 
     Also fills in the model's planner configuration when ``config.configuration`` is ``None``.
     Returns ``config`` itself when nothing was unset.
+
+    Raises:
+        TrainingError: a setting no run can use (:meth:`TrainConfig.check`).
     """
+    config.check()
     spec = get_model_spec(config.model)
     recipe = spec.training
     values: dict[str, Any] = {}

@@ -10,6 +10,11 @@
    whose :meth:`~napari_medseg.engine.training.trainer.Trainer.prepare_cases` hook preprocesses the
    cases (a variant may add input channels there);
 4. :func:`check_labels` and :func:`split_cases` (validation fraction, seeded).
+
+Cases whose files (or arrays, given with an affine) carry a geometry are reoriented on reading to
+one training orientation (:attr:`CaseInputs.orientation`: the resumed or fine-tuned checkpoint's,
+else the first case's), and every case read adds to the training domain
+(:meth:`CaseInputs.domain`); both go into the run's checkpoints (:class:`TrainingData`).
 """
 
 from __future__ import annotations
@@ -27,10 +32,11 @@ from napari_medseg.engine.data import (
     RawCase,
     RawDataset,
     case_from_arrays,
-    load_case,
     load_raw_dataset,
-    read_raw_case,
 )
+from napari_medseg.engine.data.cases import CaseArrays, check_label_values, orient_arrays, read_case
+from napari_medseg.engine.data.painted import hold_out_slices
+from napari_medseg.engine.inference.domain import case_domain_stats, summarise_domain
 from napari_medseg.engine.jobs import Message, Progress
 from napari_medseg.engine.planning import (
     Plan,
@@ -38,8 +44,10 @@ from napari_medseg.engine.planning import (
     get_pool_and_conv_props,
     plan_from_fingerprint,
 )
+from napari_medseg.engine.preprocessing import orientation_codes
 from napari_medseg.engine.training.config import TrainConfig, TrainingError, resolve_recipe
 from napari_medseg.engine.training.registry import trainer_for
+from napari_medseg.engine.training.replan import labels_differ, parent_misfit, replan_for_data
 
 
 @dataclass
@@ -53,6 +61,9 @@ class TrainingData:
     fingerprint: dict = field(default_factory=dict)
     val_is_train: bool = False
     source: Checkpoint | None = None  # the resume / fine-tune checkpoint, loaded once
+    orientation: str | None = None  # axis codes the cases were reoriented to (None: unknown geometry)
+    domain: dict | None = None  # the training domain (engine.inference.domain), for the checkpoints
+    validation: str = ""  # "held-out slices" / "none" when a painted case was split; "" = by the split
 
 
 @dataclass
@@ -65,6 +76,11 @@ class CaseInputs:
         label_names: Class names by value (from ``dataset.json``, else the config's, else empty).
         num_channels: Image channels.
         modality: Modality per channel (``"CT"``, ``"MRI"``, ...).
+        orientation: The training orientation (axis codes) cases with a geometry are reoriented to;
+            ``None`` until known: then the first case read with a geometry sets it.
+        affines: The 4x4 RAS+ affine per array case (``None``: unknown, no reorientation).
+        modality_known: Whether ``modality`` came from the data (``dataset.json``), not a default.
+        domain_stats: :func:`~napari_medseg.engine.inference.domain.case_domain_stats` of each case read.
     """
 
     raw_cases: list[RawCase] | None
@@ -72,6 +88,11 @@ class CaseInputs:
     label_names: dict[int, str]
     num_channels: int
     modality: tuple[str, ...]
+    orientation: str | None = None
+    affines: list = field(default_factory=list)
+    modality_known: bool = False
+    domain_stats: dict[int, dict] = field(default_factory=dict)
+    _codes: dict[int, str | None] = field(default_factory=dict, repr=False)
 
     def __len__(self) -> int:
         return len(self.raw_cases) if self.raw_cases is not None else len(self.arrays)
@@ -80,28 +101,53 @@ class CaseInputs:
         """The name of case ``i`` (the file's case name, or ``case_{i}`` for arrays)."""
         return self.raw_cases[i].name if self.raw_cases is not None else f"case_{i}"
 
-    def read(self, i: int) -> tuple[np.ndarray, tuple[float, ...], np.ndarray | None]:
-        """Case ``i`` in its source geometry: ``(image (C, *spatial) float32, spacing, label)``."""
+    def _arrays(self, i: int) -> CaseArrays:
+        """Case ``i`` in the training orientation; fixes the orientation at the first case with a geometry."""
         if self.raw_cases is not None:
-            return read_raw_case(self.raw_cases[i])
-        image, label, spacing = self.arrays[i]
-        return image, spacing, label
+            arrays = read_case(self.raw_cases[i], self.orientation, self._codes.get(i))
+            self._codes[i] = arrays.source  # the file's geometry is read once per case
+        else:
+            image, label, spacing = self.arrays[i]
+            affine = self.affines[i] if i < len(self.affines) else None
+            codes = orientation_codes(affine, len(spacing)) if affine is not None else None
+            arrays = orient_arrays(image, spacing, label, codes, self.orientation)
+        if self.orientation is None and arrays.orientation is not None:
+            self.orientation = arrays.orientation
+        label, generation = arrays.label, self.raw_cases[i].generation_values if self.raw_cases is not None else ()
+        if label is not None and generation:  # generation-only classes are not the model's foreground
+            label = np.where(np.isin(label, generation), 0, label)
+        self.domain_stats[i] = case_domain_stats(arrays.image, label, arrays.spacing, i)
+        return arrays
+
+    def read(self, i: int) -> tuple[np.ndarray, tuple[float, ...], np.ndarray | None]:
+        """Case ``i`` before preprocessing, in the training orientation (:attr:`orientation`):
+        ``(image (C, *spatial) float32, spacing, label)``."""
+        arrays = self._arrays(i)
+        return arrays.image, arrays.spacing, arrays.label
 
     def load(self, i: int, plan: Plan) -> Case:
         """Case ``i`` preprocessed with ``plan`` (files: label values checked against the plan)."""
-        if self.raw_cases is not None:
-            return load_case(self.raw_cases[i], plan)
-        image, label, spacing = self.arrays[i]
-        return case_from_arrays(image, label, spacing, plan, name=self.name(i))
+        arrays = self._arrays(i)
+        if self.raw_cases is not None and arrays.label is not None:
+            rc = self.raw_cases[i]
+            values = set(range(plan.num_classes)) | (set(rc.generation_values) if rc.keep_generation else set())
+            check_label_values(arrays.label, values, rc.label_path)
+        return case_from_arrays(arrays.image, arrays.label, arrays.spacing, plan, name=self.name(i))
+
+    def domain(self) -> dict | None:
+        """The training domain of the cases read so far (``None`` before any)."""
+        modality = ", ".join(self.modality) if self.modality_known and self.modality else None
+        return summarise_domain([self.domain_stats[i] for i in sorted(self.domain_stats)], modality)
 
 
 def as_case_arrays(item) -> tuple[np.ndarray, np.ndarray | None, tuple]:
-    """Check one ``(image, label, spacing)`` item; returns it with a channel axis and float32 image.
+    """Check one ``(image, label, spacing)`` item (or ``(image, label, spacing, affine)``); returns
+    ``(image, label, spacing)`` with a channel axis and a float32 image.
 
     Raises:
         TrainingError: the image does not fit the spacing, or the labels not the image.
     """
-    image, label, spacing = item
+    image, label, spacing = item[:3]
     image = np.asarray(image, dtype=np.float32)
     spacing = tuple(float(s) for s in spacing)
     if image.ndim == len(spacing):
@@ -118,7 +164,9 @@ def as_case_arrays(item) -> tuple[np.ndarray, np.ndarray | None, tuple]:
 
 
 def case_inputs(config: TrainConfig, data: Any) -> CaseInputs:
-    """What to train on: a dataset folder, a ``RawDataset`` or a list of ``(image, label, spacing)``.
+    """What to train on: a dataset folder, a ``RawDataset`` or a list of ``(image, label, spacing)``
+    (or ``(image, label, spacing, affine)`` with the image's 4x4 RAS+ affine: such cases are
+    reoriented to the training orientation like files).
 
     The config's ``label_names``, when given, win over the dataset's.
 
@@ -132,7 +180,9 @@ def case_inputs(config: TrainConfig, data: Any) -> CaseInputs:
             list(data.cases), [], {int(k): v for k, v in data.labels.items()}, data.num_channels,
             tuple(data.modality),
         )
+        inputs.modality_known = True
     else:
+        data = list(data)
         arrays = [as_case_arrays(item) for item in data]
         if not arrays:
             raise TrainingError("No training cases were given.")
@@ -140,6 +190,7 @@ def case_inputs(config: TrainConfig, data: Any) -> CaseInputs:
         if any(a[0].shape[0] != num_channels for a in arrays):
             raise TrainingError("All training images must have the same number of channels.")
         inputs = CaseInputs(None, arrays, dict(config.label_names or {}), num_channels, ("MRI",) * num_channels)
+        inputs.affines = [item[3] if len(item) > 3 else None for item in data]
     if config.label_names:
         inputs.label_names = {int(k): v for k, v in config.label_names.items()}
     return inputs
@@ -238,10 +289,15 @@ def plan_training(
     fingerprint: dict = {}
     if source is not None:
         plan = Plan.from_dict(source.plan)
+        reasons = parent_misfit(plan, source, inputs) if config.init_checkpoint and not config.resume else []
+        if reasons:  # fine-tuning on another domain: plan for the data, keep the architecture
+            plan, fingerprint = yield from replan_for_data(config, inputs, plan, reasons, _plan_from_data)
     else:
         plan, fingerprint = yield from _plan_from_data(config, inputs)
     if not inputs.label_names:
         inputs.label_names = {0: "background", **{c: f"class_{c}" for c in range(1, plan.num_classes)}}
+    if source is not None and config.init_checkpoint and labels_differ(source, inputs.label_names):
+        plan.num_classes = len(inputs.label_names)  # another task: the user's classes, a new head
     plan.num_classes = max(plan.num_classes, len(inputs.label_names))
     if config.patch_size is not None:
         _apply_patch_size(config, plan)
@@ -252,9 +308,13 @@ def plan_training(
 
 # ------------------------------------------------------------------------------------ checks, split
 def check_labels(
-    cases, label_names: dict[int, str], ignore_label: int | None, need_foreground: bool = True
+    cases, label_names: dict[int, str], ignore_label: int | None, need_foreground: bool = True,
+    generation_values: set[int] | frozenset = frozenset(),
 ) -> None:
     """Check that every case has labels, only known values, and that something is labelled.
+
+    ``generation_values``: generation-only label values a synthesising trainer kept (allowed,
+    and not foreground).
 
     Raises:
         TrainingError: a case without labels or with unknown values; nothing labelled; or no
@@ -266,7 +326,8 @@ def check_labels(
         if case.label is None:
             raise TrainingError(f"Case {case.name!r} has no labels; training needs labels.")
         values = set(np.unique(case.label).tolist())
-        unknown = values - allowed
+        unknown = values - allowed - set(generation_values)
+        values -= set(generation_values)
         if unknown:
             raise TrainingError(
                 f"Case {case.name!r} has label values {sorted(unknown)} that are not among the "
@@ -306,7 +367,8 @@ def prepare_data(
     Args:
         config: The run's settings.
         data: A path to an nnU-Net raw dataset, a ``RawDataset``, or a list of
-            ``(image, label, spacing)`` tuples (image ``(z, y, x)`` or ``(C, z, y, x)``).
+            ``(image, label, spacing)`` tuples (image ``(z, y, x)`` or ``(C, z, y, x)``), optionally
+            with the image's 4x4 RAS+ affine as a fourth item.
         trainer_cls: The trainer whose :meth:`prepare_cases` hook preprocesses the cases; default:
             the registered one for this config and plan.
 
@@ -319,13 +381,26 @@ def prepare_data(
     config = resolve_recipe(config)
     inputs = case_inputs(config, data)
     source = source_checkpoint(config)
+    if source is not None and source.orientation:
+        inputs.orientation = source.orientation  # the weights' layout: fine-tuning data follows it
     plan, fingerprint = yield from plan_training(config, inputs, source)
     cls = trainer_cls or trainer_for(config, plan)
     cases = yield from cls.prepare_cases(config, inputs, plan)
-    check_labels(cases, inputs.label_names, config.ignore_label, need_foreground=not config.init_checkpoint)
+    kept = {v for rc in inputs.raw_cases or () if rc.keep_generation for v in rc.generation_values}
+    check_labels(cases, inputs.label_names, config.ignore_label, need_foreground=not config.init_checkpoint,
+                 generation_values=kept)
     train_cases, val_cases, val_is_train = split_cases(cases, config.val_fraction, config.seed)
+    validation = ""
+    if val_is_train and config.ignore_label is not None and len(cases) == 1:
+        # One partly painted case: hold out some painted slices, or say there is no validation.
+        train_case, val_case, held = hold_out_slices(cases[0], config.ignore_label)
+        if val_case is not None:
+            yield Message(f"Validation on {len(held)} held-out painted slice(s) {held}; they are not trained on.")
+        train_cases, val_cases = [train_case], [val_case] if val_case is not None else []
+        val_is_train, validation = False, "held-out slices" if val_case is not None else "none"
     return TrainingData(
-        train_cases, val_cases, plan, inputs.label_names, fingerprint, val_is_train=val_is_train, source=source
+        train_cases, val_cases, plan, inputs.label_names, fingerprint, val_is_train=val_is_train, source=source,
+        orientation=inputs.orientation, domain=inputs.domain(), validation=validation,
     )
 
 

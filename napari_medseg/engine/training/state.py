@@ -100,6 +100,9 @@ def load_initial_weights(trainer) -> None:
         trainer.messages.append(f"Resumed from {cfg.resume} at epoch {trainer.start_epoch}.")
     elif cfg.init_checkpoint:
         skipped = load_weights_for_finetune(trainer.model, ckpt)
+        parent_axes = (ckpt.train_config or {}).get("mirror_axes")
+        if cfg.mirror_axes is None and parent_axes is not None:  # the parent's symmetry (TTA too)
+            cfg.mirror_axes = tuple(int(a) for a in parent_axes)
         msg = f"Fine-tuning from {cfg.init_checkpoint}"
         if skipped:
             msg += f"; re-initialised {len(skipped)} tensor(s) that did not fit: {', '.join(skipped[:4])}"
@@ -177,17 +180,23 @@ def halve_batch_and_patch(trainer, err: BaseException) -> str:
 
 
 def save_trainer_checkpoint(trainer, name: str, epoch: int) -> str:
-    """Write ``name`` in the run folder from the trainer's bare network (rank 0 only); return its path."""
+    """Write ``name`` in the run folder from the trainer's bare network (rank 0 only); return its path.
+
+    The checkpoint records the orientation the cases were trained in and their domain
+    (``trainer.data.orientation`` / ``.domain``, see :mod:`~napari_medseg.engine.training.prepare`).
+    """
     path = os.path.join(trainer.config.output_dir, name)
     if trainer.rank != 0:
         return path
     best = trainer.best_dice
+    data = trainer.data
     save_checkpoint(
         path, trainer.unwrapped_model, model_name=trainer.config.model, model_kwargs=trainer.model_kwargs,
         in_channels=trainer.in_channels, num_classes=trainer.num_classes, spatial_dims=trainer.spatial_dims,
         plan=trainer.plan.to_dict(), label_names=trainer.data.label_names,
         train_config=trainer.config.to_dict(), epoch=epoch, optimizer=trainer.optimizer,
         history=trainer.history, extra={"best_dice": best if math.isfinite(best) else None},
+        orientation=getattr(data, "orientation", None), domain=getattr(data, "domain", None),
     )
     return path
 
@@ -200,6 +209,8 @@ def run_info(trainer) -> dict:
         "plan": plan.to_dict(),
         "label_names": {str(k): v for k, v in data.label_names.items()},
         "fingerprint": to_plain(data.fingerprint, "fingerprint"),
+        "orientation": getattr(data, "orientation", None),
+        "domain": to_plain(getattr(data, "domain", None), "domain"),
         "versions": {"napari_medseg": __version__, "torch": torch.__version__},
         "device": str(trainer.device),
         "num_train_cases": len(data.train_cases),

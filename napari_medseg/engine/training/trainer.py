@@ -4,19 +4,19 @@
 final checkpoint's path. Closing the generator (Stop; Ctrl-C or SIGTERM in the CLI) stops within
 one iteration and saves a resumable ``checkpoint_latest.pt`` first.
 
-The loop follows Isensee et al., "nnU-Net", Nature Methods 18, 2021: SGD with Nesterov momentum
-0.99, poly learning-rate decay (exponent 0.9), Dice + CE, deep supervision, 33 % foreground
-oversampling, gradient clipping at 12, online "pseudo Dice" on validation patches.
+The loop follows nnU-Net (Isensee et al., Nature Methods 18, 2021): SGD, Nesterov momentum 0.99,
+poly decay, Dice + CE, deep supervision, 33 % foreground oversampling, gradient clipping at 12,
+online "pseudo Dice" on validation patches. With ``config.minutes`` the run is a time budget
+(:mod:`~napari_medseg.engine.training.schedule`); the epoch loop itself is in :mod:`.loop`.
 
 :class:`Trainer` is a short loop (:meth:`Trainer.run`) over documented hooks; a variant (see
 :mod:`~napari_medseg.engine.training.variants`) subclasses it, overrides the hooks it needs and
 registers itself (:func:`~napari_medseg.engine.training.registry.register_trainer`), and
 :func:`train` picks the registered trainer for the run.
 
-Under ``torchrun --nproc_per_node=N`` (see :mod:`~napari_medseg.engine.runtime.distributed`) the
-model is wrapped in ``DistributedDataParallel``: each rank samples its own patches (seed + rank)
-with the plan's batch size (global batch N x batch size), validation is pooled over ranks, and only
-rank 0 writes ``run.json`` and checkpoints (of the bare network, as in a single process).
+Under ``torchrun`` (:mod:`~napari_medseg.engine.runtime.distributed`) the model is wrapped in
+``DistributedDataParallel``: each rank samples its own patches (seed + rank), validation is pooled
+over ranks, and only rank 0 writes ``run.json`` and checkpoints (of the bare network).
 """
 
 from __future__ import annotations
@@ -32,11 +32,11 @@ import numpy as np
 import torch
 
 from napari_medseg.engine.data import Augmenter, Case, PatchSampler, enlarged_patch_size
+from napari_medseg.engine.data.painted import PaintedSampler, paint_axis
 from napari_medseg.engine.jobs import EpochEnd, Message, Progress, relay
 from napari_medseg.engine.planning import Plan
 from napari_medseg.engine.runtime import distributed as ddp
-from napari_medseg.engine.runtime.oom import is_oom_error
-from napari_medseg.engine.training import state
+from napari_medseg.engine.training import loop, state
 from napari_medseg.engine.training.config import (
     TrainConfig,
     TrainingError,
@@ -52,6 +52,7 @@ from napari_medseg.engine.training.losses import (
 from napari_medseg.engine.training.optim import lookahead_nadam
 from napari_medseg.engine.training.prepare import CaseInputs, TrainingData, prepare_data
 from napari_medseg.engine.training.registry import register_trainer, trainer_for
+from napari_medseg.engine.training.schedule import TimeBudget, scheduled_lr
 from napari_medseg.engine.training.validation import should_stop_early, validate_on_patches
 from napari_medseg.models import create_model
 
@@ -91,6 +92,9 @@ class Trainer:
         self.start_epoch = 0
         self.best_dice = -math.inf
         self.messages: list[str] = []
+        self.budget = TimeBudget(config.minutes) if config.minutes else None
+        self.current_lr = float(config.lr or 0.0)
+        self.warmup = config.warmup if config.warmup is not None else (0.05 if config.init_checkpoint else 0.0)
         torch.manual_seed(config.seed)
         np.random.seed(config.seed % (2**32))
         self.model_kwargs = state.architecture_kwargs(config.model, self.plan, config, data.source)
@@ -136,14 +140,21 @@ class Trainer:
         """The training sampler; anything with ``sample() -> (images, labels)`` CPU tensors.
 
         Called from ``__init__`` and after :meth:`shrink_for_memory`. The base draws random patches
-        with foreground oversampling (nnU-Net's); with augmentation, a patch larger than ``patch``
-        so that rotation/scaling bring no padding into the centre the augmenter crops.
+        with foreground oversampling (nnU-Net's), or, for cases painted on a few slices (ignore
+        label elsewhere), patches centred on the paint (:class:`~.data.painted.PaintedSampler`);
+        with augmentation, a patch larger than ``patch`` so that rotation/scaling bring no padding
+        into the centre the augmenter crops.
         """
         cfg = self.config
+        size = enlarged_patch_size(patch) if cfg.augment else patch
+        if cfg.ignore_label is not None and any(paint_axis(c.label, cfg.ignore_label) is not None
+                                                for c in self.data.train_cases):
+            # partly painted cases (corrections): every patch centred on the paint, slices in turn
+            return PaintedSampler(self.data.train_cases, size, batch_size, seed=self.sampler_seed,
+                                  ignore_label=cfg.ignore_label, final_patch_size=patch)
         return PatchSampler(
-            self.data.train_cases, enlarged_patch_size(patch) if cfg.augment else patch, batch_size,
-            oversample_foreground=cfg.oversample_foreground, seed=self.sampler_seed,
-            ignore_label=cfg.ignore_label, final_patch_size=patch,
+            self.data.train_cases, size, batch_size, oversample_foreground=cfg.oversample_foreground,
+            seed=self.sampler_seed, ignore_label=cfg.ignore_label, final_patch_size=patch,
         )
 
     def make_augmenter(self, patch: tuple[int, ...]) -> Augmenter | None:
@@ -166,8 +177,7 @@ class Trainer:
         Called for every training batch and (with ``train=False``) every validation batch; returns
         ``(network input, labels (B, 1, *patch))`` on the device.
         """
-        images = images.to(self.device, non_blocking=True)
-        labels = labels.to(self.device, non_blocking=True)
+        images, labels = images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
         if train and self.augmenter is not None:
             images, labels = self.augmenter(images, labels)
         return images, labels
@@ -220,6 +230,18 @@ class Trainer:
         if self.config.lr_schedule == "constant":
             return self.config.lr
         return self.config.lr * (1 - epoch / max(self.config.epochs, 1)) ** 0.9
+
+    def lr_at_progress(self, progress: float) -> float:
+        """With a time budget: the learning rate at ``progress`` (0 to 1) of the budget.
+
+        Called before every iteration of a budgeted run (instead of :meth:`lr_at` per epoch): the
+        config's schedule over time, after a linear warm-up (:func:`~.schedule.scheduled_lr`);
+        schedules without a time form (a plateau rule) keep the current rate.
+        """
+        cfg = self.config
+        if cfg.lr_schedule not in ("poly", "constant"):
+            return float(self.optimizer.param_groups[0]["lr"])
+        return scheduled_lr(cfg.lr, cfg.lr_schedule, progress, self.warmup)
 
     def compute_loss(self, output: torch.Tensor | list | tuple, target: torch.Tensor) -> torch.Tensor:
         """The loss of a network output; called by :meth:`train_step` inside autocast.
@@ -280,7 +302,7 @@ class Trainer:
         In a distributed run every rank validates its own patches and the loss and TP/FP/FN are
         pooled over ranks, so all ranks take the same best-checkpoint and early-stopping decisions.
         """
-        return validate_on_patches(self)
+        return (None, {}) if self.validation_kind == "none" else validate_on_patches(self)
 
     def on_epoch_end(self, event: EpochEnd) -> None:
         """Record the epoch's metrics; called after :meth:`validate`, before the checkpoints are saved.
@@ -313,6 +335,13 @@ class Trainer:
         state.write_run_info(self)
 
     @property
+    def validation_kind(self) -> str:
+        """What validation measures: held-out cases / held-out slices / training cases / none."""
+        if self.config.val_batches <= 0 or not self.data.val_cases:
+            return "none"
+        return self.data.validation or ("training cases" if self.data.val_is_train else "held-out cases")
+
+    @property
     def unwrapped_model(self) -> torch.nn.Module:
         """The network itself: ``self.model`` without its ``DistributedDataParallel`` wrapper."""
         return ddp.unwrap_model(self.model)
@@ -326,20 +355,27 @@ class Trainer:
         self.write_run_info()
         for m in self.messages:
             yield Message(m)
-        if self.data.val_is_train:
-            yield Message("Only one case: validation Dice is measured on the training case.", "warning")
+        notice = loop.VALIDATION_NOTICES.get(self.validation_kind)
+        if notice:
+            yield Message(*notice)
         t0 = time.perf_counter()
+        if self.budget is not None:
+            self.budget.start()
         epoch, completed = self.start_epoch, self.start_epoch - 1  # last finished epoch (-1: none yet)
         try:
             while epoch < cfg.epochs:
-                lr = self.lr_at(epoch)
-                for group in self.optimizer.param_groups:
-                    group["lr"] = lr
-                losses = yield from self._train_epoch(epoch)
-                event = self._end_epoch(epoch, losses, lr, time.perf_counter() - t0)
+                if self.budget is None:
+                    loop.set_lr(self, self.lr_at(epoch))
+                losses = yield from loop.train_epoch(self, epoch)
+                if not losses:
+                    break  # the time budget ran out before this epoch's first iteration
+                event = loop.end_epoch(self, epoch, losses, time.perf_counter() - t0)
                 completed = epoch
                 yield event
                 epoch += 1
+                if self.budget is not None and self.budget.exhausted:
+                    yield Message(f"Time budget of {cfg.minutes:g} min spent after {epoch} epochs.")
+                    break
                 if self.should_stop():
                     yield Message(f"Early stopping: no lower validation loss for {cfg.early_stopping_patience} epochs.")
                     break
@@ -356,42 +392,6 @@ class Trainer:
                 yield Message(warning, "warning")
             ddp.barrier()  # rank 0 has written the file before any rank returns its path
         return final
-
-    def _train_epoch(self, epoch: int) -> Generator[Progress | Message, None, list[float]]:
-        """The iterations of one epoch; after an out-of-memory error the iteration is retried smaller."""
-        iters, losses, it = self.config.iterations_per_epoch, [], 0
-        while it < iters:
-            shrunk = None
-            try:
-                images, labels = self.prepare_batch(*self.sampler.sample())
-                losses.append(self.train_step(images, labels))
-            except Exception as err:  # noqa: BLE001 - only allocation failures are handled
-                if not is_oom_error(err):
-                    raise
-                shrunk = self.shrink_for_memory(err)
-            if shrunk is not None:  # outside the handler: its traceback holds the batch
-                yield Message(shrunk, "warning")
-                continue
-            it += 1
-            yield Progress("train", it, iters, f"epoch {epoch + 1}/{self.config.epochs} loss {losses[-1]:.4f}")
-        if self.world_size > 1:
-            self.rank_losses.extend(losses)
-        return losses
-
-    def _end_epoch(self, epoch: int, losses: list[float], lr: float, elapsed_s: float) -> EpochEnd:
-        """Validate, record and checkpoint (best and latest) one finished epoch."""
-        val_loss, val_dice = self.validate()
-        event = EpochEnd(  # the training loss is averaged over ranks
-            epoch=epoch, epochs=self.config.epochs, train_loss=ddp.all_reduce_mean(float(np.mean(losses))),
-            val_loss=val_loss, val_dice=val_dice, lr=lr, elapsed_s=elapsed_s,
-        )
-        self.on_epoch_end(event)
-        mean = event.mean_dice
-        if mean is not None and mean > self.best_dice:
-            self.best_dice = mean
-            self.save("checkpoint_best.pt", epoch)
-        self.save("checkpoint_latest.pt", epoch)
-        return event
 
 
 def train(config: TrainConfig, data: Any, trainer_cls: type[Trainer] | None = None) -> Generator[Any, None, str]:

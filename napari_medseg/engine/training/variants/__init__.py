@@ -6,8 +6,9 @@ hooks only and registers itself with
 in which :func:`~napari_medseg.engine.training.registry.trainer_for` asks them.
 """
 
-from napari_medseg.engine.training.variants import cascade, pfseg  # noqa: F401  (importing registers)
+from napari_medseg.engine.training.variants import cascade, pfseg, synth  # noqa: F401  (importing registers)
 from napari_medseg.engine.training.variants.cascade import CascadeTrainer
 from napari_medseg.engine.training.variants.pfseg import PFSegTrainer
+from napari_medseg.engine.training.variants.synth import SynthTrainer
 
-__all__ = ["CascadeTrainer", "PFSegTrainer"]
+__all__ = ["CascadeTrainer", "PFSegTrainer", "SynthTrainer"]

@@ -1,0 +1,98 @@
+"""Fine-tuning on data the parent checkpoint was not planned for.
+
+A checkpoint's plan fixes a voxel spacing, a patch, an intensity normalisation and a label set
+for *its* data. Fine-tuning the shipped 1-2 mm T1 brain model on a 3 mm abdominal CT with that
+plan resamples the CT 27x finer, normalises Hounsfield units as MRI and keeps brain label names.
+So before fine-tuning, :func:`parent_misfit` compares the parent's plan with the new data, and
+when it does not fit, :func:`replan_for_data` plans again from the data (nnU-Net's planner, the
+parent's configuration) while keeping what the weights need: the parent's architecture (pooling
+and kernels: the patch is rounded to fit them) and its mirroring axes. The weights then carry over
+where their shapes allow (all but the head when the classes differ;
+:func:`~napari_medseg.engine.checkpoints.load_weights_for_finetune`).
+
+What is compared:
+
+* **spacing**: the data's median spacing and the plan's differ by more than 1.5x on an axis;
+* **intensities**: the data lies outside the parent's recorded domain
+  (:func:`~napari_medseg.engine.inference.domain.check_domain`: e.g. CT into an MRI model);
+* **labels**: the data's label names differ from the parent's: the user's names replace the
+  parent's and the head gets the user's number of classes (this alone needs no new plan).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+
+from napari_medseg.engine.checkpoints import Checkpoint
+from napari_medseg.engine.inference.domain import check_domain
+from napari_medseg.engine.jobs import Message
+from napari_medseg.engine.planning import Plan
+
+#: Largest ratio between the data's and the plan's spacing (per axis) kept without re-planning.
+SPACING_TOLERANCE = 1.5
+
+
+def labels_differ(source: Checkpoint, label_names: dict[int, str]) -> bool:
+    """Whether the run's label names are not the parent's (another task, not a correction)."""
+    parent = {int(k): str(v) for k, v in (source.label_names or {}).items()}
+    mine = {int(k): str(v) for k, v in label_names.items()}
+    return bool(mine) and mine != parent
+
+
+def parent_misfit(plan: Plan, source: Checkpoint, inputs) -> list[str]:
+    """One line per reason why ``plan`` (the parent's) does not fit the run's data (``[]``: it fits)."""
+    reasons = []
+    spacings, first = [], None
+    for i in range(len(inputs)):
+        image, spacing, _ = inputs.read(i)
+        spacings.append(spacing)
+        if first is None:
+            first = (image, spacing)
+    n = len(plan.spacing)
+    median = np.median(np.asarray([s[-n:] for s in spacings], float), axis=0)
+    ratio = median / np.asarray(plan.spacing, float)
+    if np.any(ratio > SPACING_TOLERANCE) or np.any(ratio < 1 / SPACING_TOLERANCE):
+        reasons.append(f"spacing {tuple(round(float(s), 2) for s in median)} mm vs the parent's "
+                       f"{tuple(round(float(s), 2) for s in plan.spacing)} mm")
+    if first is not None:
+        reasons += [f"intensities: {r}" for r in check_domain(first[0], first[1], source)]
+    return reasons
+
+
+def fit_patch(patch, pool_kernels) -> tuple[int, ...]:
+    """``patch`` rounded up per axis to a multiple of the pooling's total stride."""
+    strides = np.prod(np.asarray(pool_kernels, int), axis=0) if len(pool_kernels) else np.ones(len(patch), int)
+    return tuple(int(max(s, int(np.ceil(p / s)) * s)) for p, s in zip(patch, strides))
+
+
+def replan_for_data(
+    config, inputs, parent: Plan, reasons: list[str], plan_from_data
+) -> Generator[Any, None, tuple[Plan, dict]]:
+    """A plan for the run's data that keeps the parent's architecture.
+
+    Args:
+        config: The run's ``TrainConfig``.
+        inputs: The run's ``CaseInputs``.
+        parent: The parent checkpoint's plan.
+        reasons: What did not fit (:func:`parent_misfit`), told to the user.
+        plan_from_data: ``(config, inputs) -> generator returning (plan, fingerprint)``: the
+            planner the run would use without a parent.
+    """
+    run_config = replace(config, configuration=parent.configuration)
+    plan, fingerprint = yield from plan_from_data(run_config, inputs)
+    plan.pool_kernels = [list(k) for k in parent.pool_kernels]
+    plan.conv_kernels = [list(k) for k in parent.conv_kernels]
+    plan.patch_size = fit_patch(plan.patch_size, parent.pool_kernels)
+    yield Message(
+        "Re-planned for this data (" + "; ".join(reasons) + f"): spacing {tuple(plan.spacing)} mm, patch "
+        f"{tuple(plan.patch_size)}, {plan.normalization[0]} normalisation; the parent's architecture "
+        "and the weights that fit are kept."
+    )
+    return plan, fingerprint
+
+
+__all__ = ["SPACING_TOLERANCE", "fit_patch", "labels_differ", "parent_misfit", "replan_for_data"]
