@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import os
 
-__all__ = ["GUARD_ENV", "MEMORY_ENV", "available_bytes", "check_memory", "format_bytes", "guard_enabled"]
+__all__ = ["GUARD_ENV", "MEMORY_ENV", "available_bytes", "cgroup_free_bytes", "check_memory", "format_bytes", "guard_enabled"]
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +47,9 @@ def _meminfo_available() -> int | None:
         return None
 
 
-def _cgroup_free() -> int | None:
+def cgroup_free_bytes() -> int | None:
+    """Bytes left under the cgroup (v2) memory limit of this process, ``None`` without a limit
+    (or when ``/sys/fs/cgroup/memory.max`` / ``memory.current`` cannot be read)."""
     try:
         with open("/sys/fs/cgroup/memory.max") as fh:
             limit = fh.read().strip()
@@ -71,7 +73,7 @@ def _cap() -> int | None:
 
 def available_bytes() -> int | None:
     """Bytes of main memory this process may plan to use; ``None`` when it cannot be told."""
-    values = [v for v in (_meminfo_available(), _cgroup_free(), _cap()) if v is not None]
+    values = [v for v in (_meminfo_available(), cgroup_free_bytes(), _cap()) if v is not None]
     return min(values) if values else None
 
 

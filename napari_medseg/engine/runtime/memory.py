@@ -15,29 +15,13 @@ import os
 
 import torch
 
+from napari_medseg.io.limits import cgroup_free_bytes
+
 logger = logging.getLogger(__name__)
 
 #: Environment variable capping the memory (GiB) that memory-planned jobs (patch-free inference)
 #: may plan to use; a user setting, documented in the README.
 MEMORY_ENV = "MEDSEG_MAX_MEMORY_GB"
-
-
-def cgroup_free_bytes() -> int | None:
-    """Bytes left under the cgroup (v2) memory limit of this process, ``None`` without a limit.
-
-    Reads ``/sys/fs/cgroup/memory.max`` and ``memory.current``; any read or parse failure (no
-    cgroup v2, another platform) gives ``None``.
-    """
-    try:
-        with open("/sys/fs/cgroup/memory.max") as fh:
-            limit = fh.read().strip()
-        if limit == "max":
-            return None
-        with open("/sys/fs/cgroup/memory.current") as fh:
-            used = int(fh.read().strip())
-        return max(int(limit) - used, 0)
-    except (OSError, ValueError):
-        return None
 
 
 def memory_cap_bytes() -> int | None:
