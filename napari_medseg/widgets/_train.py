@@ -98,7 +98,8 @@ class TrainWidget(EngineJobOwner, QWidget):
 
         # --- data
         self.source_layers = QRadioButton("Layers")
-        self.source_folder = QRadioButton("Dataset folder (nnU-Net raw)")
+        self.source_folder = QRadioButton("Dataset folder")
+        self.source_folder.setToolTip("A dataset in the nnU-Net raw format: imagesTr/, labelsTr/, dataset.json")
         self.source_layers.setChecked(True)
         self._source_group = QButtonGroup(self)
         self._source_group.addButton(self.source_layers)
