@@ -158,3 +158,25 @@ def atomic_write_json(path: str | os.PathLike, obj: Any, *, indent: int | None =
     """Write ``obj`` as JSON (strict: NaN and infinities are refused) to ``path`` atomically."""
     text = json.dumps(obj, indent=indent, allow_nan=False)
     atomic_write_text(path, text + "\n", **kwargs)
+
+
+def read_json_object(path: str | os.PathLike, error: type[Exception], what: str) -> dict:
+    """Read a JSON file that must hold an object; errors name the file.
+
+    Args:
+        path: The file.
+        error: The caller's error class to raise.
+        what: What the object is, for the message (``"an object of dataset settings"``).
+
+    Raises:
+        error: ``Cannot read PATH: ...`` (missing, unreadable or invalid JSON), or ``PATH holds a
+            JSON list, not WHAT``.
+    """
+    try:
+        with open(path, encoding="utf-8") as fh:
+            value = json.load(fh)
+    except (OSError, ValueError) as err:
+        raise error(f"Cannot read {os.fspath(path)}: {err}") from err
+    if not isinstance(value, dict):
+        raise error(f"{os.fspath(path)} holds a JSON {type(value).__name__}, not {what}")
+    return value

@@ -16,7 +16,10 @@ from __future__ import annotations
 import logging
 import os
 
-__all__ = ["GUARD_ENV", "MEMORY_ENV", "available_bytes", "cgroup_free_bytes", "check_memory", "format_bytes", "guard_enabled"]
+__all__ = [
+    "GUARD_ENV", "MEMORY_ENV", "available_bytes", "cgroup_free_bytes", "check_memory", "format_bytes",
+    "guard_enabled", "host_available_bytes", "memory_cap_bytes",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -61,19 +64,31 @@ def cgroup_free_bytes() -> int | None:
         return None
 
 
-def _cap() -> int | None:
+def memory_cap_bytes() -> int | None:
+    """The user's memory budget from ``MEDSEG_MAX_MEMORY_GB`` in bytes; ``None`` when unset.
+
+    A value that is not a number is ignored (with a warning).
+    """
     text = os.environ.get(MEMORY_ENV)
     if not text:
         return None
     try:
         return int(float(text) * 2**30)
     except ValueError:
+        logger.warning("Ignoring %s=%r: not a number of GiB.", MEMORY_ENV, text)
         return None
 
 
+def host_available_bytes() -> int | None:
+    """``MemAvailable`` of the host, lowered to the cgroup's remaining limit (``None``: unknown)."""
+    values = [v for v in (_meminfo_available(), cgroup_free_bytes()) if v is not None]
+    return min(values) if values else None
+
+
 def available_bytes() -> int | None:
-    """Bytes of main memory this process may plan to use; ``None`` when it cannot be told."""
-    values = [v for v in (_meminfo_available(), cgroup_free_bytes(), _cap()) if v is not None]
+    """Bytes of main memory this process may plan to use: :func:`host_available_bytes` capped by
+    :func:`memory_cap_bytes`; ``None`` when it cannot be told."""
+    values = [v for v in (host_available_bytes(), memory_cap_bytes()) if v is not None]
     return min(values) if values else None
 
 
@@ -104,7 +119,7 @@ def check_memory(nbytes: float, what: str, error: type[Exception] = MemoryError,
     free = available_bytes()
     if free is None or nbytes <= free:
         return
-    cap = " (your MEDSEG_MAX_MEMORY_GB)" if _cap() is not None and _cap() == free else ""
+    cap = " (your MEDSEG_MAX_MEMORY_GB)" if memory_cap_bytes() == free else ""
     raise error(
         f"{what} would need about {format_bytes(nbytes)} of memory; {format_bytes(free)} is available{cap}. "
         f"{hint + ' ' if hint else ''}Set {GUARD_ENV}=off to try anyway."

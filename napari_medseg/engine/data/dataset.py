@@ -16,7 +16,6 @@ cases is :mod:`~napari_medseg.engine.data.cases`' job.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -27,6 +26,7 @@ import numpy as np
 
 from napari_medseg.io import Volume, read_volume
 from napari_medseg.io._dtypes import to_float32
+from napari_medseg.io.atomic import read_json_object
 from napari_medseg.io.grid import grid_difference, grid_of
 
 logger = logging.getLogger(__name__)
@@ -190,13 +190,7 @@ def load_raw_dataset(folder: str | os.PathLike) -> RawDataset:
             f"{root} is not an nnU-Net raw dataset folder: it needs dataset.json and imagesTr/ "
             "(plus labelsTr/ for training)"
         )
-    try:
-        with open(meta_path, encoding="utf-8") as fh:
-            meta = json.load(fh)
-    except (OSError, ValueError) as err:
-        raise DatasetError(f"Cannot read {meta_path}: {err}") from err
-    if not isinstance(meta, dict):
-        raise DatasetError(f"{meta_path} holds a JSON {type(meta).__name__}, not an object of dataset settings")
+    meta = read_json_object(meta_path, DatasetError, "an object of dataset settings")
     ending = meta.get("file_ending", ".nii.gz")
     if ending not in DATASET_FILE_ENDINGS:
         raise DatasetError(f"Unsupported file_ending {ending!r} in {meta_path}; supported: {', '.join(DATASET_FILE_ENDINGS)}")

@@ -7,7 +7,6 @@ Isensee et al., "nnU-Net", Nature Methods 18, 2021 (``nnUNet_find_best_configura
 from __future__ import annotations
 
 import itertools
-import json
 import os
 from collections.abc import Generator
 
@@ -17,6 +16,7 @@ from napari_medseg.engine.data import load_raw_dataset, read_raw_case
 from napari_medseg.engine.evaluation.metrics import dice_per_class
 from napari_medseg.engine.inference import predict
 from napari_medseg.engine.jobs import Message, Progress
+from napari_medseg.io.atomic import read_json_object
 
 
 class SelectionError(ValueError):
@@ -35,13 +35,7 @@ def _val_cases(run_dir: str) -> list[str]:
     path = os.path.join(run_dir, "run.json")
     if not os.path.isfile(path):
         raise SelectionError(f"{run_dir} has no run.json; it is not a napari-medseg run folder.")
-    try:
-        with open(path, encoding="utf-8") as fh:
-            info = json.load(fh)
-    except (OSError, ValueError) as err:
-        raise SelectionError(f"Cannot read {path}: {err}") from err
-    if not isinstance(info, dict):
-        raise SelectionError(f"{path} holds a JSON {type(info).__name__}, not a run's record (an object).")
+    info = read_json_object(path, SelectionError, "a run's record (an object).")
     if info.get("val_is_train"):
         raise SelectionError(f"{run_dir} was validated on its training data; it cannot be compared fairly.")
     cases = info.get("val_cases", [])

@@ -11,48 +11,17 @@ Nothing here imports Qt or napari.
 from __future__ import annotations
 
 import logging
-import os
 
 import torch
 
-from napari_medseg.io.limits import cgroup_free_bytes
+from napari_medseg.io.limits import (
+    MEMORY_ENV,
+    cgroup_free_bytes,
+    host_available_bytes,
+    memory_cap_bytes,
+)
 
 logger = logging.getLogger(__name__)
-
-#: Environment variable capping the memory (GiB) that memory-planned jobs (patch-free inference)
-#: may plan to use; a user setting, documented in the README.
-MEMORY_ENV = "MEDSEG_MAX_MEMORY_GB"
-
-
-def memory_cap_bytes() -> int | None:
-    """The user's memory budget from ``MEDSEG_MAX_MEMORY_GB`` in bytes; ``None`` when unset.
-
-    A value that is not a number is ignored (with a warning).
-    """
-    cap = os.environ.get(MEMORY_ENV)
-    if not cap:
-        return None
-    try:
-        return int(float(cap) * 2**30)
-    except ValueError:
-        logger.warning("Ignoring %s=%r: not a number of GiB.", MEMORY_ENV, cap)
-        return None
-
-
-def _host_available_bytes() -> int | None:
-    free: int | None = None
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    free = int(line.split()[1]) * 1024
-                    break
-    except OSError:
-        free = None
-    group = cgroup_free_bytes()
-    if group is not None:
-        free = group if free is None else min(free, group)
-    return free
 
 
 def available_memory_bytes(device: torch.device) -> int | None:
@@ -69,7 +38,7 @@ def available_memory_bytes(device: torch.device) -> int | None:
         except RuntimeError:
             free = None
     elif device.type == "cpu":
-        free = _host_available_bytes()
+        free = host_available_bytes()
     cap = memory_cap_bytes()
     if cap is not None:
         free = cap if free is None else min(free, cap)
