@@ -124,16 +124,6 @@ def print_table(results: dict[str, dict]) -> None:
               + f"  {r['mean_dice']:7.3f} {r['outside']:8d} {r['seconds']:5.1f} s")
 
 
-def checkpoint_fields(trained) -> dict:
-    """Extra checkpoint fields of the shipped model (kept from the trained checkpoint)."""
-    fields = {}
-    for key in ("orientation", "domain"):
-        value = getattr(trained, key, None)
-        if value is not None:
-            fields[key] = value
-    return fields
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("-c", "--checkpoint", default="colin27_deepgm_unet3d")

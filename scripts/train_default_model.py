@@ -69,7 +69,8 @@ def train(args, dataset: str, run: str) -> int:
 
 
 def ship(args, run: str) -> int:
-    from napari_medseg.engine.checkpoints import load_checkpoint, save_checkpoint  # noqa: PLC0415
+    from napari_medseg.engine.checkpoints import load_checkpoint  # noqa: PLC0415
+    from napari_medseg.engine.checkpoints.build import write_checkpoint  # noqa: PLC0415
 
     ckpt_path = os.path.join(run, "checkpoint_final.pt")
     if not os.path.isfile(ckpt_path):
@@ -77,14 +78,9 @@ def ship(args, run: str) -> int:
         return 1
     trained = load_checkpoint(ckpt_path)
     candidate = os.path.join(args.work, NAME)
-    fields = heldout_templates.checkpoint_fields(trained)
-    # Ship the weights and the recipe, not the optimiser's momentum buffers (half the file).
-    save_checkpoint(
-        candidate, trained.state_dict, model_name=trained.model_name, model_kwargs=trained.model_kwargs,
-        in_channels=trained.in_channels, num_classes=trained.num_classes, spatial_dims=trained.spatial_dims,
-        plan=trained.plan, label_names=trained.label_names, train_config=trained.train_config,
-        epoch=trained.epoch, history=trained.history, **fields,
-    )
+    # Ship the weights, the recipe, the orientation and the domain, not the optimiser's momentum
+    # buffers (half the file).
+    write_checkpoint(trained, candidate, with_optimizer=False)
     results = heldout_templates.evaluate_all(candidate, os.path.join(args.work, "heldout"), device=args.device)
     heldout_templates.print_table(results)
     if args.no_ship:
