@@ -4,6 +4,7 @@ Run on demand (not a test), under a display or Xvfb::
 
     xvfb-run -a -s "-screen 0 1600x1000x24" .venv/bin/python benchmarks/bench_widgets.py          # all
     xvfb-run -a -s "-screen 0 1600x1000x24" .venv/bin/python benchmarks/bench_widgets.py --opens  # open times only
+    xvfb-run -a -s "-screen 0 1600x1000x24" .venv/bin/python benchmarks/bench_widgets.py --stalls # stalls only
 
 **Open times** (first open in a fresh napari, as a user's first click in the Plugins menu): each
 widget is opened in its own fresh interpreter (nothing of napari-medseg or torch imported), after
@@ -11,12 +12,22 @@ docking a plain ``QWidget`` there (the baseline); then again with the sample vol
 (napari-medseg's file readers already imported, the usual order). It reports the open time, the ratio to the
 baseline, what the open imported, whether ``torch`` was imported when the widget appeared, how long
 until its pickers were filled (torch imports in a background thread), and the largest event-loop
-stall meanwhile. Ratios, not thresholds: the machine sets the scale.
+stall meanwhile; then, for widgets that start it, how long until the background warm-up imports
+(``torch._dynamo``, which torch imports when the first model or optimizer is built) were done, and
+the largest stall from the open until then. Ratios, not thresholds: the machine sets the scale.
 
 **Stalls**: a QTimer fires every 10 ms on napari's event loop; a "stall" is the longest gap between
-two ticks minus 10 ms. It is measured three times in the same run: idle (the baseline), while the
-Segment widget predicts the Colin27 sample with the shipped checkpoint, and while the Train widget
-trains on the sample's layers.
+two ticks minus 10 ms. It is measured in the same run: idle (the baseline); one repaint of the
+canvas (a layer's opacity changed: the floor of anything that changes what the canvas shows, large
+under a software OpenGL such as Xvfb's llvmpipe); napari's own ``add_labels`` of a head-sized labels
+layer (the floor for any result layer: napari builds its visuals, controls and overlays, then the
+canvas repaints); while the Segment widget predicts the Colin27
+sample with the shipped checkpoint; while it "segments" a 1 mm head (181 x 217 x 181 = 7.1 M voxels)
+through its own run and result path with ``engine.predict`` replaced by a stub that returns a
+head-sized result at once (what is measured is adding the result, not the model), first the labels
+only, then with probabilities and uncertainty (five layers); and while the Train widget trains on
+the sample's layers and then segments the image again with the new model (its default). Each
+measurement runs on for a second after the job, so the repaint that shows a new layer counts.
 """
 
 from __future__ import annotations
@@ -122,8 +133,13 @@ with probe:
             pump(app, lambda: getattr(widget, attr).loaded, 60)
     pump(app, lambda: not getattr(widget, "counting", False), 300)
     ready = time.perf_counter() - t0
+    stall_ready = probe.summary()[0]
+    warm = None
+    if _common._engine_loader()._warming:  # then torch's lazy modules are imported in the background
+        pump(app, lambda: _common._engine_loader().warmed.is_set(), 300)
+        warm = time.perf_counter() - t0
 print(json.dumps(dict(name=name, base=base, opened=opened, ready=ready, torch_at_open=torch_at_open,
-                      imports=describe_imports(new), stall=probe.summary()[0])))
+                      imports=describe_imports(new), stall=stall_ready, warm=warm, stall_warm=probe.summary()[0])))
 viewer.close()
 """
 WIDGET_NAMES = ("Segment", "Train / Fine-tune", "Model library", "Display: orientation and window")
@@ -150,13 +166,17 @@ def bench_opens(sample: bool = False) -> None:
               f"({r['base'] * 1e3:.1f} ms); torch imported when it appeared: {r['torch_at_open']}; "
               f"filled after {r['ready']:.2f} s (largest stall meanwhile "
               f"{'n/a' if r['stall'] < 0 else format(r['stall'], '.0f') + ' ms'})")
+        if r.get("warm") is not None:
+            print(f"  {'':32s} background warm-up (torch._dynamo, napari_medseg.io) done after {r['warm']:.2f} s "
+                  f"(largest stall from the open until then {r['stall_warm']:.0f} ms)")
         print(f"  {'':32s} imports: {r['imports']}")
 
 
 def main() -> None:
     os.environ.setdefault("MEDSEG_HOME", tempfile.mkdtemp(prefix="medseg_bench_"))
-    bench_opens()
-    bench_opens(sample=True)
+    if "--stalls" not in sys.argv[1:]:
+        bench_opens()
+        bench_opens(sample=True)
     if "--opens" in sys.argv[1:]:
         return
     import napari
@@ -177,26 +197,85 @@ def main() -> None:
         widgets[name] = widget
     pump(app, lambda: all(getattr(w, "architecture", None) is None or w.architecture.loaded
                           for w in widgets.values()), 300)
+    from napari_medseg.widgets import _common
+
+    if hasattr(_common._engine_loader(), "warmed"):  # the background warm-up imports, if any
+        pump(app, lambda: not _common._engine_loader()._warming or _common._engine_loader().warmed.is_set(), 300)
+
+    from napari.layers import Image, Labels
 
     viewer.open_sample("napari-medseg", "colin27_deepgm")
+    sample_image = [lay for lay in viewer.layers if isinstance(lay, Image)][-1]
+    sample_labels = [lay for lay in viewer.layers if isinstance(lay, Labels)][-1]
     pump(app, lambda: False, 1.0)
     probe = StallProbe()
     with probe:
         pump(app, lambda: False, 3.0)
     idle = probe.summary()
     print(f"idle (baseline): largest stall {idle[0]:.1f} ms, 99th percentile {idle[1]:.1f} ms over {idle[2]} ticks")
+    repaints = []
+    for i in range(5):
+        with probe:
+            pump(app, lambda: False, 0.2)
+            sample_image.opacity = 0.9 if i % 2 == 0 else 1.0
+            pump(app, lambda: False, 0.5)
+        repaints.append(probe.summary()[0])
+    repaint = sorted(repaints)[len(repaints) // 2]
+    print(f"one canvas repaint (an opacity change; median of 5): stall {repaint:.1f} ms "
+          f"({repaint / max(idle[0], 1e-3):.1f} x idle)")
+    _, head_labels = head_arrays()
+    floor = []
+    for _ in range(3):
+        with probe:
+            pump(app, lambda: False, 0.2)
+            layer = viewer.add_labels(head_labels.copy(), name="napari floor", opacity=0.5)
+            pump(app, lambda: False, 1.0)
+        floor.append(probe.summary()[0])
+        viewer.layers.remove(layer)
+        pump(app, lambda: False, 0.5)
+    napari_floor = sorted(floor)[1]
+    print(f"napari's own add_labels of a head-sized labels layer, nothing of napari-medseg (median of 3): "
+          f"stall {napari_floor:.1f} ms ({napari_floor / max(idle[0], 1e-3):.1f} x idle, "
+          f"{napari_floor / max(repaint, 1e-3):.1f} x one repaint)")
+
+    def report(what: str, dt: float, stalls: tuple) -> None:
+        print(f"{what} took {dt:.1f} s: largest stall {stalls[0]:.1f} ms ({stalls[0] / max(idle[0], 1e-3):.1f} x idle, "
+              f"{stalls[0] / max(repaint, 1e-3):.1f} x one repaint, {stalls[0] / max(napari_floor, 1e-3):.2f} x "
+              f"napari's own add_labels), 99th percentile {stalls[1]:.1f} ms")
 
     seg = widgets["Segment"]
+    seg.channels.set_layers([sample_image])
     with probe:
         t0 = time.perf_counter()
         seg.run_button.click()
         pump(app, lambda: not seg.running, 600)
         dt = time.perf_counter() - t0
-    inf = probe.summary()
-    print(f"Segment (shipped checkpoint on the 72x86x98 sample, mirroring TTA) took {dt:.1f} s: "
-          f"largest stall {inf[0]:.1f} ms ({inf[0] / max(idle[0], 1e-3):.1f} x idle), 99th percentile {inf[1]:.1f} ms")
+        pump(app, lambda: False, 1.0)
+    report("Segment (shipped checkpoint on the 72x86x98 sample, mirroring TTA, incl. adding the result)", dt,
+           probe.summary())
+
+    head = add_head_image(viewer)
+    seg.channels.set_layers([head])
+    for extras in (False, True):
+        seg.probabilities.setChecked(extras)
+        seg.uncertainty.setChecked(extras)
+        with stub_predict(), probe:
+            pump(app, lambda: False, 0.3)
+            t0 = time.perf_counter()
+            seg.run_button.click()
+            pump(app, lambda: not seg.running, 600)
+            dt = time.perf_counter() - t0
+            pump(app, lambda: False, 1.0)
+        what = "labels + 3 probability + uncertainty layers" if extras else "labels layer"
+        report(f"Segment result of a 1 mm head {HEAD_SHAPE} ({what}; predict stubbed)", dt, probe.summary())
+        print(f"  status: {seg.status.text()[:160]}")
+    seg.probabilities.setChecked(False)
+    seg.uncertainty.setChecked(False)
+    seg.channels.set_layers([sample_image])
 
     train = widgets["Train / Fine-tune"]
+    train.channels.set_layers([sample_image])
+    train.labels.set_layer(sample_labels)
     train.epochs.setValue(2)
     train.iterations.setValue(5)
     train.batch.setValue(2)
@@ -208,12 +287,73 @@ def main() -> None:
         t0 = time.perf_counter()
         train.train_button.click()
         pump(app, lambda: not train.running, 600)
+        pump(app, lambda: not seg.running, 600)  # "segment the image again with the new model"
         dt = time.perf_counter() - t0
-    tr = probe.summary()
-    print(f"Train (2 epochs x 5 iterations on the sample layers) took {dt:.1f} s: largest stall {tr[0]:.1f} ms "
-          f"({tr[0] / max(idle[0], 1e-3):.1f} x idle), 99th percentile {tr[1]:.1f} ms")
+        pump(app, lambda: False, 1.0)
+    report("Train (2 epochs x 5 iterations on the sample layers, then segment again)", dt, probe.summary())
     print(f"status: {train.status.text()[:200]}")
     viewer.close()
+
+
+#: A 1 mm head (the MNI152 grid): 7.1 M voxels.
+HEAD_SHAPE = (181, 217, 181)
+
+
+def head_arrays(num_classes: int = 4) -> tuple:
+    """A smooth head-sized image and nested-ellipsoid labels (uint8, like ``predict``'s)."""
+    import numpy as np
+
+    z, y, x = (np.linspace(-1, 1, n, dtype=np.float32) for n in HEAD_SHAPE)
+    r = np.sqrt(z[:, None, None] ** 2 + y[None, :, None] ** 2 + x[None, None, :] ** 2)
+    image = (1000 * np.clip(1 - r, 0, None)).astype(np.float32)
+    labels = np.zeros(HEAD_SHAPE, np.uint8)
+    for k, radius in enumerate((0.8, 0.5, 0.25)[: num_classes - 1], start=1):
+        labels[r < radius] = k
+    return image, labels
+
+
+def add_head_image(viewer):
+    """A 1 mm head-sized image layer with the geometry metadata this plugin's reader gives."""
+    from napari_medseg.io import affine_from_spacing
+
+    image, _ = head_arrays()
+    geometry = {"affine": affine_from_spacing((1.0, 1.0, 1.0), (0.0, 0.0, 0.0)).tolist(),
+                "spacing": [1.0, 1.0, 1.0], "spatial_shape": list(HEAD_SHAPE), "channel_axis": None}
+    return viewer.add_image(image, name="head 1 mm", metadata={"medseg_geometry": geometry})
+
+
+class stub_predict:  # noqa: N801 - a context manager used like a function
+    """Replace ``engine.inference.predict`` with a generator that returns a head-sized result
+    (made in the worker thread, as the real one) after a few progress events."""
+
+    def __enter__(self):
+        import napari_medseg.engine.inference as inference
+        from napari_medseg.engine.inference.postprocessing import PredictionResult
+        from napari_medseg.engine.jobs import Progress
+
+        def fake_predict(image, spacing, checkpoints, config=None, *, affine=None, **overrides):
+            import numpy as np
+
+            for i in range(1, 4):
+                time.sleep(0.05)
+                yield Progress("tiles", i, 3, "stub")
+            _, labels = head_arrays()
+            result = PredictionResult(labels, label_names={0: "background", 1: "head", 2: "brain", 3: "core"})
+            if config is not None and config.return_probabilities:
+                probs = np.empty((4, *HEAD_SHAPE), np.float32)
+                for k in range(4):
+                    probs[k] = (labels == k)
+                result.probabilities = probs
+            if config is not None and config.return_uncertainty:
+                result.uncertainty = np.zeros(HEAD_SHAPE, np.float32)
+            return result
+
+        self._module, self._original = inference, inference.predict
+        inference.predict = fake_predict
+        return self
+
+    def __exit__(self, *exc):
+        self._module.predict = self._original
 
 
 if __name__ == "__main__":

@@ -448,13 +448,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--iterations", type=int, help="iterations per epoch (nnU-Net: 250)")
     s.add_argument("--minutes", type=float,
                    help="time budget: train this long (or --epochs, whichever ends first); the learning "
-                   "rate follows the time, so a short run anneals fully")
+                   "rate follows the time, so a short run anneals fully; without --optimizer, Adam 1e-3 (on "
+                   "the CPU the patch is capped at 64^3 voxels unless --patch-size is given)")
     s.add_argument("--warmup", type=float,
                    help="share of the run with a linear learning-rate warm-up (default: 0.05 when "
                    "fine-tuning with --minutes, else none)")
     s.add_argument("--val-batches", type=int, help="validation batches per epoch")
     s.add_argument("--val-fraction", type=float, help="fraction of cases held out for validation")
-    s.add_argument("--lr", type=float, help="initial learning rate (default: the model's recipe; nnU-Net 1e-2)")
+    s.add_argument("--lr", type=float, help="initial learning rate (default: the model's recipe, nnU-Net's SGD 1e-2; with --minutes Adam 1e-3)")
     s.add_argument("--optimizer", choices=["sgd", "adam", "lookahead_nadam"])
     s.add_argument("--batch-size", type=int, help="override the plan's batch size")
     s.add_argument("--patch-size", help="override the plan's patch size, e.g. 32x64x64")

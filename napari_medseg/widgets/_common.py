@@ -34,6 +34,7 @@ from qtpy.QtWidgets import (
     QHBoxLayout,
     QLabel,
     QMainWindow,
+    QProgressBar,
     QPushButton,
     QScrollArea,
     QSizePolicy,
@@ -76,6 +77,14 @@ ENGINE_MODULES = ("napari_medseg.models", "napari_medseg.engine.checkpoints", "n
 TORCH_JIT_DEPRECATION = r"`torch\.jit\.\w+` is deprecated"
 #: Delay between the first widget asking for the engine and the background import (ms).
 START_DELAY_MS = 150
+#: Imported in the background once the pickers are filled (:meth:`_EngineLoader.warm`). torch
+#: imports ``torch._dynamo`` the first time a model is built (weight init under a device context)
+#: or an optimizer is made: seconds of imports whose allocations also set off a full garbage
+#: collection of napari's and torch's objects, which holds the GIL (and so napari's event loop)
+#: for about half a second. It happened in the middle of the first Segment or Train run.
+#: The plugin's file io (nibabel, pydicom: half a second) is warmed too: the widgets import it only
+#: when a run reads the layers or checks a labels layer's grid.
+WARM_MODULES = ("torch._dynamo", "napari_medseg.io")
 
 
 def ignore_torch_jit_deprecations() -> None:
@@ -89,7 +98,10 @@ def ignore_torch_jit_deprecations() -> None:
 
 
 class _EngineLoader(QObject):
-    """Imports :data:`ENGINE_MODULES` once, in a daemon thread; ``ready``/``failed`` reach the GUI thread."""
+    """Imports :data:`ENGINE_MODULES` once, in a daemon thread; ``ready``/``failed`` reach the GUI
+    thread. Then it imports :data:`WARM_MODULES` in the same thread (``warmed`` is set when done,
+    or at once if the engine failed); engine jobs wait for that (:func:`wait_for_warm_up`), so the
+    two never import the same modules at once."""
 
     ready = Signal()
     failed = Signal(str)
@@ -98,6 +110,8 @@ class _EngineLoader(QObject):
         super().__init__()
         self.state = "idle"  # idle -> loading -> ready | failed
         self.error = ""
+        self.warmed = threading.Event()
+        self._warming = False
 
     def _import(self) -> None:
         import importlib
@@ -106,9 +120,27 @@ class _EngineLoader(QObject):
             importlib.import_module(name)
 
     def load_now(self) -> None:
-        """Import in this thread (when torch is already imported: a fraction of a second)."""
+        """Import in this thread (when torch is already imported: a fraction of a second); the
+        warm-up still runs in the background."""
         self._import()
         self.state = "ready"
+        if not self._warming:
+            self._warming = True
+            threading.Thread(target=self.warm, name="napari-medseg engine warm-up", daemon=True).start()
+
+    def warm(self) -> None:
+        """Import :data:`WARM_MODULES` (in a background thread), then set ``warmed``."""
+        import importlib
+
+        self._warming = True
+        try:
+            for name in WARM_MODULES:
+                if name not in sys.modules:
+                    importlib.import_module(name)
+        except Exception:  # noqa: BLE001 - only a head start: the job imports what it needs
+            logger.debug("warm-up import failed", exc_info=True)
+        finally:
+            self.warmed.set()
 
     def start(self) -> None:
         """Start the import soon, after the event loop has drawn the widget that asked: the import
@@ -128,10 +160,13 @@ class _EngineLoader(QObject):
             logger.warning("Could not import the segmentation engine: %s", err, exc_info=True)
             self.error = f"{type(err).__name__}: {err}"
             self.state = "failed"
+            self.warmed.set()
             self.failed.emit(self.error)
             return
+        self._warming = True  # before anything can start a job
         self.state = "ready"
         self.ready.emit()
+        self.warm()
 
 
 _LOADER: _EngineLoader | None = None
@@ -154,6 +189,17 @@ def engine_ready() -> bool:
     if loader.state == "idle" and "torch" in sys.modules:
         loader.load_now()
     return loader.state == "ready"
+
+
+def wait_for_warm_up(timeout: float = 300.0) -> bool:
+    """In an engine worker: wait until the background warm-up imports are done (when one runs).
+
+    Returns whether none is running any more (False: timed out, the job goes on anyway).
+    """
+    loader = _LOADER
+    if loader is None or loader.state not in ("loading", "ready") or not loader._warming:
+        return True
+    return loader.warmed.wait(timeout)
 
 
 def when_engine_ready(receiver: QObject, callback: Callable[[], None],
@@ -213,6 +259,42 @@ def status_label() -> QLabel:
     label.setMinimumWidth(50)
     label.setTextInteractionFlags(Qt.TextSelectableByMouse)
     return label
+
+
+class ProgressBar(QProgressBar):
+    """A ``QProgressBar`` painted with the next paint event, never at once.
+
+    ``QProgressBar.setValue`` (and ``setRange``/``reset``) call ``repaint()``: the bar is painted
+    synchronously, and with it napari's whole window, its OpenGL canvas included when that has
+    changed (a new layer): one progress step then costs napari's event loop a full canvas render
+    (tens to hundreds of milliseconds under a software OpenGL). Here those calls run with updates
+    disabled; re-enabling them schedules an ordinary ``update()``.
+    """
+
+    def _lazily(self, method, *args) -> None:
+        if not self.updatesEnabled():
+            method(*args)
+            return
+        self.setUpdatesEnabled(False)
+        try:
+            method(*args)
+        finally:
+            self.setUpdatesEnabled(True)  # schedules update()
+
+    def setValue(self, value: int) -> None:  # noqa: N802 - Qt API
+        self._lazily(super().setValue, value)
+
+    def setRange(self, minimum: int, maximum: int) -> None:  # noqa: N802 - Qt API
+        self._lazily(super().setRange, minimum, maximum)
+
+    def setMaximum(self, maximum: int) -> None:  # noqa: N802 - Qt API
+        self._lazily(super().setMaximum, maximum)
+
+    def setMinimum(self, minimum: int) -> None:  # noqa: N802 - Qt API
+        self._lazily(super().setMinimum, minimum)
+
+    def reset(self) -> None:
+        self._lazily(super().reset)
 
 
 def short_path(path: str | None, parts: int = 2) -> str:
@@ -369,6 +451,54 @@ def scroll_area(inner: QWidget) -> QScrollArea:
     return scroll
 
 
+# ------------------------------------------------------------------------ small background calls
+class _CallRelay(QObject):
+    """Lives in the GUI thread: a background call's outcome reaches its callback through ``done``."""
+
+    done = Signal(object, object, object)  # then, result, error
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.done.connect(self._deliver)
+
+    @staticmethod
+    def _deliver(then, result, error) -> None:
+        try:
+            then(result, error)
+        except RuntimeError as err:  # the widget the callback belongs to was deleted meanwhile
+            if "deleted" not in str(err):
+                raise
+            logger.debug("dropped a background result: %s", err)
+
+
+_CALLS: _CallRelay | None = None
+
+
+def call_in_thread(fn: Callable[[], Any], then: Callable[[Any, BaseException | None], None]) -> threading.Thread:
+    """Run ``fn()`` in a daemon thread, then ``then(result, error)`` in the GUI thread.
+
+    For short array or file work that a click or a worker's result needs (counting voxels,
+    reading a checkpoint's summary) but that must not hold napari's event loop. ``error`` is the
+    exception ``fn`` raised (``result`` is then ``None``). Call it from the GUI thread.
+    """
+    global _CALLS
+    if _CALLS is None:
+        _CALLS = _CallRelay()
+    relay = _CALLS
+
+    def run() -> None:
+        try:
+            result, error = fn(), None
+        except Exception as err:  # noqa: BLE001 - handed to ``then``
+            result, error = None, err
+        with contextlib.suppress(RuntimeError):  # the relay is gone (interpreter exit)
+            relay.done.emit(then, result, error)
+
+    thread = threading.Thread(target=run, name="napari-medseg background call", daemon=True)
+    thread.start()
+    return thread
+
+
 # ----------------------------------------------------------------------------- the engine worker
 @dataclass(frozen=True)
 class Stopped:
@@ -408,6 +538,7 @@ def _drive(make_gen: Callable[[], Generator], stop: threading.Event) -> Generato
     from napari_medseg.engine.jobs import Cancelled, relay
 
     ignore_torch_jit_deprecations()
+    wait_for_warm_up()  # never import torch's lazy modules in two threads at once
     try:
         return (yield from relay(make_gen(), should_stop=stop.is_set))
     except Cancelled:
@@ -547,20 +678,34 @@ class _CloseWatcher(QObject):
 
 
 class ProgressRelay:
-    """Forward engine ``Progress`` events to a napari progress bar, one stage at a time."""
+    """Forward engine ``Progress`` events to a napari progress bar, one stage at a time.
+
+    A step within a stage is shown at most every :attr:`min_interval` seconds (a new stage and a
+    stage's last step always): napari's progress widgets re-lay out their labels on every change,
+    and a prediction yields one event per tile pass.
+    """
+
+    min_interval = 0.25
 
     def __init__(self, description: str):
         from napari.utils import progress
 
         self._pbar = progress(total=0, desc=description)
         self._stage: str | None = None
+        self._shown_at = 0.0
 
     def update(self, stage: str, current: int, total: int, message: str = "") -> None:
+        import time
+
         pbar = self._pbar
+        now = time.monotonic()
         if stage != self._stage or (total and total != pbar.total):
             self._stage = stage
             pbar.total = max(int(total), 0)
             pbar.n = 0
+        elif now - self._shown_at < self.min_interval and not (total and current >= total):
+            return
+        self._shown_at = now
         desc = f"{stage}: {message}" if message else stage
         pbar.set_description(desc)
         step = int(current) - int(pbar.n)

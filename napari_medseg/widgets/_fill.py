@@ -26,8 +26,6 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from napari_medseg.engine.annotation import fill_between_slices, painted_slices
-
 from ._common import show_status, status_label
 from ._layers import LayerCombo
 
@@ -142,6 +140,9 @@ class FillBetweenSlicesWidget(QWidget):
         if getattr(layer, "multiscale", False):
             show_status(self.status, f"{layer.name!r} is multiscale; fill needs a single-scale layer.", error=True)
             return None
+        # imported here: it imports scipy (seconds on a first open of the Train widget, which holds this one)
+        from napari_medseg.engine.annotation import fill_between_slices, painted_slices
+
         try:
             axis = self.selected_axis(layer)
             data = np.asarray(layer.data)

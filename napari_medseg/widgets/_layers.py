@@ -8,8 +8,8 @@ import numpy as np
 from qtpy.QtCore import Signal
 from qtpy.QtWidgets import QComboBox, QHBoxLayout, QToolButton, QVBoxLayout, QWidget
 
-from napari_medseg.io._dtypes import to_float32
-from napari_medseg.io.grid import grid_difference
+# napari_medseg.io is imported where it is used: importing any of its modules imports the package,
+# which imports nibabel and pydicom (about half a second), and every widget imports this module.
 
 
 class LayerCombo(QComboBox):
@@ -34,7 +34,10 @@ class LayerCombo(QComboBox):
         event.value.events.name.connect(self.refresh)
 
     def refresh(self, *_args) -> None:
+        """Re-list the layers; ``currentIndexChanged`` is emitted only when the chosen layer (or its
+        name) changed, so that a layer added elsewhere does not make every listener redo its work."""
         current = self.layer()
+        before = (current, self.currentText())
         self.blockSignals(True)
         self.clear()
         if self._optional:
@@ -47,7 +50,9 @@ class LayerCombo(QComboBox):
             idx = self.count() - 1  # the newest layer
         self.setCurrentIndex(max(idx, 0))
         self.blockSignals(False)
-        self.currentIndexChanged.emit(self.currentIndex())
+        after = (self.layer(), self.currentText())
+        if after[0] is not before[0] or after[1] != before[1]:
+            self.currentIndexChanged.emit(self.currentIndex())
 
     def layer(self):
         return self.currentData() if self.count() else None
@@ -161,6 +166,8 @@ class ImageInput:
 
     def array(self) -> np.ndarray:
         """``(C, *spatial)`` float32 (reads the layer data: call it in the worker)."""
+        from napari_medseg.io._dtypes import to_float32
+
         if self.stacked:
             return to_float32(self.layers[0].data, f"Layer {self.layers[0].name!r}", InputError)
         return np.stack([to_float32(layer.data, f"Layer {layer.name!r}", InputError) for layer in self.layers])
@@ -281,6 +288,8 @@ def check_same_grid(image: ImageInput, layer) -> None:
     Raises:
         InputError: the shapes, world voxel size, origin or orientation differ.
     """
+    from napari_medseg.io.grid import grid_difference
+
     n = image.spatial_dims
     if tuple(layer.data.shape) != image.spatial_shape:
         raise InputError(

@@ -47,6 +47,13 @@ def _item(text, tooltip: str | None = None) -> QTableWidgetItem:
     return item
 
 
+def _wrapped(text: str) -> QLabel:
+    """A heading that wraps instead of making its dock wider than the other tabs."""
+    label = QLabel(text)
+    label.setWordWrap(True)
+    return label
+
+
 class ModelLibraryWidget(MedsegPanel, QWidget):
     """Tables of the registered models and of the known checkpoints.
 
@@ -85,10 +92,10 @@ class ModelLibraryWidget(MedsegPanel, QWidget):
         buttons.addWidget(self.refresh_button)
         buttons.addStretch(1)
         layout = QVBoxLayout(self)
-        layout.addWidget(QLabel("<b>Architectures</b> (parameters for 1 channel, 2 classes, default settings)"))
+        layout.addWidget(_wrapped("<b>Architectures</b> (parameters for 1 channel, 2 classes, default settings)"))
         layout.addWidget(self.models_table, 3)
         layout.addLayout(buttons)
-        layout.addWidget(QLabel("<b>Checkpoints</b> (★ shipped with the plugin; others trained by you)"))
+        layout.addWidget(_wrapped("<b>Checkpoints</b> (★ shipped with the plugin; others trained by you)"))
         layout.addWidget(self.ckpt_table, 2)
         layout.addWidget(self.status)
 

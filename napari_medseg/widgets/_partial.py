@@ -46,22 +46,27 @@ class EditTracker:
     Args:
         layer: The napari Labels layer.
         viewer: The viewer (to know the slice axis while painting); optional.
+        baseline: A copy of the layer's data made beforehand (e.g. in the worker thread that built
+            the layer), used as the snapshot instead of copying the data here; optional.
     """
 
-    def __init__(self, layer, viewer=None):
+    def __init__(self, layer, viewer=None, baseline: np.ndarray | None = None):
         self._layer_ref = weakref.ref(layer)
         self._viewer_ref = weakref.ref(viewer) if viewer is not None else None
         self._callbacks: list[Callable[[], None]] = []
-        self.reset()
+        self.reset(baseline)
         layer.events.paint.connect(self._on_paint)
         layer.events.data.connect(self._on_data)
 
     # ------------------------------------------------------------------------------ state
-    def reset(self) -> None:
-        """Take the current labels as the new baseline and forget all edits."""
+    def reset(self, baseline: np.ndarray | None = None) -> None:
+        """Take the current labels (or ``baseline``, a copy of them) as the new baseline and forget all edits."""
         layer = self.layer
         data = np.asarray(layer.data) if layer is not None else np.zeros((0,), np.uint8)
-        self.snapshot = np.array(data, copy=True)
+        if baseline is not None and baseline.shape == data.shape and baseline is not data:
+            self.snapshot = baseline
+        else:
+            self.snapshot = np.array(data, copy=True)
         self.touched = np.zeros(self.snapshot.shape, dtype=bool)
         self.slices: dict[int, set[int]] = {}
         self.last_axis = 0
@@ -137,15 +142,17 @@ class EditTracker:
     def painted_voxels(self) -> np.ndarray:
         """Voxels painted since the baseline (events plus any other change of the data)."""
         layer = self.layer
-        painted = self.touched.copy()
         if layer is not None and np.shape(layer.data) == self.snapshot.shape:
-            painted |= np.asarray(layer.data) != self.snapshot
-        return painted
+            painted = np.not_equal(np.asarray(layer.data), self.snapshot)
+            painted |= self.touched
+            return painted
+        return self.touched.copy()
 
-    def painted_slices(self) -> dict[int, list[int]]:
-        """Axis -> sorted slice indices that hold at least one painted voxel."""
+    def painted_slices(self, painted: np.ndarray | None = None) -> dict[int, list[int]]:
+        """Axis -> sorted slice indices that hold at least one painted voxel (``painted``: the
+        result of :meth:`painted_voxels` when the caller has it already)."""
         slices = {a: set(s) for a, s in self.slices.items()}
-        extra = self.painted_voxels() & ~self.touched
+        extra = (self.painted_voxels() if painted is None else painted) & ~self.touched
         if extra.any() and extra.ndim >= 3:
             others = tuple(a for a in range(extra.ndim) if a != self.last_axis)
             slices.setdefault(self.last_axis, set()).update(
@@ -153,16 +160,17 @@ class EditTracker:
             )
         return {a: sorted(s) for a, s in slices.items() if s}
 
-    def counted(self, mode: str) -> np.ndarray:
-        """Boolean mask of the voxels that count for training in ``mode``."""
+    def counted(self, mode: str, painted: np.ndarray | None = None) -> np.ndarray:
+        """Boolean mask of the voxels that count for training in ``mode`` (``painted``: the result
+        of :meth:`painted_voxels` when the caller has it already)."""
         if mode == "all":
             return np.ones(self.snapshot.shape, bool)
         if mode == "voxels" or self.touched.ndim < 3:
-            return self.painted_voxels()
+            return self.painted_voxels() if painted is None else painted
         if mode != "slices":
             raise ValueError(f"Unknown partial-label mode {mode!r}; use one of {list(MODES)}.")
         mask = np.zeros(self.snapshot.shape, bool)
-        for axis, idx in self.painted_slices().items():
+        for axis, idx in self.painted_slices(painted).items():
             sel = [slice(None)] * mask.ndim
             sel[axis] = idx
             mask[tuple(sel)] = True
@@ -177,14 +185,16 @@ class EditTracker:
         return mask_labels(np.asarray(layer.data), counted, ignore_label), counted
 
     def summary(self, mode: str) -> str:
-        """A sentence on what counts in ``mode``."""
-        painted = int(self.painted_voxels().sum())
-        slices = self.painted_slices()
-        n_slices = sum(len(v) for v in slices.values())
+        """A sentence on what counts in ``mode`` (reads the whole volume: the Train widget calls it
+        in a background thread)."""
+        mask = self.painted_voxels()
+        painted = int(np.count_nonzero(mask))
         total = int(np.prod(self.snapshot.shape)) or 1
         if mode == "all":
             return f"All {total:,} voxels count ({painted:,} painted since tracking started)."
-        count = int(self.counted(mode).sum())
+        slices = self.painted_slices(mask)
+        n_slices = sum(len(v) for v in slices.values())
+        count = int(np.count_nonzero(self.counted(mode, mask)))
         where = ", ".join(f"axis {a}: {v[:6]}{'…' if len(v) > 6 else ''}" for a, v in slices.items())
         return (
             f"{painted:,} painted voxels on {n_slices} slice(s){' (' + where + ')' if where else ''}. "
@@ -195,10 +205,11 @@ class EditTracker:
 _TRACKERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def tracker_for(layer, viewer=None, create: bool = True) -> EditTracker | None:
-    """The :class:`EditTracker` of ``layer``, started on first request (baseline: now)."""
+def tracker_for(layer, viewer=None, create: bool = True, baseline: np.ndarray | None = None) -> EditTracker | None:
+    """The :class:`EditTracker` of ``layer``, started on first request (baseline: now, or
+    ``baseline``, a copy of the layer's data made beforehand)."""
     tracker = _TRACKERS.get(layer)
     if tracker is None and create:
-        tracker = EditTracker(layer, viewer)
+        tracker = EditTracker(layer, viewer, baseline)
         _TRACKERS[layer] = tracker
     return tracker

@@ -7,6 +7,14 @@ The engine gets the image layer's world geometry as an affine (layers this plugi
 is RAS+), so it can reorient the image to the orientation the model was trained in. An image far
 outside the model's training domain stops before any compute with a one-line reason; the widget
 asks whether to segment anyway (:meth:`SegmentWidget.ask_force`) and reruns with ``force=True``.
+
+**Nothing big runs in napari's event loop.** The worker thread that predicts also builds the result
+(:func:`prepare_result`): the napari layers themselves (``Labels``/``Image`` objects, made with
+explicit contrast limits and features, so napari computes nothing over the volume when they are
+added), the voxels per class, the legend and the copy of the labels that partial-label fine-tuning
+compares edits against. The GUI thread then only adds the ready layers, one per turn of the event
+loop (:meth:`SegmentWidget._add_next_layer`), so that a probability layer per class does not add up
+to one long freeze; the run counts as running until the last one is in.
 """
 
 from __future__ import annotations
@@ -16,10 +24,12 @@ import html
 import logging
 import os
 import time
+from dataclasses import dataclass, field
 from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
-from qtpy.QtCore import Signal
+from qtpy.QtCore import QTimer, Signal
 from qtpy.QtWidgets import (
     QCheckBox,
     QDoubleSpinBox,
@@ -28,7 +38,6 @@ from qtpy.QtWidgets import (
     QGroupBox,
     QHBoxLayout,
     QMessageBox,
-    QProgressBar,
     QPushButton,
     QSpinBox,
     QVBoxLayout,
@@ -40,6 +49,7 @@ from ._common import (
     DeviceCombo,
     EngineJobOwner,
     ModelCombo,
+    ProgressBar,
     ProgressRelay,
     Stopped,
     describe_checkpoint,
@@ -74,8 +84,15 @@ class SegmentWidget(EngineJobOwner, QWidget):
         self._stop = None
         self._progress: ProgressRelay | None = None
         self.last_result = None
+        self.last_counts: np.ndarray | None = None
         self.result_layer = None
         self._succeeded = False
+        self._pending: PreparedResult | None = None  # layers still to add, one per event-loop turn
+        self._worker_done = True
+        self._add_timer = QTimer(self)
+        self._add_timer.setSingleShot(True)
+        self._add_timer.setInterval(0)
+        self._add_timer.timeout.connect(self._add_next_layer)
         self._domain_question: str | None = None  # a DomainError to ask about once the run has ended
 
         # --- input
@@ -109,10 +126,11 @@ class SegmentWidget(EngineJobOwner, QWidget):
         self.run_button = QPushButton("Run")
         self.cancel_button = QPushButton("Cancel")
         self.cancel_button.setEnabled(False)
-        self.progress_bar = QProgressBar()
+        self.progress_bar = ProgressBar()
         self.progress_bar.setFormat("not run yet")  # no fake total before a run
         self.progress_bar.setValue(0)
         self._tiles_started: float | None = None
+        self._tile_passes = 0  # the tile passes of the run (the bar shows other stages as "busy")
         self.status = status_label()
         # --- result
         self.legend = status_label()
@@ -199,7 +217,8 @@ class SegmentWidget(EngineJobOwner, QWidget):
     # ------------------------------------------------------------------------------- run
     @property
     def running(self) -> bool:
-        return self.worker is not None
+        """A prediction runs, or its result layers are still being added."""
+        return self.worker is not None or self._pending is not None
 
     def run(self, *_args, force: bool = False) -> None:
         """Check the inputs, then start ``engine.predict`` in a worker thread.
@@ -232,20 +251,29 @@ class SegmentWidget(EngineJobOwner, QWidget):
         )
         affine = image_affine(image)
         path = info.path
-        self._job = (image, info)
+        plan = ResultPlan.of(image, info)
         self._succeeded = False
         self._progress = ProgressRelay(f"Segmenting {image.reference.name}")
         self.progress_bar.setRange(0, 0)
         self.progress_bar.setFormat("starting…")
         self._tiles_started = None
+        self._tile_passes = 0
         show_status(self.status, f"Segmenting {image.reference.name} with {info.name}...")
         self.run_button.setEnabled(False)
         self.cancel_button.setEnabled(True)
         logger.info("predict(%s, %s, %s)", image.reference.name, path, options)
         self.watch_window_close()
+        self._worker_done = False
+
+        def job():  # runs in the worker thread: reading the layers, predicting, building the result
+            from napari_medseg.engine.jobs import Progress
+
+            result = yield from predict(image.array(), image.spacing, [path], options, affine=affine)
+            yield Progress("layers", 0, 0, "building the result layers")
+            return prepare_result(result, plan)
+
         self.worker, self._stop = start_engine_worker(
-            lambda: predict(image.array(), image.spacing, [path], options, affine=affine),
-            on_yield=self._on_event, on_return=self._on_result, on_error=self._on_error,
+            job, on_yield=self._on_event, on_return=self._on_result, on_error=self._on_error,
             on_finish=self._on_finish,
         )
 
@@ -265,6 +293,7 @@ class SegmentWidget(EngineJobOwner, QWidget):
         if stage == "tiles" and event.total:
             self.progress_bar.setRange(0, int(event.total))
             self.progress_bar.setValue(int(event.current))
+            self._tile_passes = int(event.total)
             self.progress_bar.setFormat(tiles_text(event, self._tiles_started))
             if self._tiles_started is None:
                 self._tiles_started = time.perf_counter()
@@ -303,7 +332,13 @@ class SegmentWidget(EngineJobOwner, QWidget):
             if not self.status.text().startswith("Cancelled"):
                 show_status(self.status, "Cancelled: no layer was added.")
         self.worker = None
-        self.progress_bar.setRange(0, max(self.progress_bar.maximum(), 1))
+        self._worker_done = True
+        if self._pending is None:  # else once the last result layer is in (_add_next_layer)
+            self._end_run()
+
+    def _end_run(self) -> None:
+        """The run is over (its layers added): buttons, the progress bar, a pending domain question."""
+        self.progress_bar.setRange(0, self._tile_passes or max(self.progress_bar.maximum(), 1))
         if self._succeeded:
             self.progress_bar.setValue(self.progress_bar.maximum())
             self.progress_bar.setFormat("done: %v / %m tile passes")
@@ -317,86 +352,61 @@ class SegmentWidget(EngineJobOwner, QWidget):
                 show_status(self.status, f"Not segmented: {question}", error=True)
 
     def _on_result(self, result) -> None:
+        """The worker's result (GUI thread): a :class:`PreparedResult`, whose layers are added one
+        per event-loop turn from here on (no array work here)."""
         if result is None or isinstance(result, Stopped):
             show_status(self.status, "Cancelled: no layer was added.")
             return
-        image, info = self._job
-        try:
-            self.result_layer = self._add_layers(result, image, info)
-        except Exception as err:  # noqa: BLE001 - shown to the user
-            show_status(self.status, f"Could not add the result: {err}", error=True)
+        if not isinstance(result, PreparedResult):  # pragma: no cover - the job always prepares
+            show_status(self.status, f"Could not add the result: unexpected {type(result).__name__}", error=True)
             return
-        self.last_result = result
-        self._succeeded = True
-        counts = np.bincount(result.labels.ravel(), minlength=len(result.label_names))
-        found = [f"{result.label_names.get(k, k)}: {int(n):,} voxels" for k, n in enumerate(counts) if k and n]
-        show_status(self.status, f"Done: added {self.result_layer.name!r}. " + ("; ".join(found) or "No foreground found."))
-        self.segmented.emit(self.result_layer)
+        self._pending = result
+        self.progress_bar.setRange(0, 0)
+        self.progress_bar.setFormat("adding the result layers…")
+        self._add_timer.start()
 
     # ----------------------------------------------------------------------------- layers
-    def _add_layers(self, result, image, info):
-        transform = image.spatial_transform()
-        ref = image.reference
-        name = ref.name
-        names = {int(k): str(v) for k, v in result.label_names.items()}
-        if result.probabilities is not None:
-            fg = list(range(1, result.probabilities.shape[0]))
-            self.viewer.add_image(
-                result.probabilities[1:], channel_axis=0, name=[f"{name} p({names.get(k, k)})" for k in fg],
-                colormap="magma", blending="additive", visible=False, contrast_limits=(0.0, 1.0),
-                metadata=[self._metadata(ref, info, names, "probability") for _ in fg], **transform,
-            )
-        if result.uncertainty is not None:
-            self.viewer.add_image(
-                result.uncertainty, name=f"{name} uncertainty", colormap="inferno", opacity=0.6,
-                blending="additive", contrast_limits=(0.0, 1.0),
-                metadata=self._metadata(ref, info, names, "uncertainty"), **transform,
-            )
-        layer = self.viewer.add_labels(
-            result.labels, name=f"{name} segmentation", opacity=0.5,
-            metadata=self._metadata(ref, info, names, "labels"), **transform,
-        )
-        values = list(range(max(names) + 1 if names else 1))
+    def _add_next_layer(self) -> None:
+        """Add the next ready-made result layer; after the labels (the last), finish the run."""
+        prepared = self._pending
+        if prepared is None:
+            return
         try:
-            layer.features = {"index": values, "name": [names.get(v, f"class_{v}") for v in values]}
-        except Exception:  # noqa: BLE001 - features are a convenience (hover status)
-            logger.debug("could not set label features", exc_info=True)
-        self._show_legend(layer, names)
-        self.save_layer.set_layer(layer)
+            layer = prepared.layers[prepared.added]
+            self.viewer.add_layer(layer)
+            prepared.added += 1
+            if prepared.added < len(prepared.layers):
+                self._add_timer.start()  # the next one in the next turn of the event loop
+                return
+            self._finish_result(prepared)
+        except Exception as err:  # noqa: BLE001 - shown to the user
+            show_status(self.status, f"Could not add the result: {err}", error=True)
+        self._pending = None
+        if self._worker_done:
+            self._end_run()
+
+    def _finish_result(self, prepared: PreparedResult) -> None:
         from ._partial import tracker_for
 
-        tracker_for(layer, self.viewer)  # baseline for partial-label fine-tuning: this prediction
-        return layer
+        layer = prepared.labels
+        self.result_layer = layer
+        self.legend.setText(f"<b>{html.escape(layer.name)}</b><br>{prepared.legend}")
+        self.save_layer.set_layer(layer)
+        # baseline for partial-label fine-tuning: this prediction (copied in the worker)
+        tracker_for(layer, self.viewer, baseline=prepared.baseline)
+        self.last_result = prepared.result
+        self.last_counts = prepared.counts
+        self._succeeded = True
+        names = prepared.names
+        found = [f"{names.get(k, k)}: {int(n):,} voxels" for k, n in enumerate(prepared.counts) if k and n]
+        show_status(self.status, f"Done: added {layer.name!r}. " + ("; ".join(found) or "No foreground found."))
+        self.segmented.emit(layer)
 
-    @staticmethod
-    def _metadata(ref, info, names: dict, kind: str) -> dict:
-        meta = {}
-        geometry = ref.metadata.get("medseg_geometry")
-        if isinstance(geometry, dict):
-            geometry = copy.deepcopy(geometry)
-            if kind in ("labels", "uncertainty", "probability"):
-                geometry["channel_axis"] = None
-            meta["medseg_geometry"] = geometry
-        if ref.metadata.get("medseg_source"):
-            meta["medseg_source"] = ref.metadata["medseg_source"]
-        meta["medseg_label_names"] = {str(k): v for k, v in names.items()}
-        meta["medseg_checkpoint"] = info.path
-        meta["medseg_kind"] = kind
-        return meta
-
-    def _show_legend(self, layer, names: dict) -> None:
-        rows = []
-        for value, name in sorted(names.items()):
-            if value == 0:
-                continue
-            try:
-                rgba = np.asarray(layer.get_color(value), float)
-                color = "#" + "".join(f"{int(round(255 * c)):02x}" for c in rgba[:3])
-            except Exception:  # noqa: BLE001
-                color = "#888888"
-            rows.append(f"<span style='background-color:{color}'>&nbsp;&nbsp;&nbsp;&nbsp;</span> "
-                        f"{value}: {html.escape(name)}")
-        self.legend.setText(f"<b>{html.escape(layer.name)}</b><br>" + "<br>".join(rows))
+    def shutdown(self, timeout: float = 120.0) -> bool:
+        """Viewer closing: also drop result layers not added yet."""
+        self._add_timer.stop()
+        self._pending = None
+        return super().shutdown(timeout)
 
     # ------------------------------------------------------------------------------- save
     def save_labels(self, path: str | None = None) -> list[str]:
@@ -422,6 +432,142 @@ class SegmentWidget(EngineJobOwner, QWidget):
         show_status(self.status, f"Saved {layer.name!r} to {short_path(written[0], 3)}")
         self.status.setToolTip(written[0])
         return written
+
+
+@dataclass
+class ResultPlan:
+    """What the result layers take from the image and checkpoint, read when the run starts (GUI thread).
+
+    Attributes:
+        name: The image layer's name (result layers are called after it).
+        transform: ``scale``, ``translate``, ``rotate``, ``shear`` and ``affine`` of the image's spatial axes.
+        geometry: Its ``medseg_geometry`` metadata (a copy), or ``None``.
+        source: Its ``medseg_source`` metadata, or ``None``.
+        checkpoint: The checkpoint's path.
+    """
+
+    name: str
+    transform: dict
+    geometry: dict | None
+    source: str | None
+    checkpoint: str
+
+    @classmethod
+    def of(cls, image, info) -> ResultPlan:
+        ref = image.reference
+        geometry = ref.metadata.get("medseg_geometry")
+        return cls(name=ref.name, transform=image.spatial_transform(),
+                   geometry=copy.deepcopy(geometry) if isinstance(geometry, dict) else None,
+                   source=ref.metadata.get("medseg_source") or None, checkpoint=info.path)
+
+    def metadata(self, names: dict, kind: str) -> dict:
+        meta: dict = {}
+        if self.geometry is not None:
+            geometry = copy.deepcopy(self.geometry)
+            geometry["channel_axis"] = None  # every result layer is one spatial volume
+            meta["medseg_geometry"] = geometry
+        if self.source:
+            meta["medseg_source"] = self.source
+        meta["medseg_label_names"] = {str(k): v for k, v in names.items()}
+        meta["medseg_checkpoint"] = self.checkpoint
+        meta["medseg_kind"] = kind
+        return meta
+
+
+@dataclass
+class PreparedResult:
+    """A prediction made ready for the viewer in the worker thread (:func:`prepare_result`).
+
+    Attributes:
+        result: The engine's ``PredictionResult``.
+        layers: The napari layers, in the order they are added (probabilities, uncertainty, labels).
+        labels: The Labels layer (the last of ``layers``).
+        names: Class index -> name.
+        counts: Voxels per class (index = class).
+        baseline: A copy of the labels: what partial-label fine-tuning compares edits against.
+        legend: The legend's rows (HTML): a colour swatch and name per foreground class.
+        added: How many of ``layers`` the GUI thread has added so far.
+    """
+
+    result: Any
+    layers: list
+    labels: Any
+    names: dict
+    counts: np.ndarray
+    baseline: np.ndarray
+    legend: str
+    added: int = field(default=0)
+
+
+def prepare_result(result, plan: ResultPlan) -> PreparedResult:
+    """Build the result layers of a prediction and everything shown about them (worker thread).
+
+    napari's layer objects hold no Qt state until they are added to a viewer, so they are made
+    here; contrast limits are given, so napari scans no volume for them, and the class names go in
+    as the Labels layer's features at construction.
+    """
+    from napari.layers import Image, Labels
+
+    names = {int(k): str(v) for k, v in result.label_names.items()}
+    transform = plan.transform
+    layers = []
+    if result.probabilities is not None:
+        for k in range(1, result.probabilities.shape[0]):
+            layers.append(Image(
+                result.probabilities[k], name=f"{plan.name} p({names.get(k, k)})", colormap="magma",
+                blending="additive", visible=False, contrast_limits=(0.0, 1.0),
+                metadata=plan.metadata(names, "probability"), **transform,
+            ))
+    if result.uncertainty is not None:
+        layers.append(Image(
+            result.uncertainty, name=f"{plan.name} uncertainty", colormap="inferno", opacity=0.6,
+            blending="additive", contrast_limits=(0.0, 1.0), metadata=plan.metadata(names, "uncertainty"),
+            **transform,
+        ))
+    values = list(range(max(names) + 1 if names else 1))
+    kwargs = dict(name=f"{plan.name} segmentation", opacity=0.5, metadata=plan.metadata(names, "labels"), **transform)
+    try:  # class names as features: the status bar names the class under the cursor
+        labels = Labels(result.labels, features={"index": values, "name": [names.get(v, f"class_{v}") for v in values]},
+                        **kwargs)
+    except Exception:  # noqa: BLE001 - features are a convenience
+        logger.debug("could not set label features", exc_info=True)
+        labels = Labels(result.labels, **kwargs)
+    layers.append(labels)
+    counts = count_labels(result.labels, len(names))
+    return PreparedResult(result=result, layers=layers, labels=labels, names=names, counts=counts,
+                          baseline=np.array(labels.data, copy=True), legend=legend_html(labels, names))
+
+
+def count_labels(labels: np.ndarray, minlength: int = 0) -> np.ndarray:
+    """Voxels per label value (``np.bincount`` of the whole volume, a slab at a time so that no
+    int64 copy of a large volume is made)."""
+    flat = np.asarray(labels).reshape(-1)
+    counts = np.zeros(max(int(minlength), 1), np.int64)
+    step = 1 << 22
+    for start in range(0, flat.size, step):
+        part = np.bincount(flat[start:start + step], minlength=counts.size)
+        if part.size > counts.size:
+            part[: counts.size] += counts
+            counts = part
+        else:
+            counts += part
+    return counts
+
+
+def legend_html(layer, names: dict) -> str:
+    """The rows of a Labels layer's legend: a colour swatch and name per foreground class."""
+    rows = []
+    for value, name in sorted(names.items()):
+        if value == 0:
+            continue
+        try:
+            rgba = np.asarray(layer.get_color(value), float)
+            color = "#" + "".join(f"{int(round(255 * c)):02x}" for c in rgba[:3])
+        except Exception:  # noqa: BLE001
+            color = "#888888"
+        rows.append(f"<span style='background-color:{color}'>&nbsp;&nbsp;&nbsp;&nbsp;</span> "
+                    f"{value}: {html.escape(name)}")
+    return "<br>".join(rows)
 
 
 def tiles_text(event, started: float | None) -> str:

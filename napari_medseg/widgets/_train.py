@@ -5,6 +5,11 @@ Fine-tuning can use only the voxels (or slices) the user corrected since the las
 (see :mod:`._partial`). Stop closes the engine generator, which saves ``checkpoint_latest.pt``;
 Resume continues from it. A finished (or stopped) run is registered in the checkpoint catalogue,
 so it appears in the Segment widget at once.
+
+napari's event loop never waits for array or file work here: the loss curves are drawn in a
+background thread (:mod:`._plots`), the partial-label summary and the per-class comparison after
+"segment again" are counted in one, and the new checkpoint is read and registered in one (the
+run counts as running until it is listed).
 """
 
 from __future__ import annotations
@@ -27,7 +32,6 @@ from qtpy.QtWidgets import (
     QHBoxLayout,
     QLineEdit,
     QPlainTextEdit,
-    QProgressBar,
     QPushButton,
     QRadioButton,
     QScrollArea,
@@ -41,8 +45,10 @@ from ._common import (
     DeviceCombo,
     EngineJobOwner,
     ModelCombo,
+    ProgressBar,
     ProgressRelay,
     Stopped,
+    call_in_thread,
     catalog_events,
     short_path,
     show_status,
@@ -67,7 +73,7 @@ BUDGET_EPOCH_ITERATIONS = 10
 #: The augmentation choices: (shown text, ``TrainConfig.augment``).
 AUGMENTATIONS = (
     ("Default (nnU-Net's)", True),
-    ("Synthetic: domain randomisation from the labels", "synth"),
+    ("Synthetic (from the labels)", "synth"),
     ("None", False),
 )
 
@@ -137,7 +143,7 @@ class TrainWidget(EngineJobOwner, QWidget):
         self.lr.setSingleStep(1e-3)
         self.lr.setSpecialValueText("auto (the model's recipe)")
         self.lr.setValue(0.0)
-        self.lr.setToolTip("auto: the architecture's default recipe (nnU-Net: SGD 1e-2, poly decay)")
+        self.lr.setToolTip("auto: with a time budget Adam 1e-3 (measured to converge in minutes); else the architecture's recipe (nnU-Net: SGD 1e-2, poly decay)")
         self.batch = _spin(0, 512, 0)
         self.batch.setSpecialValueText("auto")
         self.batch.setToolTip("auto: the planner's choice for this data and memory")
@@ -169,7 +175,7 @@ class TrainWidget(EngineJobOwner, QWidget):
         self.fill.setToolTip("Interpolate painted slices through the volume (no model): the baseline a "
                              "fine-tuned model must beat, and a quick first draft to correct.")
         # --- run
-        self.resegment = QCheckBox("Segment the image again with the new model")
+        self.resegment = QCheckBox("Segment again with the new model")
         self.resegment.setChecked(True)
         self.resegment.setToolTip("When training ends, run Segment on the training image with the new "
                                   "checkpoint and say what changed per class.")
@@ -179,7 +185,7 @@ class TrainWidget(EngineJobOwner, QWidget):
         self.stop_button.setEnabled(False)
         self.resume_button.setEnabled(False)
         self.stop_button.setToolTip("Stop within one iteration; checkpoint_latest.pt is saved")
-        self.progress_bar = QProgressBar()
+        self.progress_bar = ProgressBar()
         self.progress_bar.setValue(0)
         self.status = status_label()
         self.curves = TrainingCurves()
@@ -189,6 +195,9 @@ class TrainWidget(EngineJobOwner, QWidget):
         self._summary_timer = QTimer(self)
         self._summary_timer.setSingleShot(True)
         self._summary_timer.setInterval(150)
+        self._summary_seq = 0  # the newest summary request; older answers are dropped
+        self._summary_busy = False
+        self._finishing = 0  # background steps of a finished run still to come (registering it)
 
         self._build_layout()
         self._connect()
@@ -239,7 +248,7 @@ class TrainWidget(EngineJobOwner, QWidget):
 
         box_partial = QGroupBox("Which labels count")
         form = QFormLayout(box_partial)
-        form.addRow("Mode:", self.partial_mode)
+        form.addRow("Count:", self.partial_mode)
         form.addRow(self.partial_summary)
         form.addRow(self.partial_reset)
         box_fill = QGroupBox("Fill between slices (no model)")
@@ -249,6 +258,16 @@ class TrainWidget(EngineJobOwner, QWidget):
         buttons.addWidget(self.train_button)
         buttons.addWidget(self.stop_button)
         buttons.addWidget(self.resume_button)
+
+        # Fit a narrow dock (no sideways scrolling, every Browse button in view): combos do not
+        # take the width of their longest entry (it is elided; the tooltip and popup show it), and a
+        # form puts a label above its field when both do not fit side by side.
+        for combo in (self.architecture, self.start_from, self.device, self.augment, self.partial_mode,
+                      self.checkpoints.combo):
+            combo.setSizeAdjustPolicy(QComboBox.AdjustToMinimumContentsLengthWithIcon)
+            combo.setMinimumContentsLength(12)
+        for box in (box_data, box_model, box_set, box_partial):
+            box.layout().setRowWrapPolicy(QFormLayout.WrapLongRows)
 
         inner = QWidget()
         layout = QVBoxLayout(inner)
@@ -342,16 +361,35 @@ class TrainWidget(EngineJobOwner, QWidget):
         return self.partial_mode.currentData()
 
     def _update_summary(self, *_args) -> None:
+        """Say what counts for training; the counting (whole-volume comparisons) runs in a
+        background thread, one at a time, the newest request last."""
         layer = self.labels.layer()
         mode = self.partial_key()
+        self._summary_seq += 1
         if layer is None or not self.source_layers.isChecked():
             self.partial_summary.setText(MODES[mode] + ".")
             return
+        if self._summary_busy:  # asked again when the running count ends
+            return
         tracker = tracker_for(layer, self.viewer)
         since = time.strftime("%H:%M:%S", time.localtime(tracker.started))
-        self.partial_summary.setText(
-            f"<b>{MODES[mode]}</b> · edits of {layer.name!r} since {since}: {tracker.summary(mode)}"
-        )
+        head = f"<b>{MODES[mode]}</b> · edits of {layer.name!r} since {since}: "
+        seq = self._summary_seq
+        if not self.partial_summary.text().startswith(head):
+            self.partial_summary.setText(head + "counting…")
+        self._summary_busy = True
+        call_in_thread(lambda: tracker.summary(mode), lambda text, err: self._show_summary(seq, head, text, err))
+
+    def _show_summary(self, seq: int, head: str, text: str | None, error: BaseException | None) -> None:
+        self._summary_busy = False
+        if seq != self._summary_seq:  # the layer, the mode or the edits changed meanwhile
+            self._update_summary()
+            return
+        if error is not None:  # e.g. the layer's data was replaced while counting
+            logger.debug("could not summarise the edits: %s", error)
+            self.partial_summary.setText(head + "(could not count the edits)")
+            return
+        self.partial_summary.setText(head + text)
 
     def _browse_folder(self) -> None:
         path = QFileDialog.getExistingDirectory(self, "nnU-Net raw dataset folder")
@@ -474,7 +512,8 @@ class TrainWidget(EngineJobOwner, QWidget):
     # ------------------------------------------------------------------------------- run
     @property
     def running(self) -> bool:
-        return self.worker is not None
+        """Training runs, or its checkpoint is still being registered."""
+        return self.worker is not None or self._finishing > 0
 
     def start(self, resume_from: str | None = None) -> None:
         """Build the config and data from the settings and start training in a worker."""
@@ -576,15 +615,23 @@ class TrainWidget(EngineJobOwner, QWidget):
                 show_status(self.status, f"Stopped; no checkpoint could be saved ({result.error}).", error=True)
                 return
             self.last_checkpoint = latest
-            self._register(latest, stopped=True)
-            self.resume_button.setEnabled(True)
-            show_status(self.status, f"Stopped. Saved {short_path(latest)}; Resume continues it.")
+
+            def stopped() -> None:
+                self.resume_button.setEnabled(True)
+                show_status(self.status, f"Stopped. Saved {short_path(latest)}; Resume continues it.")
+
+            self._register(latest, stopped=True, then=stopped)
             return
         self.last_checkpoint = str(result)
-        self._register(self.last_checkpoint, stopped=False)
-        show_status(self.status, f"Done: {short_path(self.last_checkpoint)} (listed in the Segment widget).")
-        if self.resegment.isChecked() and isinstance(self._run["data"], list):
-            self.segment_again(self.last_checkpoint)
+        resegment = self.resegment.isChecked() and isinstance(self._run["data"], list)
+
+        def done() -> None:
+            show_status(self.status, f"Done: {short_path(self.last_checkpoint)} (listed in the Segment widget).")
+            if resegment:
+                self.segment_again(self.last_checkpoint)
+
+        show_status(self.status, f"Saved {short_path(self.last_checkpoint)}; adding it to the catalogue…")
+        self._register(self.last_checkpoint, stopped=False, then=done)
 
     # --------------------------------------------------------------------- close the loop
     def segment_widget(self):
@@ -611,19 +658,29 @@ class TrainWidget(EngineJobOwner, QWidget):
 
         def report(layer) -> None:
             segment.segmented.disconnect(report)
-            self.last_resegmented = layer
             if reference is None or layer.data.shape != reference.shape:
+                self.last_resegmented = layer
                 return
-            self._log(f"Segmented again with the new model: {layer.name!r}. Voxels per class, "
-                      f"{before.name!r} -> new:")
-            for line in class_changes(reference, np.asarray(layer.data), names, ignore):
-                self._log("  " + line)
+            new = np.asarray(layer.data)
+
+            def show(lines, error) -> None:  # GUI thread, once the voxels are counted
+                self._log(f"Segmented again with the new model: {layer.name!r}. Voxels per class, "
+                          f"{before.name!r} -> new:")
+                if error is not None:
+                    self._log(f"  (could not count: {error})")
+                for line in lines or ():
+                    self._log("  " + line)
+                self.last_resegmented = layer
+
+            call_in_thread(lambda: class_changes(reference, new, names, ignore), show)
 
         segment.segmented.connect(report)
         self._log(f"Segmenting {', '.join(lay.name for lay in self.channels.layers())} with the new model...")
         segment.run()
 
-    def _register(self, path: str, stopped: bool) -> None:
+    def _register(self, path: str, stopped: bool, then=None) -> None:
+        """Register ``path`` in the catalogue in a background thread (it reads the checkpoint),
+        then tell every widget's list and call ``then()``; the run counts as running meanwhile."""
         from napari_medseg.engine.checkpoints import register_checkpoint
 
         config, desc = self._run["config"], self._run["desc"]
@@ -633,16 +690,23 @@ class TrainWidget(EngineJobOwner, QWidget):
         dice = dict(self.last_epoch.val_dice) if kind.startswith("held-out") else None
         epochs = self._epochs_done
         name = f"{config.model} · {os.path.basename(config.output_dir)}" + (" (stopped)" if stopped else "")
-        try:
-            register_checkpoint(
-                path, name=name, training_data=desc, dice=dice,
-                description=f"Trained in napari {start}, {epochs} epoch(s) on {desc}. "
-                f"Dice: {'on ' + kind if dice else 'not measured on held-out data (' + kind + ')'}.",
-            )
-        except Exception as err:  # noqa: BLE001 - the run itself succeeded
-            self._log(f"Could not register {path} in the catalogue: {err}")
-            return
-        catalog_events().changed.emit()
+        description = (f"Trained in napari {start}, {epochs} epoch(s) on {desc}. "
+                       f"Dice: {'on ' + kind if dice else 'not measured on held-out data (' + kind + ')'}.")
+
+        def registered(_entry, error) -> None:  # GUI thread
+            try:
+                if error is not None:  # the run itself succeeded
+                    self._log(f"Could not register {path} in the catalogue: {error}")
+                else:
+                    catalog_events().changed.emit()
+                if then is not None:
+                    then()
+            finally:
+                self._finishing -= 1
+
+        self._finishing += 1
+        call_in_thread(lambda: register_checkpoint(path, name=name, training_data=desc, dice=dice,
+                                                   description=description), registered)
 
     def _on_error(self, err: Exception) -> None:
         show_status(self.status, f"Training failed: {err}", error=True)

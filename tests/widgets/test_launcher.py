@@ -64,6 +64,30 @@ def test_cli_view_parses():
     assert args.sample and args.files == ["a.nii.gz"]
 
 
+def _assert_fits_its_dock(widgets: dict, qtbot) -> None:
+    """No widget is cut off on the right: each is at least as wide as it needs, and the Train form
+    (in a vertical scroll area) fits its viewport with every button in view (no sideways scrolling)."""
+    from qtpy.QtCore import Qt
+    from qtpy.QtWidgets import QAbstractButton
+
+    for name, widget in widgets.items():
+        widget.parentWidget().raise_()
+        qtbot.waitUntil(widget.isVisible, timeout=5_000)
+        assert widget.minimumSizeHint().width() <= widget.width(), (name, widget.minimumSizeHint(), widget.size())
+    train = widgets["Train / Fine-tune"]
+    train.parentWidget().raise_()
+    qtbot.waitUntil(train.isVisible, timeout=5_000)
+    viewport = train.scroll.viewport()
+    inner = train.scroll.widget()
+    assert train.scroll.horizontalScrollBarPolicy() == Qt.ScrollBarAlwaysOff
+    assert inner.minimumSizeHint().width() <= viewport.width(), (inner.minimumSizeHint(), viewport.size())
+    assert inner.width() <= viewport.width()
+    for button in inner.findChildren(QAbstractButton):
+        if button.isVisibleTo(inner):
+            right = button.mapTo(viewport, button.rect().topRight()).x()
+            assert right < viewport.width(), (button.text(), right, viewport.width())
+
+
 def _close_notifications(window) -> None:
     from napari._qt.dialogs.qt_notification import NapariQtNotification
 
@@ -100,6 +124,7 @@ def test_plugins_menu_docks_fit_1600x1000(make_napari_viewer, qtbot):
     assert window.height() <= SIZE[1], window.size()
     train = widgets["Train / Fine-tune"]
     assert train.curves.isVisible() or train.scroll.verticalScrollBar().maximum() > 0  # reachable
+    _assert_fits_its_dock(widgets, qtbot)
 
     segment = widgets["Segment"]
     segment.parentWidget().raise_()

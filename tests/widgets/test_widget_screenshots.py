@@ -61,6 +61,8 @@ def _train(viewer, qtbot, image, truth, epochs, tmp_path) -> str:
     assert train.last_checkpoint, train.status.text()
     train.scroll.verticalScrollBar().setValue(train.scroll.verticalScrollBar().maximum())
     truth.visible = True
+    qtbot.wait(300)
+    qtbot.waitUntil(lambda: train.curves.up_to_date, timeout=60_000)  # drawn in a background thread
     _shot(viewer, qtbot, "screenshot_train.png")
     viewer.window.remove_dock_widget(train_dock)
     return train.last_checkpoint

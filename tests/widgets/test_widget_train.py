@@ -32,10 +32,19 @@ def _tiny_settings(widget, tmp_path, epochs=2, iterations=2):
     widget.output.setText(str(tmp_path / "run"))
 
 
-def test_train_on_layers_emits_a_listed_checkpoint(make_napari_viewer, qtbot, phantom, tmp_path):
+def test_train_on_layers_emits_a_listed_checkpoint(make_napari_viewer, qtbot, phantom, tmp_path, monkeypatch):
+    from napari_medseg.engine import checkpoints
     from napari_medseg.engine.checkpoints import list_checkpoints
     from napari_medseg.widgets._segment import SegmentWidget
 
+    registered_in = []  # the new checkpoint is read and registered off the GUI thread
+    register = checkpoints.register_checkpoint
+
+    def recording_register(*args, **kwargs):
+        registered_in.append(threading.current_thread() is threading.main_thread())
+        return register(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoints, "register_checkpoint", recording_register)
     viewer = make_napari_viewer()
     image, labels = phantom
     viewer.add_image(image, name="scan", scale=(2.0, 1.0, 1.0))
@@ -57,6 +66,7 @@ def test_train_on_layers_emits_a_listed_checkpoint(make_napari_viewer, qtbot, ph
     assert widget.curves.dice_lines and all(len(line.get_ydata()) == 2 for line in widget.curves.dice_lines.values())
 
     real = os.path.realpath(widget.last_checkpoint)
+    assert registered_in == [False]
     assert any(i.path == real for i in list_checkpoints())
     assert segment.checkpoints.combo.findData(real) >= 0
     assert widget.last_config.model_kwargs == {"base_width": 4}

@@ -27,12 +27,14 @@ def _stats(voxels: np.ndarray) -> dict:
     }
 
 
-def compute_fingerprint(cases: Iterable[tuple], sample_every: int = 10) -> dict:
+def compute_fingerprint(cases: Iterable[tuple], sample_every: int = 10, ignore_label: int | None = None) -> dict:
     """Dataset fingerprint as nnU-Net's ``DatasetAnalyzer``, in plain types.
 
     Args:
         cases: ``(image (C, z, y, x) or (z, y, x), spacing, label or None)`` per case.
         sample_every: Keep every n-th foreground voxel for the intensity statistics (nnU-Net: 10).
+        ignore_label: A label value that is not foreground (unpainted voxels of partly annotated
+            cases: counting them would give a CT the whole body's intensity range, not the organs').
 
     Returns:
         ``num_cases``, ``num_channels``, ``spacings``, ``original_shapes``, ``shapes`` (after
@@ -76,6 +78,8 @@ def compute_fingerprint(cases: Iterable[tuple], sample_every: int = 10) -> dict:
                 )
             classes.update(int(c) for c in np.unique(label))
             mask = label[crop] > 0
+            if ignore_label is not None:
+                mask &= label[crop] != ignore_label
         for c in range(len(cropped)):
             if mask is not None:
                 fg[c].append(cropped[c][mask][::sample_every])

@@ -8,6 +8,7 @@ from napari_medseg.engine.preprocessing.normalization import (
     ChannelNorm,
     LazyNormalizedImage,
     PreprocessingError,
+    guess_modality,
     normalization_params,
     normalize,
 )
@@ -48,6 +49,7 @@ __all__ = [
     "PreprocessingError",
     "Reorientation",
     "ResamplingError",
+    "guess_modality",
     "bbox_of",
     "bbox_slices",
     "check_codes",

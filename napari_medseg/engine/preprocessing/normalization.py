@@ -86,6 +86,27 @@ EXTREME = 1e18
 _CHUNK = 1 << 20
 
 
+#: Hounsfield units: air is -1000 (scanners pad with -1024 ... -3024); an MR channel is never this negative.
+HU_AIR, HU_FLOOR = -900.0, -3100.0
+
+
+def guess_modality(channel: np.ndarray, max_samples: int = 1 << 18) -> str:
+    """``"CT"`` when ``channel`` holds Hounsfield units (air), else ``"MRI"`` (z-score normalisation).
+
+    For arrays that come without a modality (napari layers, ``(image, labels, spacing)`` tuples): a
+    CT in HU normalised by z-score squeezes every soft tissue into a few hundredths, where the
+    organs cannot be told apart. HU: at least 1 % of the voxels at or below air (-900) and none
+    below the scanners' padding (-3100); a strided subsample decides.
+    """
+    channel = np.asarray(channel)
+    step = max(1, int(np.ceil((channel.size / max_samples) ** (1.0 / max(channel.ndim, 1)))))
+    values = np.asarray(channel[(slice(None, None, step),) * channel.ndim], dtype=np.float64).ravel()
+    values = values[np.isfinite(values)]
+    if values.size == 0 or values.min() < HU_FLOOR:
+        return "MRI"
+    return "CT" if np.mean(values <= HU_AIR) >= 0.01 and values.max() > 0 else "MRI"
+
+
 def mean_std(x: np.ndarray) -> tuple[float, float]:
     """Mean and standard deviation of ``x``. numpy's (in ``x``'s float type) when they are finite and
     moderate; else accumulated in float64, scaled, in chunks along the first axis (no full-size
@@ -203,4 +224,4 @@ class LazyNormalizedImage:
 
 
 
-__all__ = ["ChannelNorm", "LazyNormalizedImage", "PreprocessingError", "normalization_params", "normalize", "per_channel"]
+__all__ = ["HU_AIR", "HU_FLOOR", "guess_modality", "ChannelNorm", "LazyNormalizedImage", "PreprocessingError", "normalization_params", "normalize", "per_channel"]

@@ -44,10 +44,15 @@ from napari_medseg.engine.planning import (
     get_pool_and_conv_props,
     plan_from_fingerprint,
 )
-from napari_medseg.engine.preprocessing import orientation_codes
+from napari_medseg.engine.preprocessing import guess_modality, orientation_codes
 from napari_medseg.engine.training.config import TrainConfig, TrainingError, resolve_recipe
 from napari_medseg.engine.training.registry import trainer_for
-from napari_medseg.engine.training.replan import labels_differ, parent_misfit, replan_for_data
+from napari_medseg.engine.training.replan import (
+    cap_for_cpu_budget,
+    labels_differ,
+    parent_misfit,
+    replan_for_data,
+)
 
 
 @dataclass
@@ -189,7 +194,8 @@ def case_inputs(config: TrainConfig, data: Any) -> CaseInputs:
         num_channels = arrays[0][0].shape[0]
         if any(a[0].shape[0] != num_channels for a in arrays):
             raise TrainingError("All training images must have the same number of channels.")
-        inputs = CaseInputs(None, arrays, dict(config.label_names or {}), num_channels, ("MRI",) * num_channels)
+        modality = tuple(guess_modality(channel) for channel in arrays[0][0])  # arrays say nothing: HU means CT
+        inputs = CaseInputs(None, arrays, dict(config.label_names or {}), num_channels, modality)
         inputs.affines = [item[3] if len(item) > 3 else None for item in data]
     if config.label_names:
         inputs.label_names = {int(k): v for k, v in config.label_names.items()}
@@ -245,7 +251,7 @@ def _choose_plan(config: TrainConfig, plans: dict[str, Plan]) -> Generator[Messa
 
 def _plan_from_data(config: TrainConfig, inputs: CaseInputs) -> Generator[Any, None, tuple[Plan, dict]]:
     yield Progress("plan", 0, 1, "computing the dataset fingerprint")
-    fingerprint = compute_fingerprint(inputs.read(i) for i in range(len(inputs)))
+    fingerprint = compute_fingerprint((inputs.read(i) for i in range(len(inputs))), ignore_label=config.ignore_label)
     num_classes = int(fingerprint.get("num_classes") or 2)
     if config.ignore_label is not None and config.ignore_label == num_classes - 1:
         num_classes -= 1  # the ignore label is not a class (partially annotated data)
@@ -301,6 +307,10 @@ def plan_training(
     plan.num_classes = max(plan.num_classes, len(inputs.label_names))
     if config.patch_size is not None:
         _apply_patch_size(config, plan)
+    elif config.minutes is not None:
+        note = cap_for_cpu_budget(config, plan)
+        if note:
+            yield Message(note)
     if config.batch_size is not None:
         plan.batch_size = int(config.batch_size)
     return plan, fingerprint

@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import re
 from typing import Any
 
 import torch
@@ -107,6 +108,54 @@ def load_initial_weights(trainer) -> None:
         if skipped:
             msg += f"; re-initialised {len(skipped)} tensor(s) that did not fit: {', '.join(skipped[:4])}"
         trainer.messages.append(msg + ".")
+    keep_sides(trainer)
+
+
+_SIDE = re.compile(r"(?:^|[^a-z])(?:left|right|lt|rt|l|r)(?:[^a-z]|$)", re.IGNORECASE)
+
+
+def sided_classes(label_names: dict | None) -> list[str]:
+    """The class names that name a body side (``kidney_left``, ``Left-Putamen``, ``lung R``)."""
+    return [str(n) for n in (label_names or {}).values() if _SIDE.search(str(n))]
+
+
+def left_right_patch_axis(orientation: str | None, spatial_dims: int, ndim: int = 3) -> int | None:
+    """The patch axis that runs left-right, or ``None`` when no patch axis does.
+
+    ``orientation`` is the training orientation's axis codes (``"SAR"``: axis 2 runs to the
+    right); unknown (arrays without a geometry), the last axis, napari's x of an axial volume. A
+    2D configuration's patches are the last two axes.
+    """
+    if orientation:
+        found = [i for i, c in enumerate(orientation.upper()) if c in "LR"]
+        volume_axis = found[0] if found else None
+    else:
+        volume_axis = ndim - 1
+    if volume_axis is None:
+        return None
+    axis = volume_axis - (ndim - spatial_dims)
+    return axis if axis >= 0 else None
+
+
+def keep_sides(trainer) -> None:
+    """No left-right mirroring (training and test-time) when classes name a body side.
+
+    A mirrored ``kidney_left`` is a right kidney labelled left: nnU-Net mirrors every axis
+    regardless, TotalSegmentator turns mirroring off; we drop only the left-right axis. Called
+    after the parent's mirroring axes are inherited, so a parent's ``[2]`` goes too.
+    """
+    cfg, names = trainer.config, trainer.data.label_names
+    sided = sided_classes(names)
+    axis = left_right_patch_axis(getattr(trainer.data, "orientation", None), trainer.spatial_dims)
+    if not sided or axis is None:
+        return
+    axes = tuple(range(trainer.spatial_dims)) if cfg.mirror_axes is None else tuple(cfg.mirror_axes)
+    if axis in axes:
+        cfg.mirror_axes = tuple(a for a in axes if a != axis)
+        trainer.messages.append(
+            f"Classes name a side ({', '.join(sided[:3])}{' ...' if len(sided) > 3 else ''}): no mirroring "
+            f"along the left-right axis (patch axis {axis}), in training or at test time."
+        )
 
 
 def setup_distributed(trainer) -> None:
@@ -233,6 +282,7 @@ def write_run_info(trainer) -> None:
 
 
 __all__ = [
+    "keep_sides", "left_right_patch_axis", "sided_classes",
     "architecture_kwargs", "finish_distributed", "halve_batch_and_patch", "load_initial_weights",
     "process_device", "run_info", "save_trainer_checkpoint", "setup_distributed", "write_run_info",
 ]

@@ -102,7 +102,7 @@ class Trainer:
         self.loss_fn = self.build_loss()
         self.optimizer = self.build_optimizer()
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
-        state.load_initial_weights(self)
+        state.load_initial_weights(self)  # and the mirroring axes (the parent's; never left-right for sides)
         self.rank_losses: list[float] = []  # this rank's training losses (distributed runs report them)
         if self.world_size > 1:
             state.setup_distributed(self)
