@@ -8,23 +8,12 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.gui
+pytestmark = [pytest.mark.gui, pytest.mark.usefixtures("fresh_napari_settings")]
 
 PLUGIN = "napari-medseg"
 DOCS = Path(__file__).resolve().parents[2] / "docs"
 SIZE = (1600, 1000)
 MIN_DOCK_HEIGHT = 400
-
-
-@pytest.fixture(autouse=True)
-def fresh_napari_settings(tmp_path, monkeypatch):
-    """A private napari settings file: the reader preference the plugin records stays in the test."""
-    from napari import settings as napari_settings
-
-    fresh = napari_settings.NapariSettings(config_path=tmp_path / "napari_settings.yaml")
-    fresh._connect_events()
-    monkeypatch.setattr(napari_settings, "_SETTINGS", fresh)
-    return fresh
 
 
 def _widget_names() -> list[str]:

@@ -7,19 +7,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-pytestmark = pytest.mark.gui
+pytestmark = [pytest.mark.gui, pytest.mark.usefixtures("fresh_napari_settings")]
 PLUGIN = "napari-medseg"
-
-
-@pytest.fixture(autouse=True)
-def fresh_napari_settings(tmp_path, monkeypatch):
-    """A private napari settings file: the reader preference the plugin records stays in the test."""
-    from napari import settings as napari_settings
-
-    fresh = napari_settings.NapariSettings(config_path=tmp_path / "napari_settings.yaml")
-    fresh._connect_events()
-    monkeypatch.setattr(napari_settings, "_SETTINGS", fresh)
-    return fresh
 
 
 def _ras_file(tmp_path, name="ras.nii.gz", affine=None) -> str:
