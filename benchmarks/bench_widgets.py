@@ -5,6 +5,7 @@ Run on demand (not a test), under a display or Xvfb::
     xvfb-run -a -s "-screen 0 1600x1000x24" .venv/bin/python benchmarks/bench_widgets.py          # all
     xvfb-run -a -s "-screen 0 1600x1000x24" .venv/bin/python benchmarks/bench_widgets.py --opens  # open times only
     xvfb-run -a -s "-screen 0 1600x1000x24" .venv/bin/python benchmarks/bench_widgets.py --stalls # stalls only
+    xvfb-run -a -s "-screen 0 1600x1000x24" .venv/bin/python benchmarks/bench_widgets.py --imports  # torch's import
 
 **Open times** (first open in a fresh napari, as a user's first click in the Plugins menu): each
 widget is opened in its own fresh interpreter (nothing of napari-medseg or torch imported), after
@@ -172,8 +173,73 @@ def bench_opens(sample: bool = False) -> None:
         print(f"  {'':32s} imports: {r['imports']}")
 
 
+IMPORT_ONE = """
+import importlib, json, sys, threading, time
+sys.path.insert(0, {bench_dir!r})
+from bench_widgets import StallProbe, pump
+import napari
+from qtpy.QtWidgets import QApplication
+
+viewer = napari.Viewer(show=True)
+app = QApplication.instance()
+viewer.open_sample("napari-medseg", "colin27_deepgm")
+pump(app, lambda: False, 1.5)
+from napari_medseg.widgets import _common, _quiet_import
+names = list(_common.ENGINE_MODULES) + list(_common.WARM_MODULES)
+
+def plain():
+    for name in names:
+        importlib.import_module(name)
+
+target = (lambda: _quiet_import.quiet_imports(names)) if {quiet!r} else plain
+probe = StallProbe()
+with probe:
+    t0 = time.perf_counter()
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    pump(app, lambda: not thread.is_alive(), 300)
+    took = time.perf_counter() - t0
+    pump(app, lambda: False, 1.0)  # collections that the import left due come after it
+gaps = sorted((b - a) * 1e3 - 10 for a, b in zip(probe.ticks, probe.ticks[1:]))
+print(json.dumps(dict(took=took, stall=gaps[-1], second=gaps[-2], over100=sum(g > 100 for g in gaps))))
+viewer.close()
+"""
+
+
+def bench_imports(repeats: int = int(os.environ.get("MEDSEG_BENCH_REPEATS", "2"))) -> None:
+    """The engine's background import (torch, the models, torch._dynamo, the file io) in a fresh
+    napari with the sample open: plain ``importlib`` in a thread, then :func:`quiet_imports`
+    (torch's libraries loaded with the GIL released, the collector paused); alternating, in fresh
+    interpreters."""
+    import json
+    import subprocess
+
+    bench_dir = os.path.dirname(os.path.abspath(__file__))
+    results = {False: [], True: []}
+    for _ in range(repeats):
+        for quiet in (False, True):
+            code = IMPORT_ONE.format(bench_dir=bench_dir, quiet=quiet)
+            run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900)
+            line = next((ln for ln in run.stdout.splitlines() if ln.startswith("{")), None)
+            if run.returncode or line is None:
+                print(f"  import bench failed\n{run.stdout}\n{run.stderr[-2000:]}")
+                return
+            results[quiet].append(json.loads(line))
+    print("the engine's import in a background thread, napari's largest event-loop stall meanwhile:")
+    for quiet, label in ((False, "plain import in a thread"), (True, "quiet_imports (widgets/_quiet_import)")):
+        for r in results[quiet]:
+            print(f"  {label:40s} took {r['took']:5.1f} s; largest stall {r['stall']:6.0f} ms, "
+                  f"second {r['second']:5.0f} ms, stalls over 100 ms: {r['over100']}")
+    plain_worst = max(r["stall"] for r in results[False])
+    quiet_worst = max(r["stall"] for r in results[True])
+    print(f"  worst stall, quiet / plain: {quiet_worst / max(plain_worst, 1e-3):.2f}")
+
+
 def main() -> None:
     os.environ.setdefault("MEDSEG_HOME", tempfile.mkdtemp(prefix="medseg_bench_"))
+    if "--imports" in sys.argv[1:]:
+        bench_imports()
+        return
     if "--stalls" not in sys.argv[1:]:
         bench_opens()
         bench_opens(sample=True)

@@ -502,7 +502,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--step", type=float, default=0.5, help="tile step as a fraction of the patch")
     s.add_argument("--batch-size", type=int, default=1, help="tiles per forward pass")
     s.add_argument("--no-mirror", action="store_true", help="no mirroring test-time augmentation")
-    s.add_argument("--largest-component", action="store_true", help="keep the largest component per class")
+    lcc = s.add_mutually_exclusive_group()
+    lcc.add_argument("--largest-component", dest="largest_component", action="store_const", const=True,
+                     default=None, help="keep the largest component per class (per side for classes that "
+                     "hold left and right); default: as the checkpoint recommends (the shipped brain model: on)")
+    lcc.add_argument("--no-largest-component", dest="largest_component", action="store_const", const=False,
+                     help="keep every component, even where the checkpoint recommends the largest only")
     s.add_argument("--save-probabilities", action="store_true", help="also write softmax probabilities")
     s.add_argument("--overwrite", action="store_true",
                    help="replace existing output files (an input is never replaced)")

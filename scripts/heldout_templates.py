@@ -10,7 +10,11 @@ path the CLI and the widget take):
   affine says so): the labels must be the same in world space;
 * ``icbm152_brain_coronal``: the same stored with permuted axes (a "coronal" file);
 * ``colin27_head``: the whole Colin27 head (``ch2``, 181x217x181): the training subject, not
-  held out, but the whole field of view (scalp, neck, air) a head scan has.
+  held out, but the whole field of view (scalp, neck, air) a head scan has;
+* ``icbm152_in_colin27_head``: a whole head whose brain is not the training subject's: the
+  ICBM152 brain (intensities scaled to Colin27's brain median) put by world position into the
+  Colin27 head, in place of Colin27's brain (a composite: the scalp, skull and neck are the
+  training subject's; no whole-head T1 of another subject ships in a package we can install).
 
 Also counted: predicted voxels outside the brain (a brain mask dilated by 3 mm).
 
@@ -88,6 +92,17 @@ def make_cases(folder: str) -> list[dict]:
     cases.append(dict(name="colin27_head", image=np.asarray(ch2.dataobj).astype(np.float32), affine=ch2.affine,
                       ref=carry_labels(aal, aal_img.affine, ch2.shape, ch2.affine),
                       brain=ndimage.binary_dilation(bet > 0, iterations=3)))
+    head = np.asarray(ch2.dataobj).astype(np.float32)
+    icbm_on_head = carry_labels(t1, mni.affine, ch2.shape, ch2.affine)
+    icbm_mask = icbm_on_head > 0
+    colin_brain = bet > 0
+    scale = np.median(head[colin_brain]) / np.median(icbm_on_head[icbm_mask])
+    composite = head.copy()
+    composite[colin_brain] = float(np.percentile(head[colin_brain], 2))  # CSF-dark where neither brain is
+    composite[icbm_mask] = icbm_on_head[icbm_mask] * scale
+    cases.append(dict(name="icbm152_in_colin27_head", image=composite, affine=ch2.affine,
+                      ref=carry_labels(aal, aal_img.affine, ch2.shape, ch2.affine),
+                      brain=ndimage.binary_dilation(colin_brain | icbm_mask, iterations=3)))
     for case in cases:
         case["path"] = os.path.join(folder, case["name"] + ".nii.gz")
         nib.save(nib.Nifti1Image(case["image"], case["affine"]), case["path"])
@@ -114,6 +129,28 @@ def evaluate_all(checkpoint: str, folder: str, device: str = "auto") -> dict[str
             "shape": list(case["image"].shape),
         }
     return results
+
+
+TEST_DATA = os.path.join(os.path.dirname(HERE), "tests", "data")
+
+
+def score_test_data(checkpoint: str, folder: str, device: str = "auto") -> dict:
+    """The figures ``tests/engine/test_heldout_brain.py`` checks: the 2 mm ICBM152 brain of
+    ``tests/data`` (``scripts/make_heldout_test_data.py``), Dice per structure and predicted voxels
+    outside the brain (its mask dilated by 2 voxels = 4 mm)."""
+    import nibabel as nib  # noqa: PLC0415
+
+    import napari_medseg as medseg  # noqa: PLC0415
+
+    src = os.path.join(TEST_DATA, "icbm152_2mm_t1.nii.gz")
+    out = os.path.join(folder, "icbm152_2mm_pred.nii.gz")
+    medseg.predict_file(src, out, checkpoint, device=device, overwrite=True)
+    pred = np.asarray(nib.load(out).dataobj)
+    ref = np.asarray(nib.load(os.path.join(TEST_DATA, "icbm152_2mm_deepgm_aal.nii.gz")).dataobj)
+    brain = ndimage.binary_dilation(np.asarray(nib.load(src).dataobj) > 0, iterations=2)
+    dice = dice_per_class(pred, ref)
+    return {"mean_dice": round(float(np.nanmean(list(dice.values()))), 4), "dice": dice,
+            "outside_brain_voxels": int(((pred > 0) & ~brain).sum())}
 
 
 def print_table(results: dict[str, dict]) -> None:

@@ -14,7 +14,7 @@ TINY_KWARGS = {"pool_kernels": [[2, 2, 2], [2, 2, 2]], "conv_kernels": [[3, 3, 3
 
 def make_tiny_checkpoint(path, in_channels: int = 1, num_classes: int = 2, patch=(16, 16, 16),
                          model_name: str = "unet-3d-fullres", kwargs=None, seed: int = 0,
-                         spacing=(1.0, 1.0, 1.0), label_names=None) -> str:
+                         spacing=(1.0, 1.0, 1.0), label_names=None, extra=None) -> str:
     """An untrained tiny ``unet-3d-fullres`` (base width 4) with a hand-made plan; its path."""
     kwargs = dict(TINY_KWARGS if kwargs is None else kwargs)
     torch.manual_seed(seed)
@@ -28,5 +28,5 @@ def make_tiny_checkpoint(path, in_channels: int = 1, num_classes: int = 2, patch
     names = label_names or {0: "background", **{c: f"organ_{c}" for c in range(1, num_classes)}}
     return save_checkpoint(
         path, model, model_name=model_name, model_kwargs=kwargs, in_channels=in_channels,
-        num_classes=num_classes, spatial_dims=3, plan=plan, label_names=names, train_config={},
+        num_classes=num_classes, spatial_dims=3, plan=plan, label_names=names, train_config={}, extra=extra,
     )

@@ -28,3 +28,21 @@ def test_readme_cli_and_library_show_the_same_parameter_counts(capsys):
         figure = f"{default_parameter_count(name) / 1e6:.2f}"
         assert shown == figure, (name, shown, figure)
         assert cli[name] == f"{figure}M", name
+
+
+HELDOUT_ROW = re.compile(r"^\| `([a-z0-9_]+)` \|[^|]*\|((?: [0-9.]+ \|){6}) \*\*([0-9.]+)\*\* \| ([0-9]+) \|", re.M)
+
+
+def test_readme_shows_the_catalogues_held_out_figures_of_the_shipped_model():
+    """The README's held-out table is the catalogue's (``scripts/train_default_model.py`` writes
+    both from one evaluation): per structure, the mean and the voxels labelled outside the brain."""
+    with open(os.path.join(os.path.dirname(napari_medseg.__file__), "checkpoints", "catalog.json")) as fh:
+        heldout = json.load(fh)["colin27_deepgm_unet3d.pt"]["heldout"]
+    rows = {key: (cells, mean, outside) for key, cells, mean, outside in
+            HELDOUT_ROW.findall(open(README, encoding="utf-8").read())}
+    assert set(heldout) <= set(rows), (sorted(heldout), sorted(rows))
+    for case, figures in heldout.items():
+        cells, mean, outside = rows[case]
+        per_structure = [float(v) for v in cells.replace("|", " ").split()]
+        assert per_structure == [round(v, 3) for v in figures["dice"].values()], case
+        assert mean == f"{figures['mean_dice']:.3f}" and int(outside) == figures["outside_brain_voxels"], case

@@ -42,6 +42,8 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from ._quiet_import import quiet_imports
+
 logger = logging.getLogger(__name__)
 
 PATH_ROLE = Qt.UserRole + 1
@@ -114,10 +116,7 @@ class _EngineLoader(QObject):
         self._warming = False
 
     def _import(self) -> None:
-        import importlib
-
-        for name in ENGINE_MODULES:
-            importlib.import_module(name)
+        quiet_imports(ENGINE_MODULES)
 
     def load_now(self) -> None:
         """Import in this thread (when torch is already imported: a fraction of a second); the
@@ -130,13 +129,9 @@ class _EngineLoader(QObject):
 
     def warm(self) -> None:
         """Import :data:`WARM_MODULES` (in a background thread), then set ``warmed``."""
-        import importlib
-
         self._warming = True
         try:
-            for name in WARM_MODULES:
-                if name not in sys.modules:
-                    importlib.import_module(name)
+            quiet_imports(WARM_MODULES)
         except Exception:  # noqa: BLE001 - only a head start: the job imports what it needs
             logger.debug("warm-up import failed", exc_info=True)
         finally:

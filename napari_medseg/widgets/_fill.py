@@ -15,9 +15,8 @@ import logging
 import time
 
 import numpy as np
-from qtpy.QtCore import Qt, Signal
+from qtpy.QtCore import Signal
 from qtpy.QtWidgets import (
-    QApplication,
     QComboBox,
     QFormLayout,
     QLineEdit,
@@ -26,7 +25,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from ._common import show_status, status_label
+from ._common import call_in_thread, show_status, status_label
 from ._layers import LayerCombo
 
 logger = logging.getLogger(__name__)
@@ -39,6 +38,30 @@ AXIS_NAMES = ("z", "y", "x")
 def _axis_name(axis: int, ndim: int) -> str:
     offset = ndim - len(AXIS_NAMES)
     return AXIS_NAMES[axis - offset] if axis >= offset else str(axis)
+
+
+class _FillJob:
+    """One fill: the labels, the axis and the slices; called (in any thread) it returns the result."""
+
+    def __init__(self, layer, data: np.ndarray, axis: int, given: list[int] | None) -> None:
+        self.layer, self.data, self.axis, self.given = layer, data, axis, given
+        self.used: list[int] = []
+        self.seconds = 0.0
+
+    def __call__(self) -> np.ndarray:
+        # imported here: it imports scipy (seconds on a first open of the Train widget, which holds this one)
+        from napari_medseg.engine.annotation import fill_between_slices, painted_slices
+
+        start = time.perf_counter()
+        self.used = painted_slices(self.data, self.axis) if self.given is None else sorted(set(self.given))
+        if len(self.used) < 2:
+            raise ValueError(
+                f"paint at least two slices along axis {self.axis} (found {len(self.used)}: {self.used}); "
+                "the slices between them are filled."
+            )
+        result = fill_between_slices(self.data, axis=self.axis, slices=self.given)
+        self.seconds = time.perf_counter() - start
+        return result
 
 
 class FillBetweenSlicesWidget(QWidget):
@@ -87,7 +110,7 @@ class FillBetweenSlicesWidget(QWidget):
         layout.addWidget(self.status)
         layout.addStretch(1)
 
-        self.fill_button.clicked.connect(self.fill)
+        self.fill_button.clicked.connect(self.fill_in_background)
         self.labels.currentIndexChanged.connect(self._refresh_axes)
         self.viewer.dims.events.order.connect(self._refresh_axes)
         self.viewer.dims.events.ndisplay.connect(self._refresh_axes)
@@ -132,7 +155,40 @@ class FillBetweenSlicesWidget(QWidget):
 
     # ------------------------------------------------------------------------------ fill
     def fill(self, *_args):
-        """Fill the chosen layer; return the filled Labels layer (``None`` when refused)."""
+        """Fill the chosen layer here and now; return the filled Labels layer (``None`` when refused).
+
+        The button runs the same in the background (:meth:`fill_in_background`).
+        """
+        job = self._job()
+        if job is None:
+            return None
+        try:
+            return self._finish(job, job())
+        except ValueError as err:
+            return self._refuse(job, err)
+
+    def fill_in_background(self, *_args) -> None:
+        """The button: the painted slices are found and interpolated in a thread (a head-sized
+        layer takes a second or more), then the result layer is added in the GUI thread."""
+        job = self._job()
+        if job is None:
+            return
+        self.fill_button.setEnabled(False)
+        show_status(self.status, f"Filling between the painted slices of {job.layer.name!r}...")
+
+        def then(result, error) -> None:
+            self.fill_button.setEnabled(True)
+            if isinstance(error, ValueError):
+                self._refuse(job, error)
+            elif error is not None:
+                show_status(self.status, f"Could not fill {job.layer.name!r}: {error}", error=True)
+            else:
+                self._finish(job, result)
+
+        call_in_thread(job, then)
+
+    def _job(self) -> _FillJob | None:
+        """What a click fills, read in the GUI thread (the layer's data is not copied)."""
         layer = self.labels.layer()
         if layer is None:
             show_status(self.status, "Add or paint a Labels layer first.", error=True)
@@ -140,37 +196,23 @@ class FillBetweenSlicesWidget(QWidget):
         if getattr(layer, "multiscale", False):
             show_status(self.status, f"{layer.name!r} is multiscale; fill needs a single-scale layer.", error=True)
             return None
-        # imported here: it imports scipy (seconds on a first open of the Train widget, which holds this one)
-        from napari_medseg.engine.annotation import fill_between_slices, painted_slices
-
         try:
-            axis = self.selected_axis(layer)
-            data = np.asarray(layer.data)
-            given = self._slice_list()
-            used = painted_slices(data, axis) if given is None else sorted(set(given))
-            if len(used) < 2:
-                show_status(
-                    self.status,
-                    f"Paint at least two slices along axis {axis} of {layer.name!r} "
-                    f"(found {len(used)}: {used}); the slices between them are filled.", error=True,
-                )
-                return None
-            QApplication.setOverrideCursor(Qt.WaitCursor)
-            try:
-                start = time.perf_counter()
-                result = fill_between_slices(data, axis=axis, slices=given)
-                elapsed = time.perf_counter() - start
-            finally:
-                QApplication.restoreOverrideCursor()
-            target = self._put_result(layer, result, {"source": layer.name, "axis": axis, "slices": used})
+            return _FillJob(layer, np.asarray(layer.data), self.selected_axis(layer), self._slice_list())
         except ValueError as err:
             show_status(self.status, f"Could not fill {layer.name!r}: {err}", error=True)
             return None
+
+    def _refuse(self, job: _FillJob, err: ValueError) -> None:
+        show_status(self.status, f"Could not fill {job.layer.name!r}: {err}", error=True)
+
+    def _finish(self, job: _FillJob, result: np.ndarray):
+        used = job.used
+        target = self._put_result(job.layer, result, {"source": job.layer.name, "axis": job.axis, "slices": used})
         filled = sum(stop - start - 1 for start, stop in zip(used[:-1], used[1:]))
         show_status(
             self.status,
-            f"Filled {filled} slice(s) between {len(used)} painted slices (axis {axis}: {used[0]}..{used[-1]}) "
-            f"into {target.name!r} in {elapsed:.2f} s.",
+            f"Filled {filled} slice(s) between {len(used)} painted slices (axis {job.axis}: {used[0]}..{used[-1]}) "
+            f"into {target.name!r} in {job.seconds:.2f} s.",
         )
         self.filled.emit(target)
         return target

@@ -120,6 +120,10 @@ class SegmentWidget(EngineJobOwner, QWidget):
         self.batch.setRange(1, 64)
         self.batch.setValue(1)
         self.largest = QCheckBox("Keep the largest component per class")
+        self.largest.setToolTip(
+            "Remove every island but the largest of each class (one per side for classes that hold a "
+            "left and a right structure). Set from the checkpoint's recommendation when you choose it."
+        )
         self.probabilities = QCheckBox("Add probabilities as image layers")
         self.uncertainty = QCheckBox("Add uncertainty (entropy) as an image layer")
         # --- run
@@ -205,6 +209,7 @@ class SegmentWidget(EngineJobOwner, QWidget):
         self.architecture.blockSignals(True)
         self.architecture.set_model(info.model_name)  # the checkpoint defines its architecture
         self.architecture.blockSignals(False)
+        self.largest.setChecked(info.largest_component)  # the checkpoint's recommended post-processing
         lines = [describe_checkpoint(info)]
         if info.description:
             lines.append(info.description)

@@ -58,7 +58,9 @@ def test_fill_adds_an_overlaying_interpolated_layer(make_napari_viewer, qtbot):
     assert widget.axis.currentText().startswith("current view (axis 0")
     emitted = []
     widget.filled.connect(emitted.append)
-    widget.fill_button.click()
+    widget.fill_button.click()  # fills in a background thread; the layer comes after
+    qtbot.waitUntil(lambda: len(emitted) == 1, timeout=20000)
+    assert widget.fill_button.isEnabled()
 
     filled = viewer.layers["painted filled"]
     assert emitted == [filled] and "Filled 18 slice(s)" in widget.status.text(), widget.status.text()
@@ -78,8 +80,44 @@ def test_fill_adds_an_overlaying_interpolated_layer(make_napari_viewer, qtbot):
     # Paint one more slice and press again: the same layer is updated, no second layer.
     _paint_slice(layer, 0, 29, (20, 22), 3)
     widget.fill_button.click()
+    qtbot.waitUntil(lambda: len(emitted) == 2, timeout=20000)
     assert [ly.name for ly in viewer.layers] == ["painted", "painted filled"]
     assert filled.data[27:].any() and filled.metadata[FILLED_KEY]["slices"] == [5, 15, 25, 29]
+
+
+def test_the_button_fills_off_the_gui_thread(make_napari_viewer, qtbot, monkeypatch):
+    """A click returns at once; finding the painted slices and interpolating run in another thread,
+    and a refusal found there (one painted slice) reaches the status line."""
+    import threading
+
+    import napari_medseg.engine.annotation as annotation
+
+    viewer = make_napari_viewer()
+    layer = _painted_layer(viewer)
+    widget = _fill_widget(viewer)
+    threads, release = [], threading.Event()
+    real = annotation.fill_between_slices
+
+    def slow_fill(*args, **kwargs):
+        threads.append(threading.current_thread())
+        release.wait(20)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(annotation, "fill_between_slices", slow_fill)
+    _paint_slice(layer, 0, 10, (20, 22), 6)
+    widget.fill_button.click()
+    qtbot.waitUntil(lambda: "at least two slices" in widget.status.text(), timeout=20000)
+    assert widget.fill_button.isEnabled() and not threads
+
+    _paint_slice(layer, 0, 20, (20, 22), 6)
+    widget.fill_button.click()
+    qtbot.waitUntil(lambda: bool(threads), timeout=20000)
+    assert threads[0] is not threading.main_thread()
+    assert not widget.fill_button.isEnabled() and "Filling" in widget.status.text()
+    assert "painted filled" not in viewer.layers  # still filling: the GUI thread went on
+    release.set()
+    qtbot.waitUntil(lambda: "painted filled" in viewer.layers, timeout=20000)
+    assert widget.fill_button.isEnabled() and "Filled 9 slice(s)" in widget.status.text()
 
 
 def test_axis_follows_the_view_and_explicit_slices(make_napari_viewer, qtbot):

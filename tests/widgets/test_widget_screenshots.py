@@ -19,7 +19,7 @@ pytestmark = [
 ]
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
-SIZE = (1400, 900)
+SIZE = (1600, 1000)
 
 
 def _dock(viewer, widget, name, width=430):
@@ -55,6 +55,7 @@ def _train(viewer, qtbot, image, truth, epochs, tmp_path) -> str:
     train.model_kwargs.setText('{"base_width": 8}')
     train.device.setCurrentText("cpu")
     train.output.setText(str(tmp_path / "colin27_run"))
+    train.resegment.setChecked(False)  # the shot shows the Train form and its curves, not a Segment tab
     train.train_button.click()
     assert train.running, train.status.text()
     qtbot.waitUntil(lambda: not train.running, timeout=3_600_000)
@@ -106,3 +107,27 @@ def test_screenshots(make_napari_viewer, qtbot, tmp_path):
     _dock(viewer, library, "Model library", width=760)
     qtbot.waitUntil(lambda: not library.counting, timeout=120_000)
     _shot(viewer, qtbot, "screenshot_library.png")
+    viewer.window.remove_dock_widget("all")
+
+    # ---- A whole head (MEDSEG_SCREENSHOT_HEAD, e.g. Colin27's ch2.nii.gz) with the shipped model
+    head_path = os.environ.get("MEDSEG_SCREENSHOT_HEAD")
+    if head_path:
+        _head(viewer, qtbot, head_path)
+
+
+def _head(viewer, qtbot, path):
+    from napari_medseg.widgets._segment import SegmentWidget
+
+    viewer.layers.clear()
+    (head,) = viewer.open(path, plugin="napari-medseg")
+    segment = SegmentWidget(viewer)
+    _dock(viewer, segment, "Segment")
+    qtbot.waitUntil(lambda: segment.checkpoints.loaded, timeout=120_000)
+    segment.channels.set_layers([head])
+    segment.device.setCurrentText("cpu")
+    segment.run_button.click()
+    qtbot.waitUntil(lambda: not segment.running, timeout=600_000)
+    assert segment.result_layer is not None, segment.status.text()
+    segment.result_layer.opacity = 0.7
+    viewer.dims.set_point(0, float(head.translate[0] + head.scale[0] * head.data.shape[0] * 0.42))
+    _shot(viewer, qtbot, "screenshot_head.png")

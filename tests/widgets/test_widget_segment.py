@@ -106,6 +106,22 @@ def test_mismatched_checkpoint_shows_an_error(make_napari_viewer, qtbot, phantom
     assert [lay.name for lay in viewer.layers] == ["scan"]
 
 
+def test_the_largest_component_box_follows_the_checkpoint(make_napari_viewer, qtbot, tiny_checkpoint):
+    """A checkpoint that recommends the largest-component step (the shipped brain model) checks
+    the box when chosen; one that does not unchecks it; the user's click still decides the run."""
+    viewer = make_napari_viewer()
+    plain = tiny_checkpoint("plain")
+    cleaned = tiny_checkpoint("cleaned", extra={"largest_component": True})
+    widget = _segment_widget(viewer, qtbot)
+    _select(widget, cleaned)
+    assert widget.largest.isChecked()
+    _select(widget, plain)
+    assert not widget.largest.isChecked()
+    _select(widget, cleaned)
+    widget.largest.setChecked(False)  # the user's choice for this run
+    assert widget.checkpoints.current_path() == os.path.realpath(cleaned) and not widget.largest.isChecked()
+
+
 def test_device_combo_greys_out_missing_devices(make_napari_viewer):
     from napari_medseg.engine.runtime import available_devices
     from napari_medseg.widgets._common import DeviceCombo

@@ -57,6 +57,8 @@ class CheckpointInfo:
         epoch: Epochs trained.
         registered_at: Unix time it was registered (user checkpoints), else ``None``.
         model_kwargs: Architecture kwargs stored in the checkpoint.
+        largest_component: Whether the checkpoint recommends keeping the largest component of each
+            class (``extra["largest_component"]``; prediction does so unless told otherwise).
     """
 
     name: str
@@ -75,6 +77,7 @@ class CheckpointInfo:
     epoch: int = 0
     registered_at: float | None = None
     model_kwargs: dict = field(default_factory=dict)
+    largest_component: bool = False
 
     @property
     def foreground_names(self) -> list[str]:
@@ -169,6 +172,7 @@ def _info_from(path: str, meta: dict, *, shipped: bool) -> CheckpointInfo | None
         epoch=int(s.get("epoch") or 0),
         registered_at=meta.get("registered_at"),
         model_kwargs=dict(s.get("model_kwargs") or {}),
+        largest_component=bool((s.get("extra") or {}).get("largest_component", False)),
     )
 
 

@@ -32,7 +32,9 @@ class PredictConfig:
         mirror: Mirroring test-time augmentation over the axes the model was trained mirrored on.
         step: Sliding-window stride as a fraction of the patch, in (0, 1].
         batch_size: Tiles (or slices of a 2D model) per model call.
-        largest_component: Keep only the largest connected component of each class.
+        largest_component: Keep only the largest connected component of each class (one per side
+            for classes the checkpoint marks as paired: left and right in one class); ``None``: as
+            the checkpoint recommends (``Checkpoint.extra["largest_component"]``; off when absent).
         return_probabilities: Also return the mean softmax ``(K, *spatial)``.
         return_uncertainty: Also return the normalised entropy of the mean softmax.
         save_probabilities: When predicting a file, also write the probabilities beside the labels
@@ -47,7 +49,7 @@ class PredictConfig:
     mirror: bool = True
     step: float = 0.5
     batch_size: int = 1
-    largest_component: bool = False
+    largest_component: bool | None = None
     return_probabilities: bool = False
     return_uncertainty: bool = False
     save_probabilities: bool = False

@@ -199,13 +199,48 @@ def label_names_of(ckpt: Checkpoint) -> dict[int, str]:
     return names
 
 
+#: ``Checkpoint.extra`` key: classes that hold a left and a right structure in one class, for the
+#: largest-component rule (one component per side; see ``keep_largest_component``).
+PAIRED_CLASSES = "paired_classes"
+#: ``Checkpoint.extra`` key: whether its labels should keep only the largest component of each
+#: class (per side for paired classes) unless the user says otherwise, like the post-processing
+#: nnU-Net decides on validation and applies by default.
+LARGEST_COMPONENT = "largest_component"
+#: ``Checkpoint.extra`` key: with the largest-component step, first keep the largest component of
+#: the foreground as a whole (all classes as one; per side with paired classes).
+LARGEST_FOREGROUND = "largest_foreground_component"
+
+
+def wants_largest_component(config: PredictConfig, ckpt: Checkpoint) -> bool:
+    """``config.largest_component`` when the user set it, else the checkpoint's recommendation."""
+    if config.largest_component is not None:
+        return bool(config.largest_component)
+    return bool(ckpt.extra.get(LARGEST_COMPONENT, False))
+
+
+def component_rule(ckpt: Checkpoint) -> dict:
+    """How :func:`keep_largest_component` cleans ``ckpt``'s labels: its ``paired`` classes, the
+    left-right ``side_axis`` of its label grid (the axis of R/L in its training orientation, in
+    which images with an affine are predicted; else the last axis, napari's x) and whether the
+    foreground as a whole goes first (``foreground_first``)."""
+    paired = ckpt.extra.get(PAIRED_CLASSES) or ()
+    if not all(isinstance(c, int) and 0 < c < ckpt.num_classes for c in paired):
+        raise InferenceError(f"Checkpoint extra[{PAIRED_CLASSES!r}] should list foreground classes, not {paired!r}.")
+    orientation = ckpt.orientation or ""
+    side = next((i for i, code in enumerate(orientation) if code in "RL"), None)
+    side_axis = side - len(orientation) if side is not None else -1  # counted from the end: 2D or 3D grids
+    return {"paired": tuple(paired), "side_axis": side_axis,
+            "foreground_first": bool(ckpt.extra.get(LARGEST_FOREGROUND, False))}
+
+
 def finish_ensemble(
     mean: np.ndarray, config: PredictConfig, ckpts: Sequence[Checkpoint]
 ) -> Generator[Progress, None, PredictionResult]:
     """The last stage of every inferer: labels (and what ``config`` asks for) from the mean softmax
     ``(K, *spatial)`` on the source grid, with the first checkpoint's label names."""
     yield Progress("postprocess", 0, 1)
-    result = finish(mean, config.largest_component, config.return_probabilities, config.return_uncertainty)
+    result = finish(mean, wants_largest_component(config, ckpts[0]), config.return_probabilities,
+                    config.return_uncertainty, **component_rule(ckpts[0]))
     result.label_names = label_names_of(ckpts[0])
     yield Progress("postprocess", 1, 1)
     return result
@@ -221,7 +256,11 @@ def tta_mirror_axes(ckpt: Checkpoint, mirror: bool = True) -> tuple[int, ...]:
 
 
 __all__ = [
+    "LARGEST_COMPONENT",
+    "LARGEST_FOREGROUND",
+    "PAIRED_CLASSES",
     "Inferer",
+    "component_rule",
     "get_inferer",
     "label_names_of",
     "list_inferers",
@@ -230,4 +269,5 @@ __all__ = [
     "select_inferer",
     "tta_mirror_axes",
     "unregister_inferer",
+    "wants_largest_component",
 ]

@@ -38,15 +38,36 @@ class PredictionResult:
     label_names: dict[int, str] = field(default_factory=dict)
 
 
+#: The share of a component's voxels on one side of the mid-plane for it to count on that side.
+SIDE_SHARE = 0.25
+#: The share of a foreground component's voxels a class needs to count as held by it.
+CLASS_SHARE = 0.01
+
+
 def keep_largest_component(
-    labels: np.ndarray, classes: Iterable[int] | None = None, *, connectivity: int = 1
+    labels: np.ndarray, classes: Iterable[int] | None = None, *, connectivity: int = 1,
+    paired: Iterable[int] = (), side_axis: int = -1, foreground_first: bool = False,
 ) -> np.ndarray:
     """Keep only the largest connected component of each given class; the rest becomes background.
+
+    With ``foreground_first``, all classes are first taken as one region (nnU-Net's first
+    post-processing candidate) and only its main component is kept: the one holding the most
+    classes, then the largest (one per side when classes are paired; gaps of one voxel between
+    neighbouring structures do not split it). A structure that is part of an anatomical complex
+    survives even where a larger false positive lies elsewhere (in the scalp of a whole-head scan).
+
+    A *paired* class holds a left and a right structure in one class (a model trained with both
+    hippocampi as "hippocampus"): it keeps its largest component on each side of the mid-plane,
+    which is the centre of all foreground along ``side_axis`` (the left-right axis). nnU-Net's rule
+    (one component per class) would delete one side of such a class.
 
     Args:
         labels: Integer label map, any number of axes.
         classes: Classes to clean; default every non-zero class present.
         connectivity: 1 = faces only (scipy's default, as nnU-Net), up to ``labels.ndim`` = full.
+        paired: Classes with one structure on each side (see above).
+        side_axis: The left-right axis of ``labels``, for ``paired`` classes.
+        foreground_first: First keep the largest component of the foreground as a whole (see above).
 
     Returns:
         A new label map of the same shape and dtype.
@@ -60,17 +81,80 @@ def keep_largest_component(
     if classes is None:
         classes = [int(c) for c in np.unique(labels) if c != 0]
     structure = ndimage.generate_binary_structure(labels.ndim, connectivity)
+    paired = {int(c) for c in paired}
+    midline = _midline(labels, side_axis) if paired else None
+    if foreground_first:
+        _keep_largest_foreground(out, structure, side_axis if paired else None, midline)
     for c in classes:
-        mask = labels == c
+        mask = out == c
         components, n = ndimage.label(mask, structure=structure)
         if n <= 1:
             continue
         sizes = np.bincount(components.ravel())
         sizes[0] = 0
-        keep = int(np.argmax(sizes))
-        out[mask & (components != keep)] = 0
-        logger.debug("Class %d: kept 1 of %d components (%d voxels)", c, n, sizes[keep])
+        keep = [int(np.argmax(sizes))]
+        if int(c) in paired and midline is not None:
+            keep = _largest_per_side(components, n, sizes, side_axis, midline)
+        out[mask & ~np.isin(components, keep)] = 0
+        logger.debug("Class %d: kept %d of %d components (%s voxels)", c, len(keep), n, sizes[keep].tolist())
     return out
+
+
+def _keep_largest_foreground(out: np.ndarray, structure: np.ndarray, side_axis: int | None,
+                             midline: float | None) -> None:
+    """In place: the foreground's main component (per side with ``side_axis``), the rest background.
+
+    "Main" is the component holding the most classes (each with at least
+    :data:`CLASS_SHARE` of its voxels), then the largest: an anatomical complex holds several
+    structures, a false positive far from it mostly one class, and may be larger.
+    """
+    foreground = out != 0
+    components, n = ndimage.label(ndimage.binary_dilation(foreground, structure=structure), structure=structure)
+    if n <= 1:
+        return
+    components[~foreground] = 0  # every grown component holds foreground: no size is 0
+    sizes = np.bincount(components.ravel(), minlength=n + 1)
+    sizes[0] = 0
+    classes_held = np.zeros(n + 1, np.int64)
+    for c in np.unique(out[foreground]):
+        per_component = np.bincount(components[out == c], minlength=n + 1)
+        classes_held += per_component >= np.maximum(CLASS_SHARE * sizes, 1)
+    rank = classes_held * (int(sizes.max()) + 1) + sizes  # the most classes, then the most voxels
+    if side_axis is not None and midline is not None:
+        keep = _largest_per_side(components, n, sizes, side_axis, midline, rank=rank)
+    else:
+        keep = [int(np.argmax(rank[1:])) + 1]
+    out[foreground & ~np.isin(components, keep)] = 0
+
+
+def _midline(labels: np.ndarray, axis: int) -> float | None:
+    """The centre of all foreground along ``axis`` (``None`` without foreground)."""
+    axis = axis % labels.ndim
+    other = tuple(a for a in range(labels.ndim) if a != axis)
+    profile = np.count_nonzero(labels, axis=other) if other else (labels != 0).astype(np.int64)
+    total = profile.sum()
+    return float((profile * np.arange(profile.size)).sum() / total) if total else None
+
+
+def _largest_per_side(components: np.ndarray, n: int, sizes: np.ndarray, axis: int, midline: float,
+                      rank: np.ndarray | None = None) -> list[int]:
+    """For each side of ``midline`` along ``axis``, the largest component (highest ``rank``, if
+    given) with at least :data:`SIDE_SHARE` of its voxels on that side. A component across the
+    mid-plane (both thalami touching there) serves both sides, so a smaller one elsewhere does not
+    join it."""
+    rank = sizes if rank is None else rank
+    axis = axis % components.ndim
+    index = np.arange(1, n + 1)
+    coords = np.arange(components.shape[axis]).reshape([-1 if a == axis else 1 for a in range(components.ndim)])
+    low = ndimage.sum_labels(np.broadcast_to(coords < midline, components.shape), components, index)
+    share_low = low / np.maximum(sizes[1:], 1)
+    keep = []
+    for side in (share_low >= SIDE_SHARE, 1.0 - share_low >= SIDE_SHARE):
+        if side.any():
+            best = int(index[side][np.argmax(rank[1:][side])])
+            if best not in keep:
+                keep.append(best)
+    return keep
 
 
 def softmax_inplace(logits: torch.Tensor, slab_voxels: int = 1 << 22) -> torch.Tensor:
@@ -128,18 +212,20 @@ def argmax_relative(relative: torch.Tensor, slab_voxels: int = 1 << 22) -> np.nd
 
 
 def finish(
-    mean: np.ndarray, largest_component: bool, return_probabilities: bool, return_uncertainty: bool
+    mean: np.ndarray, largest_component: bool, return_probabilities: bool, return_uncertainty: bool,
+    paired: Iterable[int] = (), side_axis: int = -1, foreground_first: bool = False,
 ) -> PredictionResult:
     """The result of a prediction from its mean softmax ``(K, *spatial)`` in the source geometry.
 
     Labels are :func:`argmax_labels` (then :func:`keep_largest_component` of every foreground class
-    with ``largest_component``); the uncertainty is the entropy of ``mean`` divided by ``log K``
+    with ``largest_component``, one component per side for ``paired`` classes); the uncertainty is the entropy of ``mean`` divided by ``log K``
     (zeros for one class). ``label_names`` is left for the caller to fill.
     """
     num_classes = mean.shape[0]
     labels = argmax_labels(mean)
     if largest_component:
-        labels = keep_largest_component(labels, range(1, num_classes))
+        labels = keep_largest_component(labels, range(1, num_classes), paired=paired, side_axis=side_axis,
+                                        foreground_first=foreground_first)
     uncertainty = None
     if return_uncertainty:
         if num_classes < 2:

@@ -30,11 +30,13 @@ from napari_medseg.engine.checkpoints import Checkpoint, build_model, check_comp
 from napari_medseg.engine.inference.config import PredictConfig
 from napari_medseg.engine.inference.inferers import (
     Inferer,
+    component_rule,
     finish_ensemble,
     label_names_of,
     plan_of,
     register_inferer,
     tta_mirror_axes,
+    wants_largest_component,
 )
 from napari_medseg.engine.inference.postprocessing import (
     PredictionResult,
@@ -328,8 +330,8 @@ class SlidingWindowInferer(Inferer):
         labels = argmax_relative(logits)
         del logits  # before the restore: the K - 1 volumes are the peak
         labels = restore_labels(labels, group.props, group.plan)
-        if config.largest_component:
-            labels = keep_largest_component(labels, range(1, ckpt.num_classes))
+        if wants_largest_component(config, ckpt):
+            labels = keep_largest_component(labels, range(1, ckpt.num_classes), **component_rule(ckpt))
         result = PredictionResult(labels=labels)
         result.label_names = label_names_of(ckpt)
         yield Progress("postprocess", 1, 1)
