@@ -342,6 +342,7 @@ def main() -> None:
     train = widgets["Train / Fine-tune"]
     train.channels.set_layers([sample_image])
     train.labels.set_layer(sample_labels)
+    train.minutes.setValue(0)  # epochs x iterations, not the default 5-minute budget
     train.epochs.setValue(2)
     train.iterations.setValue(5)
     train.batch.setValue(2)
