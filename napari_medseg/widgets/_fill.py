@@ -165,7 +165,8 @@ class FillBetweenSlicesWidget(QWidget):
         try:
             return self._finish(job, job())
         except ValueError as err:
-            return self._refuse(job, err)
+            self._failed(job.layer, err)
+            return None
 
     def fill_in_background(self, *_args) -> None:
         """The button: the painted slices are found and interpolated in a thread (a head-sized
@@ -178,12 +179,13 @@ class FillBetweenSlicesWidget(QWidget):
 
         def then(result, error) -> None:
             self.fill_button.setEnabled(True)
-            if isinstance(error, ValueError):
-                self._refuse(job, error)
-            elif error is not None:
-                show_status(self.status, f"Could not fill {job.layer.name!r}: {error}", error=True)
-            else:
+            if error is not None:
+                self._failed(job.layer, error)
+                return
+            try:
                 self._finish(job, result)
+            except ValueError as err:
+                self._failed(job.layer, err)
 
         call_in_thread(job, then)
 
@@ -199,11 +201,11 @@ class FillBetweenSlicesWidget(QWidget):
         try:
             return _FillJob(layer, np.asarray(layer.data), self.selected_axis(layer), self._slice_list())
         except ValueError as err:
-            show_status(self.status, f"Could not fill {layer.name!r}: {err}", error=True)
+            self._failed(layer, err)
             return None
 
-    def _refuse(self, job: _FillJob, err: ValueError) -> None:
-        show_status(self.status, f"Could not fill {job.layer.name!r}: {err}", error=True)
+    def _failed(self, layer, err: Exception) -> None:
+        show_status(self.status, f"Could not fill {layer.name!r}: {err}", error=True)
 
     def _finish(self, job: _FillJob, result: np.ndarray):
         used = job.used

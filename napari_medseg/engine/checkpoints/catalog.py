@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from napari_medseg.engine.checkpoints.build import checkpoint_summary
+from napari_medseg.engine.checkpoints.fields import LARGEST_COMPONENT
 from napari_medseg.engine.checkpoints.format import CheckpointError
 from napari_medseg.io.atomic import atomic_write_json
 
@@ -172,7 +173,7 @@ def _info_from(path: str, meta: dict, *, shipped: bool) -> CheckpointInfo | None
         epoch=int(s.get("epoch") or 0),
         registered_at=meta.get("registered_at"),
         model_kwargs=dict(s.get("model_kwargs") or {}),
-        largest_component=bool((s.get("extra") or {}).get("largest_component", False)),
+        largest_component=bool((s.get("extra") or {}).get(LARGEST_COMPONENT, False)),
     )
 
 

@@ -22,6 +22,10 @@ field loads as ``None``, which means "unknown": no reorientation, no domain chec
 
     Every key is optional (``channels`` lists every channel of a multi-channel model); unknown
     keys are kept, so later versions may add some.
+
+``extra`` keys that prediction reads (:data:`PAIRED_CLASSES`, :data:`LARGEST_COMPONENT`,
+:data:`LARGEST_FOREGROUND`): the post-processing the checkpoint recommends, applied unless the user
+says otherwise (see ``engine.inference.inferers.clean_labels``).
 """
 
 from __future__ import annotations
@@ -31,7 +35,24 @@ from typing import Any
 
 from napari_medseg.engine.checkpoints.plain import CheckpointError
 
-__all__ = ["check_domain_field", "check_orientation_field"]
+__all__ = [
+    "LARGEST_COMPONENT",
+    "LARGEST_FOREGROUND",
+    "PAIRED_CLASSES",
+    "check_domain_field",
+    "check_orientation_field",
+]
+
+#: ``Checkpoint.extra`` key: classes that hold a left and a right structure in one class, for the
+#: largest-component rule (one component per side; see ``keep_largest_component``).
+PAIRED_CLASSES = "paired_classes"
+#: ``Checkpoint.extra`` key: whether its labels should keep only the largest component of each
+#: class (per side for paired classes) unless the user says otherwise, like the post-processing
+#: nnU-Net decides on validation and applies by default.
+LARGEST_COMPONENT = "largest_component"
+#: ``Checkpoint.extra`` key: with the largest-component step, first keep the main component of
+#: the foreground as a whole (all classes as one; per side with paired classes).
+LARGEST_FOREGROUND = "largest_foreground_component"
 
 _PAIRS = ("RL", "AP", "SI")
 

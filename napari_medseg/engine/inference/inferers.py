@@ -33,8 +33,17 @@ from collections.abc import Generator, Sequence
 import numpy as np
 
 from napari_medseg.engine.checkpoints import Checkpoint, CheckpointError
+from napari_medseg.engine.checkpoints.fields import (
+    LARGEST_COMPONENT,
+    LARGEST_FOREGROUND,
+    PAIRED_CLASSES,
+)
 from napari_medseg.engine.inference.config import InferenceError, PredictConfig
-from napari_medseg.engine.inference.postprocessing import PredictionResult, finish
+from napari_medseg.engine.inference.postprocessing import (
+    PredictionResult,
+    finish,
+    keep_largest_component,
+)
 from napari_medseg.engine.jobs import Progress
 from napari_medseg.engine.planning import Plan
 
@@ -199,18 +208,6 @@ def label_names_of(ckpt: Checkpoint) -> dict[int, str]:
     return names
 
 
-#: ``Checkpoint.extra`` key: classes that hold a left and a right structure in one class, for the
-#: largest-component rule (one component per side; see ``keep_largest_component``).
-PAIRED_CLASSES = "paired_classes"
-#: ``Checkpoint.extra`` key: whether its labels should keep only the largest component of each
-#: class (per side for paired classes) unless the user says otherwise, like the post-processing
-#: nnU-Net decides on validation and applies by default.
-LARGEST_COMPONENT = "largest_component"
-#: ``Checkpoint.extra`` key: with the largest-component step, first keep the largest component of
-#: the foreground as a whole (all classes as one; per side with paired classes).
-LARGEST_FOREGROUND = "largest_foreground_component"
-
-
 def wants_largest_component(config: PredictConfig, ckpt: Checkpoint) -> bool:
     """``config.largest_component`` when the user set it, else the checkpoint's recommendation."""
     if config.largest_component is not None:
@@ -233,14 +230,24 @@ def component_rule(ckpt: Checkpoint) -> dict:
             "foreground_first": bool(ckpt.extra.get(LARGEST_FOREGROUND, False))}
 
 
+def clean_labels(labels: np.ndarray, config: PredictConfig, ckpt: Checkpoint) -> np.ndarray:
+    """``labels`` after the largest-component step when ``config`` or ``ckpt`` asks for it
+    (:func:`wants_largest_component`, done as :func:`component_rule` says), else as they are.
+    The checkpoint's rule is checked either way."""
+    rule = component_rule(ckpt)
+    if not wants_largest_component(config, ckpt):
+        return labels
+    return keep_largest_component(labels, range(1, ckpt.num_classes), **rule)
+
+
 def finish_ensemble(
     mean: np.ndarray, config: PredictConfig, ckpts: Sequence[Checkpoint]
 ) -> Generator[Progress, None, PredictionResult]:
     """The last stage of every inferer: labels (and what ``config`` asks for) from the mean softmax
     ``(K, *spatial)`` on the source grid, with the first checkpoint's label names."""
     yield Progress("postprocess", 0, 1)
-    result = finish(mean, wants_largest_component(config, ckpts[0]), config.return_probabilities,
-                    config.return_uncertainty, **component_rule(ckpts[0]))
+    result = finish(mean, False, config.return_probabilities, config.return_uncertainty)
+    result.labels = clean_labels(result.labels, config, ckpts[0])
     result.label_names = label_names_of(ckpts[0])
     yield Progress("postprocess", 1, 1)
     return result
@@ -260,6 +267,7 @@ __all__ = [
     "LARGEST_FOREGROUND",
     "PAIRED_CLASSES",
     "Inferer",
+    "clean_labels",
     "component_rule",
     "get_inferer",
     "label_names_of",

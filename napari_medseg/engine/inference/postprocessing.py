@@ -67,7 +67,7 @@ def keep_largest_component(
         connectivity: 1 = faces only (scipy's default, as nnU-Net), up to ``labels.ndim`` = full.
         paired: Classes with one structure on each side (see above).
         side_axis: The left-right axis of ``labels``, for ``paired`` classes.
-        foreground_first: First keep the largest component of the foreground as a whole (see above).
+        foreground_first: First keep the main component of the foreground as a whole (see above).
 
     Returns:
         A new label map of the same shape and dtype.
@@ -212,20 +212,18 @@ def argmax_relative(relative: torch.Tensor, slab_voxels: int = 1 << 22) -> np.nd
 
 
 def finish(
-    mean: np.ndarray, largest_component: bool, return_probabilities: bool, return_uncertainty: bool,
-    paired: Iterable[int] = (), side_axis: int = -1, foreground_first: bool = False,
+    mean: np.ndarray, largest_component: bool, return_probabilities: bool, return_uncertainty: bool
 ) -> PredictionResult:
     """The result of a prediction from its mean softmax ``(K, *spatial)`` in the source geometry.
 
     Labels are :func:`argmax_labels` (then :func:`keep_largest_component` of every foreground class
-    with ``largest_component``, one component per side for ``paired`` classes); the uncertainty is the entropy of ``mean`` divided by ``log K``
+    with ``largest_component``); the uncertainty is the entropy of ``mean`` divided by ``log K``
     (zeros for one class). ``label_names`` is left for the caller to fill.
     """
     num_classes = mean.shape[0]
     labels = argmax_labels(mean)
     if largest_component:
-        labels = keep_largest_component(labels, range(1, num_classes), paired=paired, side_axis=side_axis,
-                                        foreground_first=foreground_first)
+        labels = keep_largest_component(labels, range(1, num_classes))
     uncertainty = None
     if return_uncertainty:
         if num_classes < 2:

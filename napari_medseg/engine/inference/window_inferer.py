@@ -30,18 +30,16 @@ from napari_medseg.engine.checkpoints import Checkpoint, build_model, check_comp
 from napari_medseg.engine.inference.config import PredictConfig
 from napari_medseg.engine.inference.inferers import (
     Inferer,
-    component_rule,
+    clean_labels,
     finish_ensemble,
     label_names_of,
     plan_of,
     register_inferer,
     tta_mirror_axes,
-    wants_largest_component,
 )
 from napari_medseg.engine.inference.postprocessing import (
     PredictionResult,
     argmax_relative,
-    keep_largest_component,
     softmax_inplace,
 )
 from napari_medseg.engine.inference.sliding_window import Predictor, sliding_window
@@ -330,8 +328,7 @@ class SlidingWindowInferer(Inferer):
         labels = argmax_relative(logits)
         del logits  # before the restore: the K - 1 volumes are the peak
         labels = restore_labels(labels, group.props, group.plan)
-        if wants_largest_component(config, ckpt):
-            labels = keep_largest_component(labels, range(1, ckpt.num_classes), **component_rule(ckpt))
+        labels = clean_labels(labels, config, ckpt)
         result = PredictionResult(labels=labels)
         result.label_names = label_names_of(ckpt)
         yield Progress("postprocess", 1, 1)
