@@ -13,3 +13,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def fresh_napari_settings(tmp_path, monkeypatch):
+    """napari settings of a new user (a private file, no reader preference yet): the reader
+    preference the plugin records stays in the test."""
+    from napari import settings as napari_settings
+
+    fresh = napari_settings.NapariSettings(config_path=tmp_path / "napari_settings.yaml")
+    fresh._connect_events()
+    monkeypatch.setattr(napari_settings, "_SETTINGS", fresh)
+    return fresh

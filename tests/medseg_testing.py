@@ -30,3 +30,15 @@ def make_tiny_checkpoint(path, in_channels: int = 1, num_classes: int = 2, patch
         path, model, model_name=model_name, model_kwargs=kwargs, in_channels=in_channels,
         num_classes=num_classes, spatial_dims=3, plan=plan, label_names=names, train_config={}, extra=extra,
     )
+
+
+def select_checkpoint(picker, path, refresh: bool = True) -> None:
+    """Choose ``path`` in a widget's ``CheckpointPicker`` (after re-reading the catalogue unless
+    ``refresh`` is False: a widget opened after training lists the new checkpoint by itself)."""
+    import os
+
+    if refresh:
+        picker.refresh()
+    idx = picker.combo.findData(os.path.realpath(path))
+    assert idx >= 0, [picker.combo.itemData(i) for i in range(picker.combo.count())]
+    picker.combo.setCurrentIndex(idx)

@@ -9,17 +9,6 @@ import pytest
 pytestmark = pytest.mark.gui
 
 
-@pytest.fixture
-def fresh_napari_settings(tmp_path, monkeypatch):
-    """napari settings of a new user (a private file, no reader preference yet)."""
-    from napari import settings as napari_settings
-
-    fresh = napari_settings.NapariSettings(config_path=tmp_path / "napari_settings.yaml")
-    fresh._connect_events()
-    monkeypatch.setattr(napari_settings, "_SETTINGS", fresh)
-    return fresh
-
-
 def test_drop_nifti_on_window(make_napari_viewer, tmp_path, fresh_napari_settings, monkeypatch):
     from qtpy.QtCore import QMimeData, QPointF, Qt, QUrl
     from qtpy.QtGui import QDropEvent

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 from matrix_cases import NEW_CASES, Case
+from medseg_testing import select_checkpoint
 from rel_helpers import make_tiny_checkpoint, phantom_cases, tree_hashes
 
 from napari_medseg.engine.checkpoints import (
@@ -359,10 +360,7 @@ def _segment(viewer, tmp_path, **ckpt_kw):
     register_checkpoint(path, name="m")
     widget = SegmentWidget(viewer)
     viewer.window.add_dock_widget(widget, name="Segment")
-    import os
-
-    widget.checkpoints.refresh()
-    widget.checkpoints.combo.setCurrentIndex(widget.checkpoints.combo.findData(os.path.realpath(path)))
+    select_checkpoint(widget.checkpoints, path)
     widget.device.setCurrentText("cpu")
     widget.mirror.setChecked(False)
     return widget

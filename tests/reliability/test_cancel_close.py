@@ -8,6 +8,7 @@ import threading
 
 import numpy as np
 import pytest
+from medseg_testing import select_checkpoint
 from rel_helpers import make_tiny_checkpoint
 
 pytestmark = pytest.mark.gui
@@ -70,8 +71,7 @@ def _segment_setup(make_napari_viewer, tmp_path):
     register_checkpoint(path, name="tiny")
     widget = SegmentWidget(viewer)
     viewer.window.add_dock_widget(widget, name="Segment")
-    widget.checkpoints.refresh()
-    widget.checkpoints.combo.setCurrentIndex(widget.checkpoints.combo.findData(os.path.realpath(path)))
+    select_checkpoint(widget.checkpoints, path)
     widget.mirror.setChecked(True)
     widget.device.setCurrentText("cpu")
     return viewer, widget

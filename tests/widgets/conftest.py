@@ -36,14 +36,3 @@ def phantom():
 
     image, labels = make_phantom((16, 32, 32), num_classes=2, seed=1)
     return image.astype(np.float32), labels
-
-
-@pytest.fixture
-def fresh_napari_settings(tmp_path, monkeypatch):
-    """A private napari settings file: the reader preference the plugin records stays in the test."""
-    from napari import settings as napari_settings
-
-    fresh = napari_settings.NapariSettings(config_path=tmp_path / "napari_settings.yaml")
-    fresh._connect_events()
-    monkeypatch.setattr(napari_settings, "_SETTINGS", fresh)
-    return fresh

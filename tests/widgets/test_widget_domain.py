@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from medseg_testing import select_checkpoint
 
 from napari_medseg.io import affine_from_spacing
 
@@ -44,16 +45,11 @@ def mri_checkpoint(tiny_checkpoint):
 
 
 def _widget(viewer, path):
-    import os
-
     from napari_medseg.widgets._segment import SegmentWidget
 
     widget = SegmentWidget(viewer)
     viewer.window.add_dock_widget(widget, name="Segment")
-    widget.checkpoints.refresh()
-    idx = widget.checkpoints.combo.findData(os.path.realpath(path))
-    assert idx >= 0
-    widget.checkpoints.combo.setCurrentIndex(idx)
+    select_checkpoint(widget.checkpoints, path)
     widget.mirror.setChecked(False)
     widget.device.setCurrentText("cpu")
     return widget

@@ -11,6 +11,7 @@ import os
 
 import numpy as np
 import pytest
+from medseg_testing import select_checkpoint
 
 pytestmark = pytest.mark.gui
 
@@ -60,9 +61,7 @@ def test_train_then_segment_in_the_viewer(make_napari_viewer, qtbot, tmp_path, m
 
     segment = SegmentWidget(viewer)  # opened after training: lists the new checkpoint itself
     viewer.window.add_dock_widget(segment, name="Segment")
-    idx = segment.checkpoints.combo.findData(os.path.realpath(ckpt_path))
-    assert idx >= 0
-    segment.checkpoints.combo.setCurrentIndex(idx)
+    select_checkpoint(segment.checkpoints, ckpt_path, refresh=False)
     assert segment.architecture.model_name() == model
     segment.mirror.setChecked(False)
     segment.device.setCurrentText("cpu")

@@ -6,6 +6,7 @@ import os
 
 import numpy as np
 import pytest
+from medseg_testing import select_checkpoint
 
 from napari_medseg.io import affine_from_spacing, read_nifti
 
@@ -21,10 +22,7 @@ def _segment_widget(viewer, qtbot):
 
 
 def _select(widget, path):
-    widget.checkpoints.refresh()
-    idx = widget.checkpoints.combo.findData(os.path.realpath(path))
-    assert idx >= 0, [widget.checkpoints.combo.itemData(i) for i in range(widget.checkpoints.combo.count())]
-    widget.checkpoints.combo.setCurrentIndex(idx)
+    select_checkpoint(widget.checkpoints, path)
 
 
 def _add_image(viewer, image, spacing=(2.0, 1.0, 1.0), translate=(5.0, -3.0, 7.0)):

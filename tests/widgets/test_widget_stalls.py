@@ -5,11 +5,11 @@ registration of the Train widget run in background threads."""
 
 from __future__ import annotations
 
-import os
 import threading
 
 import numpy as np
 import pytest
+from medseg_testing import select_checkpoint
 
 from napari_medseg.io import affine_from_spacing
 
@@ -40,8 +40,7 @@ def test_segment_result_is_built_in_the_worker_and_added_one_layer_per_turn(
     path = tiny_checkpoint("tiny", spacing=(2.0, 1.0, 1.0))
     widget = SegmentWidget(viewer)
     viewer.window.add_dock_widget(widget, name="Segment")
-    widget.checkpoints.refresh()
-    widget.checkpoints.combo.setCurrentIndex(widget.checkpoints.combo.findData(os.path.realpath(path)))
+    select_checkpoint(widget.checkpoints, path)
     widget.mirror.setChecked(False)
     widget.device.setCurrentText("cpu")
     widget.probabilities.setChecked(True)

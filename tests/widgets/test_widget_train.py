@@ -8,6 +8,7 @@ import threading
 import numpy as np
 import pytest
 import torch
+from medseg_testing import select_checkpoint
 
 pytestmark = pytest.mark.gui
 
@@ -136,8 +137,7 @@ def test_partial_labels_only_painted_voxels_count(make_napari_viewer, qtbot, pha
     assert tracker.painted_slices() == {0: [z]}
 
     widget.start_from.setCurrentIndex(1)
-    idx = widget.checkpoints.combo.findData(os.path.realpath(init))
-    widget.checkpoints.combo.setCurrentIndex(idx)
+    select_checkpoint(widget.checkpoints, init, refresh=False)
     assert not widget.architecture.isEnabled()  # the checkpoint defines the architecture
     widget.partial_mode.setCurrentIndex(widget.partial_mode.findData("voxels"))
     qtbot.waitUntil(lambda: "painted voxels" in widget.partial_summary.text(), timeout=2000)
@@ -238,7 +238,7 @@ def test_paint_finetune_for_a_budget_then_segment_again(make_napari_viewer, qtbo
         yy, xx = np.nonzero(truth[z] >= 0)
         layer.data_setitem((np.full(yy.shape, z), yy, xx), truth[z][yy, xx])
     widget.start_from.setCurrentIndex(1)
-    widget.checkpoints.combo.setCurrentIndex(widget.checkpoints.combo.findData(os.path.realpath(init)))
+    select_checkpoint(widget.checkpoints, init, refresh=False)
     widget.partial_mode.setCurrentIndex(widget.partial_mode.findData("slices"))
     widget.device.setCurrentText("cpu")
     widget.output.setText(str(tmp_path / "run"))
