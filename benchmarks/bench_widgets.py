@@ -6,6 +6,7 @@ Run on demand (not a test), under a display or Xvfb::
     xvfb-run -a -s "-screen 0 1600x1000x24" .venv/bin/python benchmarks/bench_widgets.py --opens  # open times only
     xvfb-run -a -s "-screen 0 1600x1000x24" .venv/bin/python benchmarks/bench_widgets.py --stalls # stalls only
     xvfb-run -a -s "-screen 0 1600x1000x24" .venv/bin/python benchmarks/bench_widgets.py --imports  # torch's import
+    ... bench_widgets.py --stalls --trace   # and what the GUI thread did in each stall of the Train run
 
 **Open times** (first open in a fresh napari, as a user's first click in the Plugins menu): each
 widget is opened in its own fresh interpreter (nothing of napari-medseg or torch imported), after
@@ -33,6 +34,7 @@ measurement runs on for a second after the job, so the repaint that shows a new 
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import sys
@@ -67,6 +69,81 @@ class StallProbe:
         gaps_ms = sorted(g * 1e3 - INTERVAL_MS for g in gaps)
         p99 = gaps_ms[min(len(gaps_ms) - 1, int(0.99 * len(gaps_ms)))]
         return max(gaps_ms), p99, len(gaps_ms)
+
+
+class StallTracer:
+    """Says *what* the GUI thread did during each stall: a watchdog thread samples the GUI thread's
+    Python stack every few ms (``sys._current_frames``) and ``gc.callbacks`` times every garbage
+    collection (which thread, which generation). Run it around a :class:`StallProbe`; then
+    :meth:`explain` prints, for each gap over ``threshold_ms``, the collections inside it and the
+    most frequent innermost frames of this project, napari, vispy or Qt sampled inside it. A gap with
+    no sample means the GUI thread held the GIL in C code the whole time (a collection, a large copy)."""
+
+    def __init__(self, period_s: float = 0.005):
+        import threading
+
+        self.period_s = period_s
+        self.main_ident = threading.main_thread().ident
+        self.samples: list[tuple[float, tuple[str, ...]]] = []
+        self.collections: list[tuple[float, float, int, str, int]] = []  # start, end, generation, thread, collected
+        self._gc_start: dict[int, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="stall-tracer", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.period_s):
+            frame = sys._current_frames().get(self.main_ident)
+            stack = []
+            while frame is not None and len(stack) < 40:
+                code = frame.f_code
+                stack.append(f"{os.path.basename(code.co_filename)}:{frame.f_lineno} {code.co_name}")
+                frame = frame.f_back
+            self.samples.append((time.perf_counter(), tuple(stack)))
+
+    def _on_gc(self, phase: str, info: dict) -> None:
+        import threading
+
+        ident = threading.get_ident()
+        if phase == "start":
+            self._gc_start[ident] = time.perf_counter()
+        elif ident in self._gc_start:
+            start = self._gc_start.pop(ident)
+            name = "GUI" if ident == self.main_ident else threading.current_thread().name
+            self.collections.append((start, time.perf_counter(), info["generation"], name, info["collected"]))
+
+    def __enter__(self):
+        import gc
+
+        gc.callbacks.append(self._on_gc)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        import gc
+
+        self._stop.set()
+        self._thread.join()
+        gc.callbacks.remove(self._on_gc)
+
+    def explain(self, ticks: list[float], threshold_ms: float = 100.0, top: int = 4) -> None:
+        ours = ("napari_medseg", "_train.py", "_segment.py", "_common.py", "_plots.py", "_layers.py", "_display.py")
+        gaps = [(a, b) for a, b in zip(ticks, ticks[1:]) if (b - a) * 1e3 - INTERVAL_MS > threshold_ms]
+        print(f"  {len(gaps)} stall(s) over {threshold_ms:.0f} ms; collections over 20 ms in the run: "
+              + (", ".join(f"gen {g} on {t} {1e3 * (e - s):.0f} ms" for s, e, g, t, _ in self.collections
+                           if e - s > 0.02) or "none"))
+        for a, b in gaps:
+            print(f"  stall {1e3 * (b - a) - INTERVAL_MS:.0f} ms at +{a - ticks[0]:.1f} s:")
+            for s, e, g, t, n in self.collections:
+                if s < b and e > a:
+                    print(f"    gc generation {g} on the {t} thread: {1e3 * (e - s):.0f} ms ({n} collected)")
+            inside = [stack for t, stack in self.samples if a < t < b]
+            print(f"    {len(inside)} stack samples of the GUI thread inside it")
+            counts = Counter()
+            for stack in inside:
+                mine = [f for f in stack if any(o in f for o in ours)]
+                counts[(stack[0] if stack else "?", mine[0] if mine else "-")] += 1
+            for (inner, mine), n in counts.most_common(top):
+                print(f"    {n:4d} x innermost {inner} | ours: {mine}")
 
 
 DIRECT = {  # the manifest's python_names, for the fallback above
@@ -267,6 +344,9 @@ def main() -> None:
 
     if hasattr(_common._engine_loader(), "warmed"):  # the background warm-up imports, if any
         pump(app, lambda: not _common._engine_loader()._warming or _common._engine_loader().warmed.is_set(), 300)
+    from napari_medseg.widgets import _plots
+
+    pump(app, lambda: _plots._renderer().prepared.is_set(), 120)  # the Train widget's matplotlib import
 
     from napari.layers import Image, Labels
 
@@ -279,6 +359,7 @@ def main() -> None:
         pump(app, lambda: False, 3.0)
     idle = probe.summary()
     print(f"idle (baseline): largest stall {idle[0]:.1f} ms, 99th percentile {idle[1]:.1f} ms over {idle[2]} ticks")
+    bench_full_collection()
     repaints = []
     for i in range(5):
         with probe:
@@ -350,7 +431,8 @@ def main() -> None:
     train.model_kwargs.setText('{"base_width": 8, "max_width": 64}')
     train.device.setCurrentText("cpu")
     train.output.setText(tempfile.mkdtemp(prefix="medseg_bench_run_"))
-    with probe:
+    tracer = StallTracer() if "--trace" in sys.argv[1:] else contextlib.nullcontext()
+    with probe, tracer:
         t0 = time.perf_counter()
         train.train_button.click()
         pump(app, lambda: not train.running, 600)
@@ -358,8 +440,43 @@ def main() -> None:
         dt = time.perf_counter() - t0
         pump(app, lambda: False, 1.0)
     report("Train (2 epochs x 5 iterations on the sample layers, then segment again)", dt, probe.summary())
+    if isinstance(tracer, StallTracer):
+        tracer.explain(probe.ticks)
     print(f"status: {train.status.text()[:200]}")
     viewer.close()
+
+
+def bench_full_collection() -> None:
+    """A full garbage collection (what any thread may set off, holding the GIL) with the widgets'
+    freeze (``widgets/_quiet_import.FrozenImports``) and with everything unfrozen, same moment."""
+    import gc
+
+    from napari_medseg.widgets import _common
+
+    policy = _common.frozen_imports()
+    if not policy.active:
+        print(f"a full garbage collection: the widgets froze nothing ({_quiet_env()}); skipped")
+        return
+
+    def timed() -> float:
+        t0 = time.perf_counter()
+        gc.collect()
+        return (time.perf_counter() - t0) * 1e3
+
+    frozen = sorted(timed() for _ in range(3))[1]
+    scanned_frozen = len(gc.get_objects())
+    gc.unfreeze()
+    everything = sorted(timed() for _ in range(3))[1]
+    scanned_all = len(gc.get_objects())
+    policy.refreeze()  # as before (and the layers opened since are noted)
+    print(f"a full garbage collection (median of 3): {frozen:.1f} ms scanning {scanned_frozen:,} objects with the "
+          f"widgets' freeze, {everything:.1f} ms scanning {scanned_all:,} without it ({frozen / max(everything, 1e-3):.3f}x)")
+
+
+def _quiet_env() -> str:
+    from napari_medseg.widgets._quiet_import import FREEZE_ENV
+
+    return f"{FREEZE_ENV}={os.environ.get(FREEZE_ENV, 'unset')}"
 
 
 #: A 1 mm head (the MNI152 grid): 7.1 M voxels.

@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+# The widgets freeze the objects alive after the engine's import (no full garbage collection of
+# napari's and torch's objects while a job runs). In a test process that would keep earlier tests'
+# viewers out of collection: off here; tests/widgets/test_quiet_import.py turns it on where it tests it.
+os.environ.setdefault("MEDSEG_GC_FREEZE", "0")
 
 
 @pytest.fixture

@@ -11,6 +11,11 @@ later widget, a test process) everything fills at once, as before.
 are first shown, however they were opened (the Plugins menu stacks docks vertically, which left
 each too short to use); :func:`scroll_area` wraps a form so that a dock can be shorter than its
 content.
+
+**No full garbage collection of napari's and torch's objects while a job runs.** Once the engine is
+imported and warmed, what is alive is frozen out of the collector's full scans
+(:class:`._quiet_import.FrozenImports`); each viewer with an engine widget reports removed layers
+(:func:`watch_viewer`), so a layer that was alive at the freeze is still reclaimed after removal.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import logging
 import sys
 import threading
 import warnings
+import weakref
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import Any
@@ -42,7 +48,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from ._quiet_import import quiet_imports
+from ._quiet_import import FrozenImports, quiet_imports
 
 logger = logging.getLogger(__name__)
 
@@ -85,8 +91,10 @@ START_DELAY_MS = 150
 #: collection of napari's and torch's objects, which holds the GIL (and so napari's event loop)
 #: for about half a second. It happened in the middle of the first Segment or Train run.
 #: The plugin's file io (nibabel, pydicom: half a second) is warmed too: the widgets import it only
-#: when a run reads the layers or checks a labels layer's grid.
-WARM_MODULES = ("torch._dynamo", "napari_medseg.io")
+#: when a run reads the layers or checks a labels layer's grid; and the engine's inference and
+#: training modules, which every run imports: so that what a run allocates is small and short-lived
+#: (what is alive after the warm-up is frozen out of full collections: see the top of the module).
+WARM_MODULES = ("torch._dynamo", "napari_medseg.io", "napari_medseg.engine.inference", "napari_medseg.engine.training")
 
 
 def ignore_torch_jit_deprecations() -> None:
@@ -99,6 +107,44 @@ def ignore_torch_jit_deprecations() -> None:
     warnings.filterwarnings("ignore", message=TORCH_JIT_DEPRECATION, category=DeprecationWarning)
 
 
+# --------------------------------------------------------- freezing the import's objects (see top)
+_VIEWERS: list[weakref.ref] = []
+_FROZEN: FrozenImports | None = None
+
+
+def _live_viewers() -> list:
+    return [v for v in (ref() for ref in _VIEWERS) if v is not None]
+
+
+def _layer_keys() -> list[str]:
+    return [layer.unique_id for viewer in _live_viewers() for layer in list(viewer.layers)]
+
+
+def frozen_imports() -> FrozenImports:
+    """The process-wide freezing policy (created on first use)."""
+    global _FROZEN
+    if _FROZEN is None:
+        _FROZEN = FrozenImports(_layer_keys)
+    return _FROZEN
+
+
+def watch_viewer(viewer) -> None:
+    """Note the layers of ``viewer`` at each freeze and report its removed layers (engine widgets
+    call this with their viewer; a viewer watched twice is watched once)."""
+    if any(ref() is viewer for ref in _VIEWERS):
+        return
+    _VIEWERS[:] = [ref for ref in _VIEWERS if ref() is not None]
+    _VIEWERS.append(weakref.ref(viewer))
+
+    def removed(event) -> None:
+        layer = getattr(event, "value", None)
+        key = getattr(layer, "unique_id", None)
+        if key is not None and frozen_imports().released(key):
+            logger.debug("layer %r was alive when the engine's objects were frozen: unfrozen", layer)
+
+    viewer.layers.events.removed.connect(removed)
+
+
 class _EngineLoader(QObject):
     """Imports :data:`ENGINE_MODULES` once, in a daemon thread; ``ready``/``failed`` reach the GUI
     thread. Then it imports :data:`WARM_MODULES` in the same thread (``warmed`` is set when done,
@@ -107,6 +153,7 @@ class _EngineLoader(QObject):
 
     ready = Signal()
     failed = Signal(str)
+    warmed_up = Signal()
 
     def __init__(self) -> None:
         super().__init__()
@@ -114,6 +161,11 @@ class _EngineLoader(QObject):
         self.error = ""
         self.warmed = threading.Event()
         self._warming = False
+        self.warmed_up.connect(self._freeze)  # queued: the GUI thread, where layers change
+
+    def _freeze(self) -> None:
+        if frozen_imports().freeze():
+            logger.debug("froze the objects alive after the engine's import and warm-up")
 
     def _import(self) -> None:
         quiet_imports(ENGINE_MODULES)
@@ -136,6 +188,7 @@ class _EngineLoader(QObject):
             logger.debug("warm-up import failed", exc_info=True)
         finally:
             self.warmed.set()
+        self.warmed_up.emit()
 
     def start(self) -> None:
         """Start the import soon, after the event loop has drawn the widget that asked: the import
@@ -195,6 +248,16 @@ def wait_for_warm_up(timeout: float = 300.0) -> bool:
     if loader is None or loader.state not in ("loading", "ready") or not loader._warming:
         return True
     return loader.warmed.wait(timeout)
+
+
+def after_warm_up(callback: Callable[[], None]) -> None:
+    """Call ``callback`` (a bound method of a widget: it runs in the GUI thread) once the engine's
+    warm-up imports are done and their objects frozen; at once when they are."""
+    loader = _engine_loader()
+    if loader.warmed.is_set():
+        callback()
+    else:
+        loader.warmed_up.connect(callback)
 
 
 def when_engine_ready(receiver: QObject, callback: Callable[[], None],

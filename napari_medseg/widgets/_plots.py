@@ -75,6 +75,10 @@ class TrainingCurves(QWidget):
         self.destroyed.connect(lambda *_a, key=id(self): _renderer().drop(key))
 
     # ----------------------------------------------------------------------------- data
+    def prepare(self) -> None:
+        """Import matplotlib in the renderer's thread now, before a run draws its first curves."""
+        _renderer().prepare()
+
     def clear(self) -> None:
         """Forget every point (a new run)."""
         self.loss_line = Series("train")
@@ -176,6 +180,9 @@ def _relay() -> _Relay:
     return _Relay()
 
 
+_PREPARE = object()  # the renderer's "import matplotlib now" request
+
+
 class _Renderer:
     """One daemon thread that owns all matplotlib figures: draws the newest request of each widget."""
 
@@ -184,6 +191,7 @@ class _Renderer:
         self._lock = threading.Lock()
         self._wake: queue.SimpleQueue = queue.SimpleQueue()
         self._figures: dict[int, _Figure] = {}
+        self.prepared = threading.Event()  # set once prepare() has run (done or failed)
         self._thread = threading.Thread(target=self._run, name="napari-medseg curves", daemon=True)
         self._thread.start()
 
@@ -191,6 +199,22 @@ class _Renderer:
         with self._lock:
             self._pending[key] = (generation, snapshot, width, height, ratio)
         self._wake.put(key)
+
+    def prepare(self) -> None:
+        """Import matplotlib and draw one throwaway figure in this thread now (fonts load on the
+        first draw), so that the first curves of a run neither wait for it nor make the objects that
+        set off a full garbage collection during training; then freeze what is alive again."""
+        self._wake.put(_PREPARE)
+
+    def _prepare(self) -> None:
+        from ._common import frozen_imports
+        from ._quiet_import import collector_paused
+
+        with collector_paused():
+            # epochs count from 1, and a widget-sized canvas: a real draw, without matplotlib's warnings
+            curve = ([1, 2], [1.0, 0.5])
+            _Figure().render({"loss": curve, "val_loss": curve, "dice": {"a": curve}}, 400, 320, 1.0)
+        frozen_imports().refreeze()
 
     def drop(self, key: int) -> None:
         with self._lock:
@@ -200,6 +224,13 @@ class _Renderer:
     def _run(self) -> None:
         while True:
             key = self._wake.get()
+            if key is _PREPARE:
+                try:
+                    self._prepare()
+                except Exception:  # noqa: BLE001 - only a head start: the first draw imports it
+                    logger.debug("could not prepare matplotlib", exc_info=True)
+                self.prepared.set()
+                continue
             with self._lock:
                 if key not in self._pending:
                     continue  # already drawn with a newer request

@@ -57,6 +57,7 @@ from ._common import (
     show_status,
     start_engine_worker,
     status_label,
+    watch_viewer,
 )
 from ._layers import ChannelPicker, InputError, LayerCombo, resolve_image_input
 
@@ -80,6 +81,7 @@ class SegmentWidget(EngineJobOwner, QWidget):
         from napari.layers import Labels
 
         self.viewer = napari_viewer
+        watch_viewer(napari_viewer)
         self.worker = None
         self._stop = None
         self._progress: ProgressRelay | None = None

@@ -48,12 +48,14 @@ from ._common import (
     ProgressBar,
     ProgressRelay,
     Stopped,
+    after_warm_up,
     call_in_thread,
     catalog_events,
     short_path,
     show_status,
     start_engine_worker,
     status_label,
+    watch_viewer,
 )
 from ._fill import FillBetweenSlicesWidget
 from ._layers import ChannelPicker, InputError, LayerCombo, check_same_grid, resolve_image_input
@@ -90,6 +92,7 @@ class TrainWidget(EngineJobOwner, QWidget):
         from napari.layers import Labels
 
         self.viewer = napari_viewer
+        watch_viewer(napari_viewer)
         self.worker = None
         self._stop = None
         self._progress: ProgressRelay | None = None
@@ -189,6 +192,7 @@ class TrainWidget(EngineJobOwner, QWidget):
         self.progress_bar.setValue(0)
         self.status = status_label()
         self.curves = TrainingCurves()
+        after_warm_up(self.curves.prepare)  # matplotlib before the first run, not during it
         self.log = QPlainTextEdit()
         self.log.setReadOnly(True)
         self.log.setMaximumHeight(70)
