@@ -144,6 +144,13 @@ class StallTracer:
                 counts[(stack[0] if stack else "?", mine[0] if mine else "-")] += 1
             for (inner, mine), n in counts.most_common(top):
                 print(f"    {n:4d} x innermost {inner} | ours: {mine}")
+            below = Counter()  # what our frame called, three levels down (where napari spends it)
+            for stack in inside:
+                idx = next((i for i, f in enumerate(stack) if any(o in f for o in ours)), None)
+                if idx:
+                    below[" > ".join(stack[max(idx - 3, 0):idx][::-1])] += 1
+            for path, n in below.most_common(top):
+                print(f"    {n:4d} x under ours: {path}")
 
 
 DIRECT = {  # the manifest's python_names, for the fallback above
