@@ -108,16 +108,31 @@ def ignore_torch_jit_deprecations() -> None:
 
 
 # --------------------------------------------------------- freezing the import's objects (see top)
-_VIEWERS: list[weakref.ref] = []
+class _LayerWatch:
+    """Connected to one viewer's ``layers.events.removed``: reports each removed layer to the
+    freezing policy, and lists the viewer's layers when it freezes. napari's emitter holds it (a
+    callable object, not a method: held strongly), so it lives as long as the viewer, whether or not
+    the widget that made it is still open."""
+
+    def __init__(self, layers) -> None:
+        self.layers = layers
+
+    def keys(self) -> list[str]:
+        return [layer.unique_id for layer in list(self.layers)]
+
+    def __call__(self, event) -> None:
+        layer = getattr(event, "value", None)
+        key = getattr(layer, "unique_id", None)
+        if key is not None and frozen_imports().released(key):
+            logger.debug("layer %r was alive when the engine's objects were frozen: unfrozen", layer)
+
+
+_WATCHES: list[weakref.ref] = []  # one per watch_viewer() call; dead once its viewer is gone
 _FROZEN: FrozenImports | None = None
 
 
-def _live_viewers() -> list:
-    return [v for v in (ref() for ref in _VIEWERS) if v is not None]
-
-
 def _layer_keys() -> list[str]:
-    return [layer.unique_id for viewer in _live_viewers() for layer in list(viewer.layers)]
+    return [key for ref in _WATCHES if (watch := ref()) is not None for key in watch.keys()]
 
 
 def frozen_imports() -> FrozenImports:
@@ -130,19 +145,11 @@ def frozen_imports() -> FrozenImports:
 
 def watch_viewer(viewer) -> None:
     """Note the layers of ``viewer`` at each freeze and report its removed layers (engine widgets
-    call this with their viewer; a viewer watched twice is watched once)."""
-    if any(ref() is viewer for ref in _VIEWERS):
-        return
-    _VIEWERS[:] = [ref for ref in _VIEWERS if ref() is not None]
-    _VIEWERS.append(weakref.ref(viewer))
-
-    def removed(event) -> None:
-        layer = getattr(event, "value", None)
-        key = getattr(layer, "unique_id", None)
-        if key is not None and frozen_imports().released(key):
-            logger.debug("layer %r was alive when the engine's objects were frozen: unfrozen", layer)
-
-    viewer.layers.events.removed.connect(removed)
+    call this with their viewer; a viewer watched by two widgets is listed twice, which changes
+    nothing: the keys form a set, and a second release of a key is a no-op)."""
+    watch = _LayerWatch(viewer.layers)
+    viewer.layers.events.removed.connect(watch)
+    _WATCHES[:] = [ref for ref in _WATCHES if ref() is not None] + [weakref.ref(watch)]
 
 
 class _EngineLoader(QObject):

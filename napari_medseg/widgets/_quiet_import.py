@@ -130,14 +130,21 @@ class FrozenImports:
         with self._lock:
             if not self.enabled() or (gc.get_freeze_count() > 0 and not self.active):
                 return False
-            try:
-                keys = set(self._keys_now())
-            except Exception:  # noqa: BLE001 - without the keys a freeze could leak: skip it
-                logger.debug("could not list the layers; not freezing", exc_info=True)
+            keys = self._current_keys()
+            if keys is None:
                 return False
             gc.freeze()
             self.frozen_keys, self.active, self.waiting = keys, True, False
             return True
+
+    def _current_keys(self) -> set[str] | None:
+        """The keys alive now; None when they cannot be listed (then nothing may be frozen: an
+        unlisted layer would leak once removed)."""
+        try:
+            return set(self._keys_now())
+        except Exception:  # noqa: BLE001 - whatever the listing raised
+            logger.debug("could not list the layers; not freezing", exc_info=True)
+            return None
 
     def refreeze(self) -> bool:
         """After a later import (matplotlib for the first curves): collect the unfrozen objects
@@ -147,10 +154,8 @@ class FrozenImports:
             if not self.active:
                 return False
             gc.collect()
-            try:
-                keys = set(self._keys_now())
-            except Exception:  # noqa: BLE001 - as in freeze()
-                logger.debug("could not list the layers; not freezing again", exc_info=True)
+            keys = self._current_keys()
+            if keys is None:
                 return False
             gc.freeze()
             self.frozen_keys |= keys

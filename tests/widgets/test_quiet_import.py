@@ -163,7 +163,7 @@ def test_a_layer_alive_at_the_freeze_is_freed_after_napari_removes_it(make_napar
 
     monkeypatch.setenv(FREEZE_ENV, "1")
     monkeypatch.setattr(_common, "_FROZEN", None)
-    monkeypatch.setattr(_common, "_VIEWERS", [])
+    monkeypatch.setattr(_common, "_WATCHES", [])
     viewer = make_napari_viewer()
     data = np.zeros((8, 16, 16), np.float32)
     freed = weakref.ref(data)
@@ -185,3 +185,23 @@ def test_a_layer_alive_at_the_freeze_is_freed_after_napari_removes_it(make_napar
         _common.frozen_imports().close()
         gc.unfreeze()
     widget.close()
+
+
+@pytest.mark.gui
+def test_a_viewers_layers_stay_listed_when_the_widgets_proxy_of_it_is_gone(make_napari_viewer, monkeypatch):
+    """napari hands each plugin widget its own proxy of the viewer; the watch must not die with it
+    (a freeze after the widgets closed would otherwise miss the layers, which would then leak)."""
+    from napari.utils._proxies import PublicOnlyProxy
+
+    from napari_medseg.widgets import _common
+
+    monkeypatch.setattr(_common, "_WATCHES", [])
+    viewer = make_napari_viewer()
+    layer = viewer.add_image(np.zeros((4, 8, 8), np.float32), name="scan")
+    proxy = PublicOnlyProxy(viewer)
+    _common.watch_viewer(proxy)
+    del proxy
+    gc.collect()
+    assert _common._layer_keys() == [layer.unique_id]
+    viewer.layers.remove(layer)
+    assert _common._layer_keys() == []
