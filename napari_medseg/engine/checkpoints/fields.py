@@ -25,7 +25,8 @@ field loads as ``None``, which means "unknown": no reorientation, no domain chec
 
 ``extra`` keys that prediction reads (:data:`PAIRED_CLASSES`, :data:`LARGEST_COMPONENT`,
 :data:`LARGEST_FOREGROUND`): the post-processing the checkpoint recommends, applied unless the user
-says otherwise (see ``engine.inference.inferers.clean_labels``).
+says otherwise (see ``engine.inference.inferers.clean_labels``); :data:`CLASS_WEIGHTS`: the
+factors on the softmax before the argmax (see ``engine.evaluation.calibration``).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from typing import Any
 from napari_medseg.engine.checkpoints.plain import CheckpointError
 
 __all__ = [
+    "CLASS_WEIGHTS",
     "LARGEST_COMPONENT",
     "LARGEST_FOREGROUND",
     "PAIRED_CLASSES",
@@ -53,6 +55,12 @@ LARGEST_COMPONENT = "largest_component"
 #: ``Checkpoint.extra`` key: with the largest-component step, first keep the main component of
 #: the foreground as a whole (all classes as one; per side with paired classes).
 LARGEST_FOREGROUND = "largest_foreground_component"
+#: ``Checkpoint.extra`` key: one positive factor per class (background first) that multiplies the
+#: mean softmax before the argmax, i.e. adds ``log(factor)`` to each class's logit: a correction of
+#: the class priors fitted after training (e.g. so that predicted volumes match the reference on
+#: the training data, :func:`napari_medseg.engine.evaluation.fit_class_weights`). Returned
+#: probabilities stay the model's own.
+CLASS_WEIGHTS = "class_weights"
 
 _PAIRS = ("RL", "AP", "SI")
 

@@ -34,6 +34,7 @@ import numpy as np
 
 from napari_medseg.engine.checkpoints import Checkpoint, CheckpointError
 from napari_medseg.engine.checkpoints.fields import (
+    CLASS_WEIGHTS,
     LARGEST_COMPONENT,
     LARGEST_FOREGROUND,
     PAIRED_CLASSES,
@@ -230,6 +231,27 @@ def component_rule(ckpt: Checkpoint) -> dict:
             "foreground_first": bool(ckpt.extra.get(LARGEST_FOREGROUND, False))}
 
 
+def class_weights_of(ckpt: Checkpoint) -> np.ndarray | None:
+    """``ckpt``'s :data:`CLASS_WEIGHTS` (factors on the softmax before the argmax), or ``None``.
+
+    Raises:
+        InferenceError: they are not one positive finite number per class.
+    """
+    weights = ckpt.extra.get(CLASS_WEIGHTS)
+    if weights is None:
+        return None
+    try:
+        w = np.asarray(weights, dtype=np.float64)
+    except (TypeError, ValueError):
+        w = None
+    if w is None or w.shape != (ckpt.num_classes,) or not np.all(np.isfinite(w)) or not np.all(w > 0):
+        raise InferenceError(
+            f"Checkpoint extra[{CLASS_WEIGHTS!r}] should be {ckpt.num_classes} positive numbers "
+            f"(one per class), not {weights!r}."
+        )
+    return w
+
+
 def clean_labels(labels: np.ndarray, config: PredictConfig, ckpt: Checkpoint) -> np.ndarray:
     """``labels`` after the largest-component step when ``config`` or ``ckpt`` asks for it
     (:func:`wants_largest_component`, done as :func:`component_rule` says), else as they are.
@@ -244,9 +266,11 @@ def finish_ensemble(
     mean: np.ndarray, config: PredictConfig, ckpts: Sequence[Checkpoint]
 ) -> Generator[Progress, None, PredictionResult]:
     """The last stage of every inferer: labels (and what ``config`` asks for) from the mean softmax
-    ``(K, *spatial)`` on the source grid, with the first checkpoint's label names."""
+    ``(K, *spatial)`` on the source grid, with the first checkpoint's label names and class
+    weights (:func:`class_weights_of`)."""
     yield Progress("postprocess", 0, 1)
-    result = finish(mean, False, config.return_probabilities, config.return_uncertainty)
+    result = finish(mean, False, config.return_probabilities, config.return_uncertainty,
+                    class_weights_of(ckpts[0]))
     result.labels = clean_labels(result.labels, config, ckpts[0])
     result.label_names = label_names_of(ckpts[0])
     yield Progress("postprocess", 1, 1)
@@ -263,10 +287,12 @@ def tta_mirror_axes(ckpt: Checkpoint, mirror: bool = True) -> tuple[int, ...]:
 
 
 __all__ = [
+    "CLASS_WEIGHTS",
     "LARGEST_COMPONENT",
     "LARGEST_FOREGROUND",
     "PAIRED_CLASSES",
     "Inferer",
+    "class_weights_of",
     "clean_labels",
     "component_rule",
     "get_inferer",

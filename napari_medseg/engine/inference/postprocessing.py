@@ -175,35 +175,49 @@ def softmax_inplace(logits: torch.Tensor, slab_voxels: int = 1 << 22) -> torch.T
     return logits
 
 
-def argmax_labels(mean: np.ndarray, slab_voxels: int = 1 << 22) -> np.ndarray:
+def argmax_labels(mean: np.ndarray, slab_voxels: int = 1 << 22, weights: np.ndarray | None = None) -> np.ndarray:
     """``argmax`` over axis 0 as uint8 (uint16 beyond 256 classes), a slab at a time.
 
     The int64 index array numpy makes exists for one slab only; ties pick the first class, as
-    ``np.argmax`` does.
+    ``np.argmax`` does. With ``weights`` (one factor per class) the argmax is of ``mean`` times
+    them (a slab's copy at a time; ``mean`` is not changed).
     """
     labels = np.empty(mean.shape[1:], np.uint8 if mean.shape[0] <= 256 else np.uint16)
+    scale = None if weights is None else np.asarray(weights, np.float32).reshape((-1,) + (1,) * (mean.ndim - 1))
     if labels.ndim == 0:
-        labels[()] = np.argmax(mean)
+        labels[()] = np.argmax(mean if scale is None else mean * scale.ravel())
         return labels
     step = max(1, slab_voxels // max(1, math.prod(mean.shape[2:])))
     for z0 in range(0, mean.shape[1], step):
-        labels[z0 : z0 + step] = np.argmax(mean[:, z0 : z0 + step], axis=0)
+        slab = mean[:, z0 : z0 + step]
+        labels[z0 : z0 + step] = np.argmax(slab if scale is None else slab * scale, axis=0)
     return labels
 
 
-def argmax_relative(relative: torch.Tensor, slab_voxels: int = 1 << 22) -> np.ndarray:
+def argmax_relative(
+    relative: torch.Tensor, slab_voxels: int = 1 << 22, weights: np.ndarray | None = None
+) -> np.ndarray:
     """Labels from logits relative to class 0, a slab at a time.
 
     ``relative`` is ``(K - 1, *spatial)`` (see ``sliding_window(..., relative=True)``); the labels
     are the ``argmax`` over ``[0, l_1 - l_0, ...]``, the first class on ties (class 0 wins a tie at
-    0), as uint8 (uint16 beyond 256 classes).
+    0), as uint8 (uint16 beyond 256 classes). With ``weights`` (one factor per class, as
+    :func:`argmax_labels` takes them on the softmax) each class's relative logit is moved by
+    ``log(w_k / w_0)``: the same labels as the weighted softmax's argmax.
     """
     k = relative.shape[0] + 1
+    shift = None
+    if weights is not None:
+        w = np.asarray(weights, np.float64)
+        shift = torch.as_tensor(np.log(w[1:] / w[0]), dtype=torch.float32, device=relative.device)
+        shift = shift.reshape((-1,) + (1,) * (relative.ndim - 1))
     labels = np.empty(tuple(relative.shape[1:]), np.uint8 if k <= 256 else np.uint16)
     step = max(1, slab_voxels // max(1, math.prod(relative.shape[2:])))
     with torch.inference_mode():
         for z0 in range(0, relative.shape[1], step):
             slab = relative[:, z0 : z0 + step].float()
+            if shift is not None:
+                slab = slab + shift
             best, idx = slab.max(0)  # the first maximum on ties
             idx += 1
             idx.masked_fill_(best <= 0, 0)  # class 0 (relative logit 0) wins ties
@@ -212,16 +226,18 @@ def argmax_relative(relative: torch.Tensor, slab_voxels: int = 1 << 22) -> np.nd
 
 
 def finish(
-    mean: np.ndarray, largest_component: bool, return_probabilities: bool, return_uncertainty: bool
+    mean: np.ndarray, largest_component: bool, return_probabilities: bool, return_uncertainty: bool,
+    class_weights: np.ndarray | None = None,
 ) -> PredictionResult:
     """The result of a prediction from its mean softmax ``(K, *spatial)`` in the source geometry.
 
-    Labels are :func:`argmax_labels` (then :func:`keep_largest_component` of every foreground class
+    Labels are :func:`argmax_labels` (of ``mean`` times ``class_weights`` when given; the
+    probabilities and the uncertainty are of ``mean`` itself) (then :func:`keep_largest_component` of every foreground class
     with ``largest_component``); the uncertainty is the entropy of ``mean`` divided by ``log K``
     (zeros for one class). ``label_names`` is left for the caller to fill.
     """
     num_classes = mean.shape[0]
-    labels = argmax_labels(mean)
+    labels = argmax_labels(mean, weights=class_weights)
     if largest_component:
         labels = keep_largest_component(labels, range(1, num_classes))
     uncertainty = None

@@ -30,6 +30,7 @@ from napari_medseg.engine.checkpoints import Checkpoint, build_model, check_comp
 from napari_medseg.engine.inference.config import PredictConfig
 from napari_medseg.engine.inference.inferers import (
     Inferer,
+    class_weights_of,
     clean_labels,
     finish_ensemble,
     label_names_of,
@@ -206,6 +207,7 @@ class SlidingWindowInferer(Inferer):
         """Segment ``image`` with ``ckpts``; see :meth:`Inferer.run`."""
         for ck in ckpts:
             check_compatible(ck, image.shape[0], len(spacing))
+            class_weights_of(ck)  # a malformed recommendation fails before the compute, not after
         plans = [plan_of(ck) for ck in ckpts]
         dev = resolve_device(config.device)
         groups = yield from self._prepare(image, spacing, ckpts, plans, config)
@@ -325,7 +327,7 @@ class SlidingWindowInferer(Inferer):
         del tensor
         group.image = None
         yield Progress("postprocess", 0, 1)
-        labels = argmax_relative(logits)
+        labels = argmax_relative(logits, weights=class_weights_of(ckpt))
         del logits  # before the restore: the K - 1 volumes are the peak
         labels = restore_labels(labels, group.props, group.plan)
         labels = clean_labels(labels, config, ckpt)
