@@ -8,7 +8,13 @@ import torch
 
 from napari_medseg.engine.checkpoints import load_checkpoint, save_checkpoint
 from napari_medseg.engine.evaluation import EvaluationError, class_volumes, fit_class_weights
-from napari_medseg.engine.inference import InferenceError, InputStage, argmax_labels, argmax_relative, predict
+from napari_medseg.engine.inference import (
+    InferenceError,
+    InputStage,
+    argmax_labels,
+    argmax_relative,
+    predict,
+)
 from napari_medseg.engine.inference.inferers import CLASS_WEIGHTS, class_weights_of
 from napari_medseg.engine.jobs import collect
 from napari_medseg.engine.planning import Plan
