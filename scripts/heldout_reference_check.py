@@ -66,8 +66,7 @@ def registered_reference(seed: int = 1) -> np.ndarray:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("-c", "--checkpoint", help="default: the shipped model",
-                   default=os.path.join(os.path.dirname(HERE), "napari_medseg", "checkpoints", "colin27_deepgm_unet3d.pt"))
+    p.add_argument("-c", "--checkpoint", default="colin27_deepgm_unet3d", help="a path or a catalogue name")
     p.add_argument("--device", default="cpu")
     args = p.parse_args()
     import nibabel as nib  # noqa: PLC0415
