@@ -29,7 +29,8 @@ structures 9-14 % too large on its own training subject (its 2 mm labels come fr
 over the full label map's classes, which lets a target take a block it covers only in part), so the
 shipped checkpoint carries class weights fitted there (``fit_calibration``: the Colin27 head and
 brain at 1 mm against AAL, nothing held out looked at): held out 0.745 -> 0.752 (ICBM152 brain),
-0.738 -> 0.748 (composite head).
+0.738 -> 0.748 (composite head). The checkpoint's domain then joins those 1 mm images to the 2 mm
+training data (``calibration_domain``), so that the domain check flags 5 mm slices, not 0.7 mm T1s.
 
 Resumable: run it again and it continues from ``RUN/checkpoint_latest.pt`` (the learning rate
 follows the epoch, so a resumed run anneals as an uninterrupted one; the generator settings of
@@ -133,7 +134,8 @@ def train(args, dataset: str, run: str) -> int:
 
 def ship(args, run: str) -> int:
     from napari_medseg.engine.checkpoints import load_checkpoint  # noqa: PLC0415
-    from napari_medseg.engine.checkpoints.build import write_checkpoint  # noqa: PLC0415
+    from napari_medseg.engine.checkpoints.build import with_domain, write_checkpoint  # noqa: PLC0415
+    from napari_medseg.engine.inference.domain import merge_domains  # noqa: PLC0415
 
     ckpt_path = os.path.join(run, "checkpoint_final.pt")
     if not os.path.isfile(ckpt_path):
@@ -154,6 +156,8 @@ def ship(args, run: str) -> int:
                        "volume_ratio_after": [round(float(r), 3) for r in history[-1][1:]]}
         print("class weights (fitted on Colin27, the training subject):", calibration)
         trained = dataclasses.replace(trained, extra={**trained.extra, CLASS_WEIGHTS: calibration["class_weights"]})
+        # fitted on 1 mm images too: the domain check takes them (a 0.7 mm T1 is not "far outside")
+        trained = with_domain(trained, merge_domains(trained.domain, calibration_domain()))
     candidate = os.path.join(args.work, NAME)
     # Ship the weights, the recipe, the orientation and the domain, not the optimiser's momentum
     # buffers (half the file).
@@ -236,6 +240,24 @@ def fit_calibration(ckpt, device: str):
         probabilities.append(result.probabilities)
     return fit_class_weights(probabilities, [reference, reference],
                              clean=lambda labels: clean_labels(labels, PredictConfig(), ckpt))
+
+
+def calibration_domain() -> dict:
+    """The domain (``engine.inference.domain``) of the images :func:`fit_calibration` fits on: the
+    Colin27 head and brain at 1 mm, foreground = the AAL targets."""
+    import numpy as np  # noqa: PLC0415
+
+    from napari_medseg.engine.inference.domain import case_domain_stats, summarise_domain  # noqa: PLC0415
+    from napari_medseg.io import read_volume  # noqa: PLC0415
+
+    templates = data.find_templates()
+    colin = data.load_colin27(templates)
+    reference = np.ascontiguousarray(data.aal_targets(colin["aal"]).transpose(2, 1, 0))  # napari order
+    stats = []
+    for i, name in enumerate(("ch2.nii.gz", "ch2bet.nii.gz")):
+        volume = read_volume(os.path.join(templates, name))
+        stats.append(case_domain_stats(volume.data[None], reference, volume.spacing, i))
+    return summarise_domain(stats, "T1")
 
 
 def sample_mean_dice(checkpoint: str) -> float:

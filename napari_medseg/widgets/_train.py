@@ -146,7 +146,7 @@ class TrainWidget(EngineJobOwner, QWidget):
         self.lr.setSingleStep(1e-3)
         self.lr.setSpecialValueText("auto (the model's recipe)")
         self.lr.setValue(0.0)
-        self.lr.setToolTip("auto: with a time budget Adam 1e-3 (measured to converge in minutes); else the architecture's recipe (nnU-Net: SGD 1e-2, poly decay)")
+        self.lr.setToolTip("auto: with a time budget Adam 1e-3 (measured to converge in minutes), 3e-5 when correcting a checkpoint on its own classes; else the architecture's recipe (nnU-Net: SGD 1e-2, poly decay)")
         self.batch = _spin(0, 512, 0)
         self.batch.setSpecialValueText("auto")
         self.batch.setToolTip("auto: the planner's choice for this data and memory")

@@ -130,6 +130,25 @@ def test_far_voxel_sizes_are_refused(mri_checkpoint):
         drive(predict(mri(), (5.0, 1.0, 1.0), mri_checkpoint, device="cpu"))
 
 
+def test_merged_domains_join_the_ranges(tmp_path):
+    from napari_medseg.engine.inference.domain import merge_domains
+
+    trained = summarise_domain([case_domain_stats(mri()[None], _inner(), (2.0, 2.0, 2.0), 0)], modality="T1")
+    fitted = summarise_domain([case_domain_stats(mri(seed=s)[None], _inner(), SPACING, s) for s in (1, 2)], "T1")
+    merged = merge_domains(trained, fitted)
+    assert merged["spacing_mm"] == [[1.0, 1.0, 1.0], [2.0, 2.0, 2.0]]
+    assert merged["field_of_view_mm"] == [[20.0, 28.0, 24.0], [40.0, 56.0, 48.0]]
+    assert merged["num_cases"] == 3 and merged["modality"] == "T1"
+    assert merged["intensity_percentiles"] == fitted["intensity_percentiles"]  # the one with more cases
+    assert merge_domains(None, fitted) is fitted and merge_domains(trained, None) is trained
+    assert merge_domains(trained, {**fitted, "modality": "T2"})["modality"] == "T1, T2"
+    ckpt = with_domain(make_tiny_checkpoint(tmp_path / "m.pt"), merged)
+    # a 0.7 mm T1 (HCP-like) passes a model fitted on 1 mm images; 5 mm slices do not
+    assert check_domain(mri(), (0.7, 0.7, 0.7), ckpt) == []
+    thick = check_domain(mri(), (5.0, 1.0, 1.0), ckpt)
+    assert len(thick) == 1 and "axis 0 coarser by at least 2.5x" in thick[0], thick
+
+
 def test_mri_into_ct_model_is_refused(tmp_path):
     stats = [case_domain_stats(ct(seed=s)[None], _inner(), SPACING, s) for s in range(2)]
     domain = summarise_domain(stats, modality="CT")

@@ -160,3 +160,87 @@ def test_a_time_budget_takes_adam_unless_told_otherwise():
     assert (budget.optimizer, budget.lr) == (BUDGET_RECIPE["optimizer"], BUDGET_RECIPE["lr"])
     assert resolve_recipe(TrainConfig()).optimizer == "sgd"  # epochs x iterations: nnU-Net's recipe
     assert resolve_recipe(TrainConfig(minutes=5, optimizer="sgd")).lr == 1e-2
+
+
+# ------------------------------------------------------------------ corrections of the parent's own classes
+NAMES = {0: "background", 1: "caudate", 2: "putamen"}
+
+
+def _mr_painted(shape=(32, 32, 32), painted=(8, 14, 20)):
+    """A 'T1' (positive arbitrary units) with two structures, painted on a few slices."""
+    rng = np.random.default_rng(1)
+    truth = np.zeros(shape, np.int16)
+    truth[6:24, 6:16, 6:26] = 1
+    truth[6:24, 18:28, 6:26] = 2
+    image = np.where(truth == 1, 300.0, np.where(truth == 2, 500.0, 100.0)) + rng.normal(0, 10, shape)
+    label = np.full(shape, IGNORE, np.int16)
+    label[list(painted)] = truth[list(painted)]
+    return image.astype(np.float32), label
+
+
+def _correction(tmp_path, parent_extra=None, names=NAMES, spacing=(1.0, 1.0, 1.0), **kw):
+    from napari_medseg.engine.checkpoints.fields import (
+        CLASS_WEIGHTS,
+        LARGEST_COMPONENT,
+        LARGEST_FOREGROUND,
+        PAIRED_CLASSES,
+    )
+
+    extra = {PAIRED_CLASSES: [1, 2], LARGEST_COMPONENT: True, LARGEST_FOREGROUND: True,
+             CLASS_WEIGHTS: [1.0, 0.5, 0.7]} if parent_extra is None else parent_extra
+    parent = make_tiny_checkpoint(tmp_path / "parent.pt", num_classes=3, spacing=(2.0, 2.0, 2.0),
+                                  label_names=dict(NAMES), extra=extra)
+    image, label = _mr_painted()
+    config = TrainConfig(output_dir=str(tmp_path / "run"), device="cpu", ignore_label=IGNORE, label_names=names,
+                         init_checkpoint=parent, batch_size=2, val_batches=1, seed=0, patch_size=(16, 16, 16),
+                         epochs=1, iterations_per_epoch=1, **kw)
+    events, path = collect(train(config, [(image, label, spacing)]))
+    return [e.text for e in events if isinstance(e, Message)], load_checkpoint(path)
+
+
+def test_finer_data_keep_the_parents_grid(tmp_path):
+    """1 mm data into a 2 mm parent: resampled onto its grid (as prediction does), not re-planned."""
+    texts, ckpt = _correction(tmp_path)
+    assert not any(t.startswith("Re-planned") for t in texts), texts
+    assert tuple(ckpt.plan["spacing"]) == (2.0, 2.0, 2.0)
+    # coarser data still re-plan (the parent's grid would upsample them)
+    texts, ckpt = _correction(tmp_path / "coarse", spacing=(4.0, 4.0, 4.0))
+    assert any(t.startswith("Re-planned") for t in texts), texts
+    assert tuple(ckpt.plan["spacing"]) != (2.0, 2.0, 2.0)
+
+
+def test_a_correction_keeps_the_parents_postprocessing_but_not_its_class_weights(tmp_path):
+    from napari_medseg.engine.checkpoints.fields import CLASS_WEIGHTS, POSTPROCESSING
+
+    texts, ckpt = _correction(tmp_path)
+    assert {k: ckpt.extra.get(k) for k in POSTPROCESSING} == {
+        "paired_classes": [1, 2], "largest_component": True, "largest_foreground_component": True}
+    assert CLASS_WEIGHTS not in ckpt.extra and "best_dice" in ckpt.extra
+    assert any(t.startswith("Kept the parent's post-processing") and "not its class weights" in t for t in texts)
+    # resuming the fine-tuned run keeps them too
+    config = TrainConfig(output_dir=str(tmp_path / "run"), device="cpu", ignore_label=IGNORE, label_names=NAMES,
+                         resume=str(tmp_path / "run" / "checkpoint_latest.pt"), batch_size=2, val_batches=1,
+                         patch_size=(16, 16, 16), epochs=2, iterations_per_epoch=1)
+    image, label = _mr_painted()
+    _, path = collect(train(config, [(image, label, (1.0, 1.0, 1.0))]))
+    assert load_checkpoint(path).extra["paired_classes"] == [1, 2]
+
+
+def test_another_task_keeps_none_of_the_parents_recommendations(tmp_path):
+    texts, ckpt = _correction(tmp_path, names={0: "background", 1: "liver", 2: "spleen"})
+    assert set(ckpt.extra) == {"best_dice"}
+    assert not any(t.startswith("Kept the parent's") for t in texts)
+
+
+@pytest.mark.parametrize(("names", "kw", "lr"), [
+    (NAMES, {}, "correction"),  # a budgeted correction: the gentle rate
+    ({0: "background", 1: "liver", 2: "spleen"}, {}, 1e-3),  # another task: the budget's rate
+    (NAMES, {"lr": 2e-4}, 2e-4),  # the user's rate wins
+])
+def test_a_budgeted_correction_trains_gently(tmp_path, names, kw, lr):
+    from napari_medseg.engine.training.correction import CORRECTION_LR
+
+    texts, ckpt = _correction(tmp_path, names=names, minutes=0.02, **kw)
+    expected = CORRECTION_LR if lr == "correction" else lr
+    assert ckpt.train_config["lr"] == pytest.approx(expected)
+    assert any(t.startswith("A correction of the parent's own classes") for t in texts) == (lr == "correction")

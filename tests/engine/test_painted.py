@@ -115,3 +115,31 @@ def test_time_budget_and_schedule():
     assert scheduled_lr(0.01, "constant", 0.05, warmup=0.1) == pytest.approx(0.0055)
     with pytest.raises(ValueError):
         scheduled_lr(0.01, "plateau", 0.5)
+
+
+@pytest.mark.parametrize("odd", [False, True])
+def test_shrinking_a_painted_case_keeps_every_painted_slice(odd):
+    """1 mm slices painted, trained at 2 mm: each painted slice lands in one coarse slice, with
+    the classes it holds; unpainted voxels stay ignored (one-hot interpolation lost some)."""
+    from napari_medseg.engine.preprocessing.resampling import resize_segmentation
+
+    slices = (7, 19, 31) if odd else (6, 18, 30)
+    case = _painted_case(slices=slices, shape=(41, 32, 36))
+    out = resize_segmentation(case.label, (20, 16, 18), ignore_label=IGNORE)
+    kept = painted_slices(out, IGNORE, 0).tolist()
+    assert len(kept) == len(slices)
+    assert kept == [int((s + 0.5) * 20 / 41) for s in slices]  # the coarse slice holding its centre
+    for s, k in zip(slices, kept):
+        assert set(np.unique(out[k])) == set(np.unique(case.label[s]))  # every painted class, nothing else
+        assert abs(np.count_nonzero(out[k] == 1) * 4 - np.count_nonzero(case.label[s] == 1)) <= 2 * 40
+    # one-hot interpolation (the ignore label as a class) lost all three even slices here
+    plain = painted_slices(resize_segmentation(case.label, (20, 16, 18)), IGNORE, 0)
+    assert len(plain) == (3 if odd else 0)
+
+
+def test_growing_a_painted_case_uses_the_plain_rule():
+    from napari_medseg.engine.preprocessing.resampling import resize_segmentation
+
+    case = _painted_case(slices=(5, 12), shape=(20, 16, 18))
+    up = resize_segmentation(case.label, (40, 32, 36), ignore_label=IGNORE)
+    assert np.array_equal(up, resize_segmentation(case.label, (40, 32, 36)))

@@ -308,3 +308,21 @@ def test_predict_keeps_an_integer_image_uncast(tmp_path, monkeypatch):
     assert isinstance(seen[0], LazyNormalizedImage) and seen[0].raw.dtype == np.int16
     _, ref = collect(predict(img.astype(np.float32), (1.0, 1.0, 1.0), [path], device="cpu", mirror=False))
     assert np.array_equal(res.labels, ref.labels)
+
+
+def test_unpainted_voxels_outside_the_image_are_not_called_lost_labels(caplog):
+    """The crop-to-nonzero warning counts class voxels, not the ignore label of a partly painted map."""
+    from napari_medseg.engine.preprocessing import preprocess_case
+
+    image = np.zeros((12, 14, 16), np.float32)
+    image[2:10, 3:11, 4:12] = 100.0 + np.arange(8)[:, None, None]
+    label = np.full(image.shape, 3, np.int16)  # ignore everywhere (3 = num_classes)
+    label[5, 3:11, 4:12] = 1
+    plan = make_plan((1.0, 1.0, 1.0), num_classes=3)
+    with caplog.at_level("WARNING"):
+        preprocess_case(image, (1.0, 1.0, 1.0), plan, label)
+    assert "lie outside the nonzero image region" not in caplog.text
+    label[0, 0, 0] = 2  # a painted voxel in the air is cropped away: said
+    with caplog.at_level("WARNING"):
+        preprocess_case(image, (1.0, 1.0, 1.0), plan, label)
+    assert "1 labelled voxels lie outside" in caplog.text

@@ -44,3 +44,16 @@ def test_shipped_checkpoint_segments_the_sample_above_reported_dice():
     scores = dice_per_class(result.labels, labels, range(1, 7))
     mean = float(np.mean(list(scores.values())))
     assert mean >= reported - 0.005, (mean, reported, scores)  # tolerance: BLAS summation order
+
+
+def test_the_shipped_model_flags_thick_slices_not_fine_voxels():
+    """Trained at 2 mm, its class weights fitted on 1 mm images: its domain spans both, so a 0.7 mm
+    T1 (HCP-like) passes and 5 mm slices are flagged."""
+    from napari_medseg.engine.inference.domain import check_domain
+
+    shipped = os.path.join(PKG, "checkpoints", NAME)
+    rng = np.random.default_rng(0)
+    t1 = rng.gamma(2.0, 40.0, (40, 40, 40)).astype(np.float32)
+    assert check_domain(t1, (0.7, 0.7, 0.7), shipped) == []
+    assert check_domain(t1, (1.0, 1.0, 1.0), shipped) == []
+    assert check_domain(t1, (5.0, 1.0, 1.0), shipped)

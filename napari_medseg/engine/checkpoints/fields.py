@@ -41,6 +41,7 @@ __all__ = [
     "LARGEST_COMPONENT",
     "LARGEST_FOREGROUND",
     "PAIRED_CLASSES",
+    "POSTPROCESSING",
     "check_domain_field",
     "check_orientation_field",
 ]
@@ -61,6 +62,10 @@ LARGEST_FOREGROUND = "largest_foreground_component"
 #: the training data, :func:`napari_medseg.engine.evaluation.fit_class_weights`). Returned
 #: probabilities stay the model's own.
 CLASS_WEIGHTS = "class_weights"
+#: The ``extra`` keys that describe the labels' shape rather than the weights (one piece per class
+#: and side): a fine-tune on the same classes keeps them; :data:`CLASS_WEIGHTS`, fitted to one set
+#: of weights, it does not (``engine.training.replan.inherited_extra``).
+POSTPROCESSING = (PAIRED_CLASSES, LARGEST_COMPONENT, LARGEST_FOREGROUND)
 
 _PAIRS = ("RL", "AP", "SI")
 

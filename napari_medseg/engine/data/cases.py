@@ -176,6 +176,7 @@ def case_from_arrays(
     spacing: Sequence[float],
     plan: Plan,
     name: str = "layer",
+    ignore_label: int | None = None,
 ) -> Case:
     """Preprocess in-memory arrays (e.g. napari layers) into a :class:`Case`.
 
@@ -185,8 +186,9 @@ def case_from_arrays(
         spacing: Spacing per spatial axis, napari order.
         plan: The configuration's plan.
         name: Name of the case.
+        ignore_label: The label of unpainted voxels, if ``label`` is partly painted.
     """
-    img, lab, props = preprocess_case(np.asarray(image), spacing, plan, label)
+    img, lab, props = preprocess_case(np.asarray(image), spacing, plan, label, ignore_label=ignore_label)
     return Case(name, img, lab, props)
 
 

@@ -11,8 +11,9 @@ one line per thing that is far off. :func:`~napari_medseg.engine.inference.predi
 What counts as far off (deliberately coarse: a warning the user can override, never a silent
 refusal of an unusual but valid image):
 
-* **voxel size**: an axis more than 2.5 times coarser than the coarsest training spacing along it,
-  or finer than 0.4 times the finest (5 mm slices into a 1 mm model);
+* **voxel size**: an axis at least 2.5 times coarser than the coarsest training spacing along it,
+  or finer than 0.4 times the finest (5 mm slices into a 1 mm model, or into the shipped model,
+  trained at 2 mm and fitted on 1 mm images);
 * **negative intensities**: the image has many strongly negative voxels (CT in Hounsfield units:
   air near -1000) while the training images had none (MRI). MRI intensities are arbitrary units,
   so their *scale* is never compared (a scanner writing 0..4000 instead of 0..255 passes): a voxel
@@ -40,6 +41,7 @@ __all__ = [
     "case_domain_stats",
     "check_domain",
     "intensity_features",
+    "merge_domains",
     "summarise_domain",
 ]
 
@@ -160,6 +162,49 @@ def summarise_domain(stats: Sequence[dict], modality: str | None = None) -> dict
     return domain
 
 
+def _ranges(a: Any, b: Any) -> Any:
+    if not a or not b or len(a[0]) != len(b[0]):
+        return a or b
+    return [np.minimum(a[0], b[0]).tolist(), np.maximum(a[1], b[1]).tolist()]
+
+
+def _mean_fraction(a: dict, b: dict, na: int, nb: int) -> float | None:
+    fa, fb = a.get("strongly_negative_fraction"), b.get("strongly_negative_fraction")
+    if fa is None or fb is None:
+        return fa if fb is None else fb
+    return (fa * na + fb * nb) / (na + nb)
+
+
+def merge_domains(first: dict | None, second: dict | None) -> dict | None:
+    """The domain of a model fitted on the images of both: spacing and field-of-view ranges joined,
+    cases added, strongly negative fractions averaged over the cases; the intensity percentiles
+    (and unknown keys) of the one with more cases; ``None`` only when both are.
+
+    Used for a fine-tune on the parent's classes (the parent's images and the new ones) and for a
+    checkpoint fitted after training on other images than its training set (the shipped model's
+    class weights, on 1 mm images).
+    """
+    if not first or not second:
+        return first or second
+    na, nb = int(first.get("num_cases") or 1), int(second.get("num_cases") or 1)
+    merged = dict(first if na >= nb else second)
+    for key in ("spacing_mm", "field_of_view_mm"):
+        merged[key] = _ranges(first.get(key), second.get(key))
+    fraction = _mean_fraction(first, second, na, nb)
+    if fraction is not None:
+        merged["strongly_negative_fraction"] = fraction
+    ca, cb = first.get("channels"), second.get("channels")
+    if ca and cb and len(ca) == len(cb):
+        merged["channels"] = [
+            {**(x if na >= nb else y), "strongly_negative_fraction": _mean_fraction(x, y, na, nb)}
+            for x, y in zip(ca, cb)
+        ]
+    modalities = [m for m in (first.get("modality"), second.get("modality")) if m]
+    merged["modality"] = modalities[0] if len(set(modalities)) == 1 else (", ".join(modalities) or None)
+    merged["num_cases"] = na + nb
+    return merged
+
+
 # -------------------------------------------------------------------------------------------- check
 def _mm(values: Sequence[float]) -> str:
     return " x ".join(f"{v:.3g}" for v in values)
@@ -172,12 +217,12 @@ def _spacing_reasons(spacing: Sequence[float], trained: Any) -> list[str]:
     n = min(len(lo), len(spacing))
     mine = list(spacing)[-n:]
     lo, hi = lo[-n:], hi[-n:]
-    far = [a for a in range(n) if mine[a] > COARSER * hi[a] or mine[a] < FINER * lo[a]]
+    far = [a for a in range(n) if mine[a] >= COARSER * hi[a] or mine[a] < FINER * lo[a]]
     if not far:
         return []
     ranges = " x ".join(f"{a:.3g}" if math.isclose(a, b, rel_tol=1e-3) else f"{a:.3g}-{b:.3g}" for a, b in zip(lo, hi))
     how = ", ".join(
-        f"axis {a} {'coarser' if mine[a] > hi[a] else 'finer'} by more than "
+        f"axis {a} {'coarser' if mine[a] > hi[a] else 'finer'} by {'at least' if mine[a] > hi[a] else 'more than'} "
         f"{COARSER if mine[a] > hi[a] else 1 / FINER:.3g}x" for a in far
     )
     return [f"voxel size {_mm(mine)} mm, trained on {ranges} mm ({how})"]

@@ -153,6 +153,7 @@ def preprocess_case(
     label: np.ndarray | None = None,
     *,
     lazy: bool = False,
+    ignore_label: int | None = None,
 ) -> tuple[np.ndarray | LazyNormalizedImage, np.ndarray | None, CaseProperties]:
     """Crop, transpose, resample and normalise one case for the network.
 
@@ -165,6 +166,8 @@ def preprocess_case(
         lazy: When the case needs no resampling (and has no label), return the image as a
             :class:`LazyNormalizedImage` (views of ``image``, normalised tile by tile when read)
             instead of a float32 copy: prediction then holds one volume less.
+        ignore_label: The label of unpainted voxels in a partly painted ``label``: shrinking keeps
+            every painted voxel (:func:`~.resampling.resize_segmentation`).
 
     Returns:
         ``(image (C, *grid) float32, label (*grid) int16 or None, properties)`` where ``grid`` is the
@@ -207,7 +210,9 @@ def preprocess_case(
     img = img[(slice(None), *sl)]
     mask = mask[sl]
     if lab is not None:
-        lost = int(np.count_nonzero(lab)) - int(np.count_nonzero(lab[sl]))
+        # class voxels only: values from the plan's number of classes up (an ignore label) are not labels
+        classes = (lab > 0) & (lab < plan.num_classes) if plan.num_classes else lab != 0
+        lost = int(np.count_nonzero(classes)) - int(np.count_nonzero(classes[sl]))
         if lost:
             logger.warning("%d labelled voxels lie outside the nonzero image region and are cropped away", lost)
         lab = lab[sl]
@@ -244,7 +249,8 @@ def preprocess_case(
     if needs_mask:
         mask = resample_to_shape(mask[None].astype(np.uint8), new_shape, True, axis=axis)[0].astype(bool)
     if lab is not None:
-        lab = resample_to_shape(lab[None], new_shape, is_seg=True, axis=axis, order=1, order_z=0)[0]
+        lab = resample_to_shape(lab[None], new_shape, is_seg=True, axis=axis, order=1, order_z=0,
+                                ignore_label=ignore_label)[0]
 
     # 4. normalise
     img = normalize(img, plan, mask if needs_mask else None)

@@ -202,14 +202,46 @@ def _resize_one_axis(arr: np.ndarray, axis: int, n_out: int, order: int) -> np.n
     return _zoom_to(arr, target, order)
 
 
+def _block_starts(n_in: int, n_out: int) -> np.ndarray:
+    """First input index of each output voxel when every input voxel goes to the output voxel that
+    holds its centre (``n_out <= n_in``: each output gets at least one)."""
+    owner = np.floor((np.arange(n_in) + 0.5) * (n_out / n_in)).astype(np.intp)
+    return np.flatnonzero(np.r_[True, owner[1:] != owner[:-1]])
+
+
+def _painted_to(seg: np.ndarray, shape: tuple[int, ...], ignore_label: int) -> np.ndarray:
+    """Shrink a partly painted label map keeping every painted voxel (see :func:`resize_segmentation`)."""
+    starts = [None if n == o else _block_starts(o, n) for o, n in zip(seg.shape, shape)]
+    best_val = np.zeros(shape, np.int32)  # painted voxels of the winning class; 0: none, stays ignore
+    best_cls = np.full(shape, ignore_label, seg.dtype)
+    for c in np.unique(seg):
+        if c == ignore_label:
+            continue
+        count = (seg == c).astype(np.int32)
+        for ax, st in enumerate(starts):
+            if st is not None:
+                count = np.add.reduceat(count, st, axis=ax)
+        better = count > best_val
+        best_val[better] = count[better]
+        best_cls[better] = c
+    return best_cls
+
+
 def resize_segmentation(
     seg: np.ndarray,
     shape: Sequence[int],
     order: int = 1,
     order_z: int = 0,
     axis: int | None = None,
+    ignore_label: int | None = None,
 ) -> np.ndarray:
     """Resize an integer label map: one-hot interpolation per class, then argmax.
+
+    A partly painted map (``ignore_label`` present) that shrinks (no axis grows) is resized so that
+    no painted voxel is lost: each input voxel goes to the output voxel holding its centre, and an
+    output voxel takes the most frequent *painted* class among its inputs (the ignore label only
+    where none is painted). One-hot interpolation instead drops painted slices that fall between
+    the samples: three 1 mm slices painted on a brain kept one or two at 2 mm, an odd one none.
 
     Args:
         seg: Integer label map (spatial axes only).
@@ -217,6 +249,7 @@ def resize_segmentation(
         order: Interpolation order of the class memberships (0 = nearest, 1 = linear).
         order_z: Order along ``axis`` when it is resampled separately (nnU-Net uses 0).
         axis: The separately resampled axis, or ``None``.
+        ignore_label: The value of unpainted voxels (not a class), or ``None``.
 
     Returns:
         The resized label map with the dtype of ``seg``.
@@ -224,6 +257,9 @@ def resize_segmentation(
     shape = tuple(int(s) for s in shape)
     if seg.shape == shape:
         return seg.copy()
+    if (ignore_label is not None and all(n <= o for n, o in zip(shape, seg.shape))
+            and np.any(seg == ignore_label)):
+        return _painted_to(seg, shape, ignore_label)
     if order == 0 and (axis is None or order_z == 0):
         return _nearest_to(seg, shape)
     inplane = list(shape)
@@ -254,6 +290,7 @@ def resample_to_shape(
     order: int | None = None,
     order_z: int = 0,
     clip: bool = True,
+    ignore_label: int | None = None,
 ) -> np.ndarray:
     """Resize channels-first data ``(C, *spatial)`` to ``new_shape`` (spatial).
 
@@ -265,6 +302,7 @@ def resample_to_shape(
         order: Spline order; default 3 for data, 1 for labels.
         order_z: Order along ``axis`` when resampled separately.
         clip: Clip data to the input range (cubic splines overshoot); ignored for labels.
+        ignore_label: Labels: the value of unpainted voxels (see :func:`resize_segmentation`).
     """
     new_shape = tuple(int(s) for s in new_shape)
     if arr.ndim != len(new_shape) + 1:
@@ -274,7 +312,7 @@ def resample_to_shape(
     if order is None:
         order = 1 if is_seg else 3
     if is_seg:
-        return np.stack([resize_segmentation(c, new_shape, order, order_z, axis) for c in arr])
+        return np.stack([resize_segmentation(c, new_shape, order, order_z, axis, ignore_label) for c in arr])
     data = arr if np.issubdtype(arr.dtype, np.floating) else arr.astype(np.float32)
     if len(data) == 0:
         return np.empty((0, *new_shape), data.dtype)

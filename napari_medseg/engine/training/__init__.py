@@ -4,6 +4,8 @@
 * :mod:`.prepare` -- :func:`prepare_data`: plan, preprocess, check and split the cases;
 * :mod:`.trainer` -- :class:`Trainer` (a short loop over documented hooks) and :func:`train`;
 * :mod:`.registry` -- :func:`register_trainer` / :func:`trainer_for`: which trainer trains a run;
+* :mod:`.replan`, :mod:`.correction` -- fine-tuning: a new plan for data the parent does not fit;
+  what a fine-tune on the parent's own classes keeps of it, and its learning rate;
 * :mod:`.validation`, :mod:`.losses`, :mod:`.optim` -- pseudo Dice, Dice + CE, Lookahead;
 * :mod:`.variants` -- the trainer variants (cascade, whole-volume models) (imported last: importing registers them).
 

@@ -116,3 +116,21 @@ class Lookahead(torch.optim.Optimizer):
 def lookahead_nadam(params, lr: float, weight_decay: float = 0.0, k: int = 5, alpha: float = 0.5) -> Lookahead:
     """``Lookahead(NAdam(params, lr, weight_decay), k, alpha)``: the cross-dimensional models' recipe."""
     return Lookahead(torch.optim.NAdam(params, lr=lr, weight_decay=weight_decay), k=k, alpha=alpha)
+
+
+def make_optimizer(params, config) -> torch.optim.Optimizer:
+    """The optimiser ``config.optimizer`` names (``sgd``: nesterov with ``momentum``; ``adam``;
+    ``lookahead_nadam``) over ``params`` at ``config.lr`` and ``config.weight_decay``.
+
+    Raises:
+        ValueError: an unknown optimiser name.
+    """
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(
+            params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay, nesterov=True
+        )
+    if config.optimizer == "adam":
+        return torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+    if config.optimizer == "lookahead_nadam":  # the cross-dimensional models' recipe
+        return lookahead_nadam(params, lr=config.lr, weight_decay=config.weight_decay)
+    raise ValueError(f"Unknown optimizer {config.optimizer!r}; use 'sgd', 'adam' or 'lookahead_nadam'.")

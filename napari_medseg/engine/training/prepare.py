@@ -20,7 +20,7 @@ else the first case's), and every case read adds to the training domain
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Generator
+from collections.abc import Generator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,7 +46,12 @@ from napari_medseg.engine.planning import (
 )
 from napari_medseg.engine.preprocessing import guess_modality, orientation_codes
 from napari_medseg.engine.training.config import TrainConfig, TrainingError, resolve_recipe
-from napari_medseg.engine.training.registry import trainer_for
+from napari_medseg.engine.training.correction import from_parent
+from napari_medseg.engine.training.registry import (
+    derived_configuration,
+    register_derived_configuration,
+    trainer_for,
+)
 from napari_medseg.engine.training.replan import (
     cap_for_cpu_budget,
     labels_differ,
@@ -69,6 +74,7 @@ class TrainingData:
     orientation: str | None = None  # axis codes the cases were reoriented to (None: unknown geometry)
     domain: dict | None = None  # the training domain (engine.inference.domain), for the checkpoints
     validation: str = ""  # "held-out slices" / "none" when a painted case was split; "" = by the split
+    extra: dict = field(default_factory=dict)  # checkpoint extras kept from the parent (replan.inherited_extra)
 
 
 @dataclass
@@ -130,14 +136,16 @@ class CaseInputs:
         arrays = self._arrays(i)
         return arrays.image, arrays.spacing, arrays.label
 
-    def load(self, i: int, plan: Plan) -> Case:
-        """Case ``i`` preprocessed with ``plan`` (files: label values checked against the plan)."""
+    def load(self, i: int, plan: Plan, ignore_label: int | None = None) -> Case:
+        """Case ``i`` preprocessed with ``plan`` (files: label values checked against the plan;
+        ``ignore_label``: the run's, so that shrinking keeps every painted voxel)."""
         arrays = self._arrays(i)
         if self.raw_cases is not None and arrays.label is not None:
             rc = self.raw_cases[i]
             values = set(range(plan.num_classes)) | (set(rc.generation_values) if rc.keep_generation else set())
             check_label_values(arrays.label, values, rc.label_path)
-        return case_from_arrays(arrays.image, arrays.label, arrays.spacing, plan, name=self.name(i))
+        return case_from_arrays(arrays.image, arrays.label, arrays.spacing, plan, name=self.name(i),
+                                ignore_label=ignore_label)
 
     def domain(self) -> dict | None:
         """The training domain of the cases read so far (``None`` before any)."""
@@ -213,29 +221,9 @@ def source_checkpoint(config: TrainConfig, loaded: Checkpoint | None = None) -> 
 
 
 # ------------------------------------------------------------------------------------------ planning
-#: Configurations a variant derives from the planner's others when the planner made none.
-_DERIVED: dict[str, tuple[Callable[[dict[str, Plan]], Plan | None], str]] = {}
-
-
-def register_derived_configuration(
-    configuration: str, derive: Callable[[dict[str, Plan]], Plan | None], message: str = ""
-) -> None:
-    """Let a variant supply ``configuration`` when the planner made no plan of that name.
-
-    Called by a trainer variant at import time (e.g. the cascade on the ``3d_fullres`` plan of
-    data too small for a low-res stage).
-
-    Args:
-        configuration: The configuration name a run may ask for.
-        derive: ``plans -> Plan`` (or ``None`` when it cannot be derived from these plans).
-        message: Told to the user when the derived plan is used.
-    """
-    _DERIVED[configuration] = (derive, message)
-
-
 def _choose_plan(config: TrainConfig, plans: dict[str, Plan]) -> Generator[Message, None, Plan]:
-    if config.configuration not in plans and config.configuration in _DERIVED:
-        derive, message = _DERIVED[config.configuration]
+    if config.configuration not in plans and derived_configuration(config.configuration) is not None:
+        derive, message = derived_configuration(config.configuration)
         derived = derive(plans)
         if derived is not None:
             plans[config.configuration] = derived
@@ -408,9 +396,10 @@ def prepare_data(
             yield Message(f"Validation on {len(held)} held-out painted slice(s) {held}; they are not trained on.")
         train_cases, val_cases = [train_case], [val_case] if val_case is not None else []
         val_is_train, validation = False, "held-out slices" if val_case is not None else "none"
+    extra, domain = yield from from_parent(config, source, inputs)
     return TrainingData(
         train_cases, val_cases, plan, inputs.label_names, fingerprint, val_is_train=val_is_train, source=source,
-        orientation=inputs.orientation, domain=inputs.domain(), validation=validation,
+        orientation=inputs.orientation, domain=domain, validation=validation, extra=extra,
     )
 
 

@@ -104,4 +104,30 @@ def trainer_for(config: Any, plan: Any) -> type:
     return _TRAINERS[_DEFAULT[0]].cls
 
 
-__all__ = ["TrainerEntry", "get_trainer", "list_trainers", "register_trainer", "trainer_for"]
+#: Configurations a variant derives from the planner's others when the planner made none.
+_DERIVED: dict[str, tuple[Callable[[dict], Any], str]] = {}
+
+
+def register_derived_configuration(configuration: str, derive: Callable[[dict], Any], message: str = "") -> None:
+    """Let a variant supply ``configuration`` when the planner made no plan of that name.
+
+    Called by a trainer variant at import time (e.g. the cascade on the ``3d_fullres`` plan of
+    data too small for a low-res stage).
+
+    Args:
+        configuration: The configuration name a run may ask for.
+        derive: ``plans -> Plan`` (or ``None`` when it cannot be derived from these plans).
+        message: Told to the user when the derived plan is used.
+    """
+    _DERIVED[configuration] = (derive, message)
+
+
+def derived_configuration(configuration: str) -> tuple[Callable[[dict], Any], str] | None:
+    """``(derive, message)`` registered for ``configuration``, or ``None``."""
+    return _DERIVED.get(configuration)
+
+
+__all__ = [
+    "TrainerEntry", "derived_configuration", "get_trainer", "list_trainers", "register_derived_configuration",
+    "register_trainer", "trainer_for",
+]

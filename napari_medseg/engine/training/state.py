@@ -232,7 +232,8 @@ def save_trainer_checkpoint(trainer, name: str, epoch: int) -> str:
     """Write ``name`` in the run folder from the trainer's bare network (rank 0 only); return its path.
 
     The checkpoint records the orientation the cases were trained in and their domain
-    (``trainer.data.orientation`` / ``.domain``, see :mod:`~napari_medseg.engine.training.prepare`).
+    (``trainer.data.orientation`` / ``.domain``, see :mod:`~napari_medseg.engine.training.prepare`),
+    and the parent's post-processing a fine-tune on its classes keeps (``trainer.data.extra``).
     """
     path = os.path.join(trainer.config.output_dir, name)
     if trainer.rank != 0:
@@ -244,7 +245,7 @@ def save_trainer_checkpoint(trainer, name: str, epoch: int) -> str:
         in_channels=trainer.in_channels, num_classes=trainer.num_classes, spatial_dims=trainer.spatial_dims,
         plan=trainer.plan.to_dict(), label_names=trainer.data.label_names,
         train_config=trainer.config.to_dict(), epoch=epoch, optimizer=trainer.optimizer,
-        history=trainer.history, extra={"best_dice": best if math.isfinite(best) else None},
+        history=trainer.history, extra={**data.extra, "best_dice": best if math.isfinite(best) else None},
         orientation=getattr(data, "orientation", None), domain=getattr(data, "domain", None),
     )
     return path

@@ -43,13 +43,14 @@ from napari_medseg.engine.training.config import (
     check_run_folder,
     resolve_recipe,
 )
+from napari_medseg.engine.training.correction import correction_recipe
 from napari_medseg.engine.training.losses import (
     DeepSupervisionLoss,
     DiceCELoss,
     deep_supervision_weights,
     downsample_targets,
 )
-from napari_medseg.engine.training.optim import lookahead_nadam
+from napari_medseg.engine.training.optim import make_optimizer
 from napari_medseg.engine.training.prepare import CaseInputs, TrainingData, prepare_data
 from napari_medseg.engine.training.registry import register_trainer, trainer_for
 from napari_medseg.engine.training.schedule import TimeBudget, scheduled_lr
@@ -123,7 +124,7 @@ class Trainer:
         """
         cases = []
         for i in range(len(inputs)):
-            cases.append(inputs.load(i, plan))
+            cases.append(inputs.load(i, plan, config.ignore_label))
             yield Progress("preprocess", i + 1, len(inputs), cases[-1].name)
         return cases
 
@@ -213,16 +214,10 @@ class Trainer:
 
     def build_optimizer(self) -> torch.optim.Optimizer:
         """The optimiser over the model's parameters, per ``config.optimizer``; called after :meth:`build_loss`."""
-        params, cfg = self.model.parameters(), self.config
-        if cfg.optimizer == "sgd":
-            return torch.optim.SGD(
-                params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=True
-            )
-        if cfg.optimizer == "adam":
-            return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        if cfg.optimizer == "lookahead_nadam":  # the cross-dimensional models' recipe
-            return lookahead_nadam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        raise TrainingError(f"Unknown optimizer {cfg.optimizer!r}; use 'sgd', 'adam' or 'lookahead_nadam'.")
+        try:
+            return make_optimizer(self.model.parameters(), self.config)
+        except ValueError as err:
+            raise TrainingError(str(err)) from err
 
     # ------------------------------------------------------------------------------- step hooks
     def lr_at(self, epoch: int) -> float:
@@ -410,8 +405,11 @@ def train(config: TrainConfig, data: Any, trainer_cls: type[Trainer] | None = No
         TrainingError: ``output_dir`` holds another run and neither ``resume`` nor ``overwrite`` is set.
     """
     check_run_folder(config)
-    config = resolve_recipe(config)
+    requested, config = config, resolve_recipe(config)
     prepared = yield from relay(prepare_data(config, data, trainer_cls))
+    config, note = correction_recipe(requested, config, prepared.source, prepared.label_names)
+    if note:
+        yield Message(note)
     cls = trainer_cls or trainer_for(config, prepared.plan)
     trainer = cls(config, prepared)
     return (yield from trainer.run())

@@ -156,7 +156,7 @@ class CascadeTrainer(Trainer):
         for i in range(len(inputs)):
             img, sp, lab = inputs.read(i)
             prev = yield from previous_stage_labels(img, sp, previous, device=config.device, mirror=False)
-            case = case_from_arrays(img, lab, sp, plan, name=inputs.name(i))
+            case = case_from_arrays(img, lab, sp, plan, name=inputs.name(i), ignore_label=config.ignore_label)
             _, prev_grid, _ = preprocess_case(img, sp, plan, label=prev)
             case.image = np.concatenate([case.image, prev_grid[None].astype(np.float32)])
             cases.append(case)
