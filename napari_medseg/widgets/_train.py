@@ -620,7 +620,7 @@ class TrainWidget(EngineJobOwner, QWidget):
                 return
             self.last_checkpoint = latest
 
-            def stopped() -> None:
+            def stopped(_listed: bool = True) -> None:
                 self.resume_button.setEnabled(True)
                 show_status(self.status, f"Stopped. Saved {short_path(latest)}; Resume continues it.")
 
@@ -629,8 +629,9 @@ class TrainWidget(EngineJobOwner, QWidget):
         self.last_checkpoint = str(result)
         resegment = self.resegment.isChecked() and isinstance(self._run["data"], list)
 
-        def done() -> None:
-            show_status(self.status, f"Done: {short_path(self.last_checkpoint)} (listed in the Segment widget).")
+        def done(listed: bool = True) -> None:
+            where = "listed in the Segment widget" if listed else "not in the catalogue (see the log): Segment opens it by path"
+            show_status(self.status, f"Done: {short_path(self.last_checkpoint)} ({where}).", error=not listed)
             if resegment:
                 self.segment_again(self.last_checkpoint)
 
@@ -684,7 +685,7 @@ class TrainWidget(EngineJobOwner, QWidget):
 
     def _register(self, path: str, stopped: bool, then=None) -> None:
         """Register ``path`` in the catalogue in a background thread (it reads the checkpoint),
-        then tell every widget's list and call ``then()``; the run counts as running meanwhile."""
+        then tell every widget's list and call ``then(listed)``; the run counts as running meanwhile."""
         from napari_medseg.engine.checkpoints import register_checkpoint
 
         config, desc = self._run["config"], self._run["desc"]
@@ -704,7 +705,7 @@ class TrainWidget(EngineJobOwner, QWidget):
                 else:
                     catalog_events().changed.emit()
                 if then is not None:
-                    then()
+                    then(error is None)
             finally:
                 self._finishing -= 1
 

@@ -40,6 +40,15 @@ def test_register_and_list(tiny_checkpoint, medseg_home):
     assert all(i.path != os.path.realpath(path) for i in catalog.list_checkpoints())
 
 
+def test_a_class_absent_from_validation_does_not_stop_the_registration(tiny_checkpoint, medseg_home):
+    """A fine-tune validated on held-out slices without one class has Dice NaN for it: JSON cannot
+    hold NaN, and the checkpoint went unregistered (so not listed in Segment)."""
+    path = tiny_checkpoint("nan", register=False, num_classes=3)
+    info = catalog.register_checkpoint(path, name="corrected", dice={"organ_1": 0.7, "organ_2": float("nan")})
+    assert info.dice == {"organ_1": 0.7}
+    assert [i.dice for i in catalog.list_checkpoints() if i.path == os.path.realpath(path)] == [{"organ_1": 0.7}]
+
+
 def test_register_refuses_non_checkpoints(tmp_path):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")

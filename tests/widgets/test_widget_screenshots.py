@@ -2,7 +2,10 @@
 
 Trains a small model on the Colin27 sample in the Train widget (a few CPU minutes), segments the
 sample with it in the Segment widget (or with ``MEDSEG_SCREENSHOT_CHECKPOINT`` when set, e.g. the
-shipped model), opens the Model library, and writes ``docs/screenshot_{train,segment,library}.png``.
+shipped model), opens the Model library, and writes ``docs/screenshot_{train,segment,library}.png``;
+optionally a whole head (``MEDSEG_SCREENSHOT_HEAD``) and the correction loop on another brain
+(``MEDSEG_SCREENSHOT_CORRECT``), which replaces the Train screenshot with a fine-tune of the shipped
+model on corrected slices.
 """
 
 from __future__ import annotations
@@ -113,6 +116,71 @@ def test_screenshots(make_napari_viewer, qtbot, tmp_path):
     head_path = os.environ.get("MEDSEG_SCREENSHOT_HEAD")
     if head_path:
         _head(viewer, qtbot, head_path)
+
+    # ---- The viewer's loop on another brain (MEDSEG_SCREENSHOT_CORRECT="image.nii.gz,reference.nii.gz"):
+    # Segment with the shipped model, correct five slices, fine-tune it (writes screenshot_train.png;
+    # set MEDSEG_SCREENSHOT_EPOCHS=0 with it)
+    correct = os.environ.get("MEDSEG_SCREENSHOT_CORRECT")
+    if correct:
+        _correct(viewer, qtbot, tmp_path, *correct.split(","))
+
+
+def _correct(viewer, qtbot, tmp_path, image_path, reference_path):
+    """Segment ``image_path`` with the shipped model, write the reference into five axial slices of
+    the result (as brush corrections would; the tracker sees them as changed voxels), fine-tune the
+    shipped model on the corrected slices in the Train widget, screenshot its curves."""
+    import numpy as np
+    from medseg_testing import select_checkpoint
+
+    from napari_medseg.io import read_volume
+    from napari_medseg.widgets._partial import tracker_for
+    from napari_medseg.widgets._segment import SegmentWidget
+    from napari_medseg.widgets._train import TrainWidget
+
+    viewer.layers.clear()
+    (scan,) = viewer.open(image_path, plugin="napari-medseg")
+    segment = SegmentWidget(viewer)
+    _dock(viewer, segment, "Segment")
+    qtbot.waitUntil(lambda: segment.checkpoints.loaded, timeout=120_000)
+    shipped = segment.checkpoints.current_info().path
+    segment.channels.set_layers([scan])
+    segment.device.setCurrentText("cpu")
+    segment.run_button.click()
+    qtbot.waitUntil(lambda: not segment.running, timeout=600_000)
+    result = segment.result_layer
+    assert result is not None, segment.status.text()
+    viewer.window.remove_dock_widget("all")
+    tracker = tracker_for(result, viewer)
+    reference = read_volume(reference_path).data
+    rows = np.flatnonzero(reference.reshape(reference.shape[0], -1).max(1))
+    picks = [int(round(v)) for v in np.linspace(rows[0], rows[-1], 7)[1:-1]]
+    data = np.asarray(result.data)
+    for z in picks:
+        data[z] = reference[z]
+    result.refresh()
+    assert sorted(tracker.painted_slices().get(0, picks)) == picks
+
+    train = TrainWidget(viewer)
+    train_dock = _dock(viewer, train, "Train / Fine-tune")
+    train.channels.set_layers([scan])
+    train.labels.set_layer(result)
+    train.start_from.setCurrentIndex(1)
+    select_checkpoint(train.checkpoints, shipped)
+    train.partial_mode.setCurrentIndex(train.partial_mode.findData("slices"))
+    train.minutes.setValue(float(os.environ.get("MEDSEG_SCREENSHOT_MINUTES", 2)))
+    train.device.setCurrentText("cpu")
+    train.output.setText(str(tmp_path / "correction"))
+    train.resegment.setChecked(False)
+    train.train_button.click()
+    assert train.running, train.status.text()
+    qtbot.waitUntil(lambda: not train.running, timeout=3_600_000)
+    assert train.last_checkpoint, train.status.text()
+    train.scroll.verticalScrollBar().setValue(train.scroll.verticalScrollBar().maximum())
+    qtbot.waitUntil(lambda: train.curves.up_to_date, timeout=60_000)
+    result.opacity = 0.6
+    viewer.dims.set_point(0, float(scan.translate[0] + scan.scale[0] * picks[2]))
+    _shot(viewer, qtbot, "screenshot_train.png")
+    viewer.window.remove_dock_widget(train_dock)
 
 
 def _head(viewer, qtbot, path):

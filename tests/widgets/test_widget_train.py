@@ -114,6 +114,27 @@ def test_stop_saves_and_resume_continues(make_napari_viewer, qtbot, phantom, tmp
     assert load_checkpoint(widget.last_checkpoint).epoch == 2
 
 
+def test_a_checkpoint_that_could_not_be_listed_is_not_called_listed(make_napari_viewer, qtbot, phantom, tmp_path,
+                                                                     monkeypatch):
+    from napari_medseg.engine import checkpoints
+
+    def failing_register(*args, **kwargs):
+        raise ValueError("Out of range float values are not JSON compliant: nan")
+
+    monkeypatch.setattr(checkpoints, "register_checkpoint", failing_register)
+    viewer = make_napari_viewer()
+    image, labels = phantom
+    viewer.add_image(image, name="scan")
+    viewer.add_labels(labels, name="truth")
+    widget = _train_widget(viewer)
+    _tiny_settings(widget, tmp_path, epochs=1, iterations=1)
+    widget.train_button.click()
+    qtbot.waitUntil(lambda: not widget.running, timeout=120_000)
+    assert os.path.isfile(widget.last_checkpoint)
+    text = widget.status.text()
+    assert "not in the catalogue" in text and "listed in the Segment widget" not in text, text
+
+
 def test_partial_labels_only_painted_voxels_count(make_napari_viewer, qtbot, phantom, tiny_checkpoint, tmp_path):
     from napari_medseg.engine.checkpoints import load_checkpoint
     from napari_medseg.widgets._partial import tracker_for

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import Iterable
@@ -137,14 +138,18 @@ def _summary(path: str) -> dict:
 
 
 def _clean_dice(dice: Any) -> dict[str, float] | None:
+    """Finite Dice values by class name: a class absent from the validation data has NaN, which
+    says nothing and which JSON cannot hold (it made a fine-tuned checkpoint unregistrable)."""
     if not isinstance(dice, dict) or not dice:
         return None
     out = {}
     for k, v in dice.items():
         try:
-            out[str(k)] = float(v)
+            value = float(v)
         except (TypeError, ValueError):
             continue
+        if math.isfinite(value):
+            out[str(k)] = value
     return out or None
 
 
