@@ -21,6 +21,14 @@ def _train_widget(viewer):
     return widget
 
 
+def _train_on_phantom(viewer, phantom):
+    """A Train widget over ``viewer`` holding the phantom as ``scan`` and its labels as ``truth``."""
+    image, labels = phantom
+    viewer.add_image(image, name="scan")
+    viewer.add_labels(labels, name="truth")
+    return _train_widget(viewer)
+
+
 def _tiny_settings(widget, tmp_path, epochs=2, iterations=2):
     widget.minutes.setValue(0)  # epochs x iterations, not a time budget
     widget.resegment.setChecked(False)
@@ -80,11 +88,7 @@ def test_stop_saves_and_resume_continues(make_napari_viewer, qtbot, phantom, tmp
     from napari_medseg.engine.checkpoints import load_checkpoint
     from napari_medseg.engine.jobs import Progress
 
-    viewer = make_napari_viewer()
-    image, labels = phantom
-    viewer.add_image(image, name="scan")
-    viewer.add_labels(labels, name="truth")
-    widget = _train_widget(viewer)
+    widget = _train_on_phantom(make_napari_viewer(), phantom)
     _tiny_settings(widget, tmp_path, epochs=3, iterations=4)
 
     reached, released = threading.Event(), threading.Event()
@@ -122,11 +126,7 @@ def test_a_checkpoint_that_could_not_be_listed_is_not_called_listed(make_napari_
         raise ValueError("Out of range float values are not JSON compliant: nan")
 
     monkeypatch.setattr(checkpoints, "register_checkpoint", failing_register)
-    viewer = make_napari_viewer()
-    image, labels = phantom
-    viewer.add_image(image, name="scan")
-    viewer.add_labels(labels, name="truth")
-    widget = _train_widget(viewer)
+    widget = _train_on_phantom(make_napari_viewer(), phantom)
     _tiny_settings(widget, tmp_path, epochs=1, iterations=1)
     widget.train_button.click()
     qtbot.waitUntil(lambda: not widget.running, timeout=120_000)
@@ -226,11 +226,7 @@ def test_synthetic_augmentation_trains_from_layers(make_napari_viewer, qtbot, ph
     from napari_medseg.engine.checkpoints import load_checkpoint
     from napari_medseg.widgets._train import AUGMENTATIONS
 
-    viewer = make_napari_viewer()
-    image, labels = phantom
-    viewer.add_image(image, name="scan")
-    viewer.add_labels(labels, name="truth")
-    widget = _train_widget(viewer)
+    widget = _train_on_phantom(make_napari_viewer(), phantom)
     _tiny_settings(widget, tmp_path, epochs=1, iterations=2)
     widget.augment.setCurrentIndex([v for _, v in AUGMENTATIONS].index("synth"))
     assert widget.build_config().augment == "synth"
