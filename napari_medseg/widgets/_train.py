@@ -202,6 +202,8 @@ class TrainWidget(EngineJobOwner, QWidget):
         self._summary_seq = 0  # the newest summary request; older answers are dropped
         self._summary_busy = False
         self._finishing = 0  # background steps of a finished run still to come (registering it)
+        self._loop_layer: int | None = None  # id of the Segment result the loop's defaults were set for
+        self._loop_checkpoint: str | None = None  # its checkpoint, selected once the list is read
 
         self._build_layout()
         self._connect()
@@ -300,6 +302,7 @@ class TrainWidget(EngineJobOwner, QWidget):
         self.start_from.currentIndexChanged.connect(self._on_start_from)
         self.minutes.valueChanged.connect(self._on_minutes)
         self.checkpoints.changed.connect(self._on_start_from)
+        self.checkpoints.changed.connect(self._select_loop_checkpoint)
         self.labels.currentIndexChanged.connect(self._on_labels_layer)
         self.partial_mode.currentIndexChanged.connect(self._update_summary)
         self.partial_reset.clicked.connect(self._reset_edits)
@@ -353,7 +356,37 @@ class TrainWidget(EngineJobOwner, QWidget):
         if layer is not None:
             tracker = tracker_for(layer, self.viewer)
             tracker.on_change(self._summary_timer.start)
+            self._loop_defaults(layer)
         self._update_summary()
+
+    def _loop_defaults(self, layer) -> None:
+        """A Segment result chosen as the labels (once per layer): the correction loop's settings,
+        fine-tune the checkpoint that made it, on the painted slices only (training a new model on
+        every voxel of a prediction would learn the prediction, mistakes included)."""
+        path = (layer.metadata or {}).get("medseg_checkpoint")
+        if id(layer) == self._loop_layer or not path or not os.path.isfile(path):
+            return
+        self._loop_layer, self._loop_checkpoint = id(layer), os.path.realpath(path)
+        self.start_from.setCurrentIndex(1)
+        self.partial_mode.setCurrentIndex(self.partial_mode.findData("slices"))
+        self._select_loop_checkpoint()
+        self._log(f"{layer.name!r} is a Segment result: fine-tuning {os.path.basename(path)} on the painted "
+                  "slices (change it above).")
+
+    def _select_loop_checkpoint(self) -> None:
+        """Select the loop's checkpoint once the list is read (added to it when not listed)."""
+        path = self._loop_checkpoint
+        if path is None or not self.checkpoints.loaded:
+            return
+        self._loop_checkpoint = None
+        idx = self.checkpoints.combo.findData(path)
+        if idx >= 0:
+            self.checkpoints.combo.setCurrentIndex(idx)
+            return
+        try:
+            self.checkpoints.add_path(path)
+        except Exception as err:  # noqa: BLE001 - the user picks one instead
+            self._log(f"Could not list {path}: {err}")
 
     def _reset_edits(self) -> None:
         layer = self.labels.layer()

@@ -130,7 +130,6 @@ def _correct(viewer, qtbot, tmp_path, image_path, reference_path):
     the result (as brush corrections would; the tracker sees them as changed voxels), fine-tune the
     shipped model on the corrected slices in the Train widget, screenshot its curves."""
     import numpy as np
-    from medseg_testing import select_checkpoint
 
     from napari_medseg.io import read_volume
     from napari_medseg.widgets._partial import tracker_for
@@ -164,9 +163,9 @@ def _correct(viewer, qtbot, tmp_path, image_path, reference_path):
     train_dock = _dock(viewer, train, "Train / Fine-tune")
     train.channels.set_layers([scan])
     train.labels.set_layer(result)
-    train.start_from.setCurrentIndex(1)
-    select_checkpoint(train.checkpoints, shipped)
-    train.partial_mode.setCurrentIndex(train.partial_mode.findData("slices"))
+    # the Segment result as labels: Train sets up the loop by itself (fine-tune its checkpoint, painted slices)
+    qtbot.waitUntil(lambda: train.checkpoints.current_path() == os.path.realpath(shipped), timeout=120_000)
+    assert train.start_from.currentIndex() == 1 and train.partial_key() == "slices"
     train.minutes.setValue(float(os.environ.get("MEDSEG_SCREENSHOT_MINUTES", 2)))
     train.device.setCurrentText("cpu")
     train.output.setText(str(tmp_path / "correction"))

@@ -56,6 +56,7 @@ def test_segment_adds_labels_on_the_image_grid(make_napari_viewer, qtbot, phanto
     assert layer.metadata["medseg_geometry"]["affine"] == image.metadata["medseg_geometry"]["affine"]
     assert layer.metadata["medseg_source"] == "/data/scan.nii.gz"
     assert layer.metadata["medseg_label_names"] == {"0": "background", "1": "organ_1"}
+    assert os.path.realpath(layer.metadata["medseg_checkpoint"]) == os.path.realpath(path)  # Train's loop reads it
     assert "organ_1" in widget.legend.text()
     assert "scan uncertainty" in viewer.layers and "scan p(organ_1)" in viewer.layers
     np.testing.assert_allclose(viewer.layers["scan uncertainty"].translate, image.translate)

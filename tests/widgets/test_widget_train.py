@@ -135,6 +135,28 @@ def test_a_checkpoint_that_could_not_be_listed_is_not_called_listed(make_napari_
     assert "not in the catalogue" in text and "listed in the Segment widget" not in text, text
 
 
+def test_a_segment_result_as_labels_sets_up_the_correction_loop(make_napari_viewer, qtbot, phantom, tiny_checkpoint):
+    """Choosing a Segment result (its metadata names its checkpoint) selects fine-tuning that
+    checkpoint on the painted slices, once; a painted layer keeps the defaults."""
+    widget = _train_on_phantom(make_napari_viewer(), phantom)
+    viewer = widget.viewer
+    parent = tiny_checkpoint("parent")
+    widget.labels.set_layer(viewer.layers["truth"])
+    assert widget.start_from.currentIndex() == 0 and widget.partial_key() == "all"
+    result = viewer.add_labels(np.zeros_like(phantom[1]), name="scan segmentation", metadata={
+        "medseg_checkpoint": parent, "medseg_label_names": {"0": "background", "1": "organ_1"}})
+    widget.labels.set_layer(result)
+    qtbot.waitUntil(lambda: widget.checkpoints.current_path() == os.path.realpath(parent), timeout=20_000)
+    assert widget.start_from.currentIndex() == 1 and widget.partial_key() == "slices"
+    assert "is a Segment result" in widget.log.toPlainText()
+    # the user's choices stand: back to this layer, nothing is set again
+    widget.partial_mode.setCurrentIndex(widget.partial_mode.findData("voxels"))
+    widget.start_from.setCurrentIndex(0)
+    widget.labels.set_layer(viewer.layers["truth"])
+    widget.labels.set_layer(result)
+    assert widget.start_from.currentIndex() == 0 and widget.partial_key() == "voxels"
+
+
 def test_partial_labels_only_painted_voxels_count(make_napari_viewer, qtbot, phantom, tiny_checkpoint, tmp_path):
     from napari_medseg.engine.checkpoints import load_checkpoint
     from napari_medseg.widgets._partial import tracker_for
