@@ -30,7 +30,7 @@ over the full label map's classes, which lets a target take a block it covers on
 shipped checkpoint carries class weights fitted there (``fit_calibration``: the Colin27 head and
 brain at 1 mm against AAL, nothing held out looked at): held out 0.745 -> 0.752 (ICBM152 brain),
 0.738 -> 0.748 (composite head). The checkpoint's domain then joins those 1 mm images to the 2 mm
-training data (``calibration_domain``), so that the domain check flags 5 mm slices, not 0.7 mm T1s.
+training data (``fit_calibration`` returns it), so that the domain check flags 5 mm slices, not 0.7 mm T1s.
 
 Resumable: run it again and it continues from ``RUN/checkpoint_latest.pt`` (the learning rate
 follows the epoch, so a resumed run anneals as an uninterrupted one; the generator settings of
@@ -150,14 +150,14 @@ def ship(args, run: str) -> int:
     })
     calibration = None
     if not args.no_calibrate:
-        weights, history = fit_calibration(trained, args.device)
+        weights, history, fitted_on = fit_calibration(trained, args.device)
         calibration = {"class_weights": [round(float(w), 4) for w in weights],
                        "volume_ratio_before": [round(float(r), 3) for r in history[0][1:]],
                        "volume_ratio_after": [round(float(r), 3) for r in history[-1][1:]]}
         print("class weights (fitted on Colin27, the training subject):", calibration)
         trained = dataclasses.replace(trained, extra={**trained.extra, CLASS_WEIGHTS: calibration["class_weights"]})
         # fitted on 1 mm images too: the domain check takes them (a 0.7 mm T1 is not "far outside")
-        trained = with_domain(trained, merge_domains(trained.domain, calibration_domain()))
+        trained = with_domain(trained, merge_domains(trained.domain, fitted_on))
     candidate = os.path.join(args.work, NAME)
     # Ship the weights, the recipe, the orientation and the domain, not the optimiser's momentum
     # buffers (half the file).
@@ -220,11 +220,13 @@ def ship(args, run: str) -> int:
 def fit_calibration(ckpt, device: str):
     """Class weights (``engine.evaluation.fit_class_weights``) for the loaded checkpoint ``ckpt``
     on the training subject: the Colin27 head and brain at 1 mm against AAL, with the checkpoint's
-    default post-processing; nothing held out is looked at. Returns ``(weights, history)``."""
+    default post-processing; nothing held out is looked at. Returns ``(weights, history, domain)``,
+    ``domain`` that of those images (``engine.inference.domain``, foreground = the AAL targets)."""
     import numpy as np  # noqa: PLC0415
 
     from napari_medseg.engine.evaluation import fit_class_weights  # noqa: PLC0415
     from napari_medseg.engine.inference import PredictConfig, predict  # noqa: PLC0415
+    from napari_medseg.engine.inference.domain import case_domain_stats, summarise_domain  # noqa: PLC0415
     from napari_medseg.engine.inference.inferers import clean_labels  # noqa: PLC0415
     from napari_medseg.engine.jobs import drive  # noqa: PLC0415
     from napari_medseg.io import read_volume  # noqa: PLC0415
@@ -232,32 +234,16 @@ def fit_calibration(ckpt, device: str):
     templates = data.find_templates()
     colin = data.load_colin27(templates)
     reference = np.ascontiguousarray(data.aal_targets(colin["aal"]).transpose(2, 1, 0))  # napari order
-    probabilities = []
-    for name in ("ch2.nii.gz", "ch2bet.nii.gz"):
+    probabilities, stats = [], []
+    for i, name in enumerate(("ch2.nii.gz", "ch2bet.nii.gz")):
         volume = read_volume(os.path.join(templates, name))
         result = drive(predict(volume.data, volume.spacing, [ckpt], affine=volume.affine, device=device,
                                return_probabilities=True, largest_component=False))
         probabilities.append(result.probabilities)
-    return fit_class_weights(probabilities, [reference, reference],
-                             clean=lambda labels: clean_labels(labels, PredictConfig(), ckpt))
-
-
-def calibration_domain() -> dict:
-    """The domain (``engine.inference.domain``) of the images :func:`fit_calibration` fits on: the
-    Colin27 head and brain at 1 mm, foreground = the AAL targets."""
-    import numpy as np  # noqa: PLC0415
-
-    from napari_medseg.engine.inference.domain import case_domain_stats, summarise_domain  # noqa: PLC0415
-    from napari_medseg.io import read_volume  # noqa: PLC0415
-
-    templates = data.find_templates()
-    colin = data.load_colin27(templates)
-    reference = np.ascontiguousarray(data.aal_targets(colin["aal"]).transpose(2, 1, 0))  # napari order
-    stats = []
-    for i, name in enumerate(("ch2.nii.gz", "ch2bet.nii.gz")):
-        volume = read_volume(os.path.join(templates, name))
         stats.append(case_domain_stats(volume.data[None], reference, volume.spacing, i))
-    return summarise_domain(stats, "T1")
+    weights, history = fit_class_weights(probabilities, [reference, reference],
+                                         clean=lambda labels: clean_labels(labels, PredictConfig(), ckpt))
+    return weights, history, summarise_domain(stats, "T1")
 
 
 def sample_mean_dice(checkpoint: str) -> float:

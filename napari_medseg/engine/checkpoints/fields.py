@@ -64,7 +64,7 @@ LARGEST_FOREGROUND = "largest_foreground_component"
 CLASS_WEIGHTS = "class_weights"
 #: The ``extra`` keys that describe the labels' shape rather than the weights (one piece per class
 #: and side): a fine-tune on the same classes keeps them; :data:`CLASS_WEIGHTS`, fitted to one set
-#: of weights, it does not (``engine.training.replan.inherited_extra``).
+#: of weights, it does not (``engine.training.correction.inherited_extra``).
 POSTPROCESSING = (PAIRED_CLASSES, LARGEST_COMPONENT, LARGEST_FOREGROUND)
 
 _PAIRS = ("RL", "AP", "SI")

@@ -222,8 +222,8 @@ def _spacing_reasons(spacing: Sequence[float], trained: Any) -> list[str]:
         return []
     ranges = " x ".join(f"{a:.3g}" if math.isclose(a, b, rel_tol=1e-3) else f"{a:.3g}-{b:.3g}" for a, b in zip(lo, hi))
     how = ", ".join(
-        f"axis {a} {'coarser' if mine[a] > hi[a] else 'finer'} by {'at least' if mine[a] > hi[a] else 'more than'} "
-        f"{COARSER if mine[a] > hi[a] else 1 / FINER:.3g}x" for a in far
+        f"axis {a} coarser by at least {COARSER:.3g}x" if mine[a] > hi[a] else f"axis {a} finer by more than {1 / FINER:.3g}x"
+        for a in far
     )
     return [f"voxel size {_mm(mine)} mm, trained on {ranges} mm ({how})"]
 

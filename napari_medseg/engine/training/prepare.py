@@ -74,7 +74,7 @@ class TrainingData:
     orientation: str | None = None  # axis codes the cases were reoriented to (None: unknown geometry)
     domain: dict | None = None  # the training domain (engine.inference.domain), for the checkpoints
     validation: str = ""  # "held-out slices" / "none" when a painted case was split; "" = by the split
-    extra: dict = field(default_factory=dict)  # checkpoint extras kept from the parent (replan.inherited_extra)
+    extra: dict = field(default_factory=dict)  # checkpoint extras kept from the parent (correction.inherited_extra)
 
 
 @dataclass
@@ -222,8 +222,9 @@ def source_checkpoint(config: TrainConfig, loaded: Checkpoint | None = None) -> 
 
 # ------------------------------------------------------------------------------------------ planning
 def _choose_plan(config: TrainConfig, plans: dict[str, Plan]) -> Generator[Message, None, Plan]:
-    if config.configuration not in plans and derived_configuration(config.configuration) is not None:
-        derive, message = derived_configuration(config.configuration)
+    entry = derived_configuration(config.configuration) if config.configuration not in plans else None
+    if entry is not None:
+        derive, message = entry
         derived = derive(plans)
         if derived is not None:
             plans[config.configuration] = derived
