@@ -244,3 +244,20 @@ def test_a_budgeted_correction_trains_gently(tmp_path, names, kw, lr):
     expected = CORRECTION_LR if lr == "correction" else lr
     assert ckpt.train_config["lr"] == pytest.approx(expected)
     assert any(t.startswith("A correction of the parent's own classes") for t in texts) == (lr == "correction")
+
+
+def test_a_resumed_correction_keeps_its_rate(tmp_path):
+    """Stop and Resume in the Train widget resend the run's config with ``resume`` set: the run goes
+    on at the correction's rate, not the budget's 1e-3."""
+    from napari_medseg.engine.training.correction import CORRECTION_LR
+
+    texts, ckpt = _correction(tmp_path, minutes=0.02)
+    assert ckpt.train_config["lr"] == pytest.approx(CORRECTION_LR)
+    image, label = _mr_painted()
+    config = TrainConfig(output_dir=str(tmp_path / "run"), device="cpu", ignore_label=IGNORE, label_names=NAMES,
+                         init_checkpoint=str(tmp_path / "parent.pt"), resume=str(tmp_path / "run" / "checkpoint_latest.pt"),
+                         batch_size=2, val_batches=1, seed=0, patch_size=(16, 16, 16), minutes=0.02,
+                         epochs=10**6, iterations_per_epoch=1)
+    events, path = collect(train(config, [(image, label, (1.0, 1.0, 1.0))]))
+    assert load_checkpoint(path).train_config["lr"] == pytest.approx(CORRECTION_LR)
+    assert any(isinstance(e, Message) and e.text.startswith("Resumed at the run's learning rate") for e in events)

@@ -8,7 +8,8 @@ checkpoint) changes what the parent predicts, not what it is for. So a correctio
 * records the parent's domain joined with the new images' (:func:`run_domain`: the model was
   fitted on both);
 * in a time-budgeted run without an optimiser or rate of the user's, trains at
-  :data:`CORRECTION_LR` instead of the budget's 1e-3 (:func:`correction_recipe`).
+  :data:`CORRECTION_LR` instead of the budget's 1e-3, also when stopped and resumed
+  (:func:`correction_recipe`).
 
 A fine-tune with other label names is another task (:func:`~.replan.labels_differ`): a new head,
 nothing of this kept. Measured on the shipped brain model (``benchmarks/bench_correct_shipped.py``,
@@ -92,9 +93,18 @@ def from_parent(config, source: Checkpoint | None, inputs) -> Generator[Message,
 def correction_recipe(requested, resolved, source: Checkpoint | None, label_names: dict[int, str]) -> tuple[Any, str | None]:
     """``(config, note)``: ``resolved`` (the run's config after ``resolve_recipe``) with
     :data:`CORRECTION_LR` and a note for the user when ``requested`` (the config as given) is a
-    time-budgeted correction naming neither an optimiser nor a rate; else ``(resolved, None)``."""
+    time-budgeted correction naming neither an optimiser nor a rate; else ``(resolved, None)``.
+
+    Resumed the same way (``source`` is then the run's own checkpoint), the run goes on at the rate
+    its checkpoint trained with: a stopped correction resumed at the budget's 1e-3 otherwise.
+    """
     if requested.minutes is None or requested.optimizer is not None or requested.lr is not None:
         return resolved, None
+    if requested.resume:
+        rate = (source.train_config or {}).get("lr") if source is not None else None
+        if rate is None or float(rate) == resolved.lr:
+            return resolved, None
+        return replace(resolved, lr=float(rate)), f"Resumed at the run's learning rate {float(rate):g}."
     if not is_correction(requested, source, label_names):
         return resolved, None
     return replace(resolved, lr=CORRECTION_LR), (
