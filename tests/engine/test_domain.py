@@ -16,7 +16,12 @@ from napari_medseg.engine.checkpoints import (
 )
 from napari_medseg.engine.inference import InferenceError, predict
 from napari_medseg.engine.inference.config import DomainError
-from napari_medseg.engine.inference.domain import case_domain_stats, check_domain, summarise_domain
+from napari_medseg.engine.inference.domain import (
+    case_domain_stats,
+    check_domain,
+    intensity_features,
+    summarise_domain,
+)
 from napari_medseg.engine.jobs import drive
 from napari_medseg.io import write_nifti
 
@@ -118,6 +123,20 @@ def test_mri_of_another_scanner_passes(mri_checkpoint):
     assert check_domain(mri(seed=7).astype(np.int16), (1.2, 0.9, 1.1), mri_checkpoint) == []
     result = drive(predict(rescaled, SPACING, mri_checkpoint, device="cpu", mirror=False))
     assert result.labels.shape == SHAPE
+
+
+def test_an_mri_normalised_to_zero_mean_passes_a_zscore_model(mri_checkpoint):
+    """Many ML data sets ship T1s already z-scored (background near -1): strongly negative, but to
+    a model that z-scores each image only an offset and a scale away from the raw one, so no
+    "CT?" message; and it segments as the raw image does. A CT is still flagged."""
+    raw = mri(seed=8)
+    zero_mean = ((raw - raw.mean()) / raw.std()).astype(np.float32)
+    assert intensity_features(zero_mean)["strongly_negative_fraction"] > 0.3  # would have read as CT
+    assert check_domain(zero_mean, SPACING, mri_checkpoint) == []
+    same = drive(predict(zero_mean, SPACING, mri_checkpoint, device="cpu", mirror=False))
+    ref = drive(predict(raw, SPACING, mri_checkpoint, device="cpu", mirror=False))
+    assert np.mean(same.labels == ref.labels) > 0.999
+    assert len(check_domain(ct(), SPACING, mri_checkpoint)) == 1
 
 
 def test_far_voxel_sizes_are_refused(mri_checkpoint):

@@ -18,7 +18,10 @@ refusal of an unusual but valid image):
   air near -1000) while the training images had none (MRI). MRI intensities are arbitrary units,
   so their *scale* is never compared (a scanner writing 0..4000 instead of 0..255 passes): a voxel
   is strongly negative when it is below -5 % of the image's own intensity scale
-  (``max(|p0.5|, |p99.5|)``);
+  (``max(|p0.5|, |p99.5|)``). Into a channel the model z-scores per image, negatives count only
+  when they reach Hounsfield air (the 0.5th percentile at or below :data:`HU_AIR_LIKE`): an MRI
+  already normalised to zero mean (background near -1) is the same image to such a model up to an
+  offset and a scale, so it passes;
 * **no negative intensities** into a CT-normalised channel trained on images with many of them
   (an MRI into a CT model, or a CT stored without its rescale to Hounsfield units).
 
@@ -58,6 +61,8 @@ COARSER, FINER = 2.5, 0.4
 TRAINED_NON_NEGATIVE, MANY_NEGATIVE = 0.001, 0.02
 #: A CT channel trained "with many negative values" (air): at least this fraction.
 TRAINED_NEGATIVE = 0.05
+#: Lows at or below this look like air in Hounsfield units (-1000), not a zero-mean MRI (about -1).
+HU_AIR_LIKE = -500.0
 
 
 def _subsample(channel: np.ndarray, max_samples: int = MAX_SAMPLES) -> np.ndarray:
@@ -239,13 +244,15 @@ def _intensity_reasons(image: np.ndarray, domain: dict, normalization: Sequence[
         mine = intensity_features(image[c])
         name = f"channel {c}" if image.shape[0] > 1 else "the image"
         low = mine["intensity_percentiles"]["0.5"]
-        if trained <= TRAINED_NON_NEGATIVE and mine["strongly_negative_fraction"] >= MANY_NEGATIVE:
+        scheme = str(normalization[c]).lower() if c < len(normalization) else ""
+        offset_free = scheme in ("zscore", "nonct") and low is not None and low > HU_AIR_LIKE
+        if trained <= TRAINED_NON_NEGATIVE and mine["strongly_negative_fraction"] >= MANY_NEGATIVE and not offset_free:
             reasons.append(
                 f"{name} has {100 * mine['strongly_negative_fraction']:.0f} % strongly negative voxels "
                 f"(down to {low:.4g}; CT in Hounsfield units?) but the model ({what}) was trained on "
                 "images without negative values"
             )
-        is_ct = c < len(normalization) and str(normalization[c]).lower() == "ct"
+        is_ct = scheme == "ct"
         if is_ct and trained >= TRAINED_NEGATIVE and mine["negative_fraction"] == 0:
             reasons.append(
                 f"{name} has no negative values but the model ({what}) was trained on Hounsfield units "
