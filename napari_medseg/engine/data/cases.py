@@ -26,6 +26,7 @@ from napari_medseg.engine.data.dataset import (
     DatasetError,
     RawCase,
     RawDataset,
+    file_affine,
     read_case_label,
     read_image,
     read_raw_case,
@@ -39,7 +40,6 @@ from napari_medseg.engine.preprocessing import (
     preprocess_case,
     reorientation,
 )
-from napari_medseg.io import read_volume
 from napari_medseg.io.atomic import atomic_path
 
 _CACHE_VERSION = 1
@@ -69,13 +69,14 @@ class CaseArrays:
 
 
 def file_orientation(path: str, ndim: int) -> str:
-    """The axis codes (napari order) of the volume file at ``path`` (the file is read).
+    """The axis codes (napari order) of the volume file at ``path`` (its geometry as remembered
+    from the case's read: :func:`~napari_medseg.engine.data.dataset.file_affine`).
 
     Raises:
         DatasetError: the file cannot be read.
     """
     try:
-        return orientation_codes(read_volume(path).affine, ndim)
+        return orientation_codes(file_affine(path), ndim)
     except ValueError as err:
         raise DatasetError(f"Cannot read the geometry of {path}: {err}") from err
 

@@ -239,7 +239,8 @@ def _parse_generation_labels(value, labels: dict[int, str], meta_path: str) -> d
 # ---------------------------------------------------------------------------------------- reading
 #: Grids of the files read last, ``{(path, size, mtime): (spatial shape, napari-order matrix)}``:
 #: a case's label file is checked against its image's grid without reading the image again.
-_GRIDS: OrderedDict[tuple, tuple[tuple[int, ...], np.ndarray]] = OrderedDict()
+#: ``(spatial shape, napari-order voxel-to-world matrix, RAS+ affine)`` of the volume files read lately.
+_GRIDS: OrderedDict[tuple, tuple[tuple[int, ...], np.ndarray, np.ndarray]] = OrderedDict()
 _GRIDS_KEPT = 512
 
 
@@ -256,7 +257,7 @@ def _read_volume_file(path: str) -> Volume:
     """
     try:
         vol = read_volume(path)
-        _GRIDS[_file_key(path)] = grid_of(vol)
+        _GRIDS[_file_key(path)] = (*grid_of(vol), np.asarray(vol.affine, float))
     except ValueError as err:
         raise DatasetError(f"Cannot read {path}: {err}") from err
     while len(_GRIDS) > _GRIDS_KEPT:
@@ -264,12 +265,31 @@ def _read_volume_file(path: str) -> Volume:
     return vol
 
 
-def _file_grid(path: str) -> tuple[tuple[int, ...], np.ndarray]:
-    """``(spatial shape, napari-order voxel-to-world matrix)`` of a volume file (cached)."""
+def _file_geometry(path: str) -> tuple[tuple[int, ...], np.ndarray, np.ndarray]:
+    """``(spatial shape, napari-order voxel-to-world matrix, RAS+ affine)`` of a volume file
+    (remembered from its last read; read when not)."""
     try:
         return _GRIDS[_file_key(path)]
     except (KeyError, OSError):
-        return grid_of(_read_volume_file(path))
+        vol = _read_volume_file(path)
+        return (*grid_of(vol), np.asarray(vol.affine, float))
+
+
+def _file_grid(path: str) -> tuple[tuple[int, ...], np.ndarray]:
+    """``(spatial shape, napari-order voxel-to-world matrix)`` of a volume file (cached)."""
+    shape, matrix, _ = _file_geometry(path)
+    return shape, matrix
+
+
+def file_affine(path: str) -> np.ndarray:
+    """The RAS+ affine (``Volume.affine``) of a volume file: remembered from the last read of the
+    file (unchanged since: same size and modification time), so reading a case and then its
+    geometry reads its voxels once.
+
+    Raises:
+        DatasetError: the file cannot be read.
+    """
+    return _file_geometry(path)[2]
 
 
 def _read_volume(path: str) -> tuple[np.ndarray, tuple[float, ...]]:
@@ -395,6 +415,6 @@ def verify_dataset(raw: RawDataset) -> None:
 
 
 __all__ = [
-    "DatasetError", "RawCase", "RawDataset", "check_on_grid", "load_raw_dataset", "read_image", "read_label",
+    "DatasetError", "RawCase", "RawDataset", "check_on_grid", "file_affine", "load_raw_dataset", "read_image", "read_label",
     "read_label_volume", "read_raw_case", "verify_dataset",
 ]
