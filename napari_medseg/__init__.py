@@ -13,7 +13,9 @@ Names: predict, predict_file, train, plan, evaluate, find_best, create_model, li
 describe_models, load_checkpoint, list_checkpoints, resolve_checkpoint, TrainConfig, PredictConfig,
 PredictionResult, read_volume, write_volume, fill_between_slices (interpolate a label map painted
 every few slices, no model). They are imported on first use, so that importing the package (as
-napari does for its plugin manifest) stays fast and does not import torch.
+napari does for its plugin manifest) stays fast and does not import torch. ``MedsegError`` is the
+base of the package's errors (:mod:`napari_medseg.errors`): catch it for any failure the package
+explains.
 """
 
 __version__ = "0.1.0"
@@ -25,7 +27,9 @@ _API_NAMES = (
 )
 _IO_NAMES = ("read_volume", "write_volume")
 
-__all__ = ["__version__", *_API_NAMES, *_IO_NAMES]
+from napari_medseg.errors import MedsegError  # noqa: E402 - imports nothing
+
+__all__ = ["MedsegError", "__version__", *_API_NAMES, *_IO_NAMES]
 
 
 def __getattr__(name: str):

@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from . import __version__
+from .errors import MedsegError
 
 logger = logging.getLogger("napari_medseg")
 
@@ -582,19 +583,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             raise
         print(_one_line(err), file=sys.stderr)
-        return 2 if isinstance(err, (ValueError, OSError, MemoryError)) else 1
+        return 2 if isinstance(err, (MedsegError, ValueError, OSError, MemoryError)) else 1
 
 
 def _one_line(err: BaseException) -> str:
-    """``error: ...`` in one line. The package's errors (ValueError subclasses) and OS errors carry a
-    message written for the user, naming the file; anything else is a bug, shown by its type."""
+    """``error: ...`` in one line. The package's errors (:class:`~napari_medseg.errors.MedsegError`,
+    and the plain ValueErrors of argument checks) and OS errors carry a message written for the
+    user, naming the file; anything else is a bug, shown by its type."""
     text = " ".join(str(err).split()) or type(err).__name__
     if isinstance(err, MemoryError):
         return (f"error: out of memory ({text}); try a smaller input, or set MEDSEG_MAX_MEMORY_GB "
                 "(--debug shows where)")
     if isinstance(err, OSError) and getattr(err, "filename", None) and str(err.filename) not in text:
         text = f"{err.filename}: {text}"
-    if isinstance(err, (ValueError, OSError)):
+    if isinstance(err, (MedsegError, ValueError, OSError)):
         return f"error: {text}"
     return f"error: internal error ({type(err).__name__}: {text}); please report it (--debug shows the traceback)"
 

@@ -21,6 +21,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from napari_medseg.errors import MedsegError
+
 logger = logging.getLogger(__name__)
 
 #: Called between the fsync of the temporary file and the rename. ``None`` in production; tests that
@@ -36,7 +38,7 @@ STALE_TEMP_SECONDS = 3600
 _swept: set[str] = set()
 
 
-class AtomicWriteError(OSError):
+class AtomicWriteError(MedsegError, OSError):
     """A file could not be written; the previous file, if any, is unchanged."""
 
 

@@ -22,10 +22,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from napari_medseg.errors import MedsegError
+
 __all__ = ["NiftiError", "Volume", "VolumeError", "affine_from_spacing", "geometry_from_volume"]
 
 
-class VolumeError(ValueError):
+class VolumeError(MedsegError, ValueError):
     """A volume file (any format) cannot be read or written; the message names the file and the problem."""
 
 

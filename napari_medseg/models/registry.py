@@ -16,12 +16,14 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from napari_medseg.errors import MedsegError
+
 logger = logging.getLogger(__name__)
 
 _RESERVED = ("in_channels", "num_classes", "spatial_dims")
 
 
-class ModelError(ValueError):
+class ModelError(MedsegError, ValueError):
     """Unknown model name, unknown or invalid keyword argument, or unsupported ``spatial_dims``."""
 
 

@@ -8,6 +8,8 @@ import numpy as np
 from qtpy.QtCore import Signal
 from qtpy.QtWidgets import QComboBox, QHBoxLayout, QToolButton, QVBoxLayout, QWidget
 
+from napari_medseg.errors import MedsegError
+
 # napari_medseg.io is imported where it is used: importing any of its modules imports the package,
 # which imports nibabel and pydicom (about half a second), and every widget imports this module.
 
@@ -218,7 +220,7 @@ def world_spacing(layer, n: int) -> tuple[float, ...]:
     return tuple(out)
 
 
-class InputError(ValueError):
+class InputError(MedsegError, ValueError):
     """The chosen layers cannot be used (shown to the user as is)."""
 
 

@@ -9,11 +9,13 @@ from typing import Any
 
 import torch
 
+from napari_medseg.errors import MedsegError
+
 #: Refuse metadata nested deeper than this.
 MAX_DEPTH = 32
 
 
-class CheckpointError(ValueError):
+class CheckpointError(MedsegError, ValueError):
     """A checkpoint cannot be written, read, trusted or used with this model or image."""
 
 

@@ -24,8 +24,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from napari_medseg.errors import MedsegError
 
-class AugmentationError(ValueError):
+
+class AugmentationError(MedsegError, ValueError):
     """Bad augmentation parameters or input shapes."""
 
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from napari_medseg.errors import MedsegError
 from napari_medseg.io import Volume, read_volume
 from napari_medseg.io._dtypes import to_float32
 from napari_medseg.io.atomic import read_json_object
@@ -36,7 +37,7 @@ _CHANNEL_RE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 DATASET_FILE_ENDINGS = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
 
 
-class DatasetError(ValueError):
+class DatasetError(MedsegError, ValueError):
     """A folder is not a valid nnU-Net raw dataset, or one of its files does not fit it."""
 
 
@@ -282,9 +283,8 @@ def _file_grid(path: str) -> tuple[tuple[int, ...], np.ndarray]:
 
 
 def file_affine(path: str) -> np.ndarray:
-    """The RAS+ affine (``Volume.affine``) of a volume file: remembered from the last read of the
-    file (unchanged since: same size and modification time), so reading a case and then its
-    geometry reads its voxels once.
+    """The RAS+ affine (``Volume.affine``) of a volume file, remembered from its last read (if the
+    file is unchanged since), so reading a case and then its geometry reads its voxels once.
 
     Raises:
         DatasetError: the file cannot be read.

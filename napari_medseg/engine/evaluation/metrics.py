@@ -23,12 +23,13 @@ from scipy import ndimage
 
 from napari_medseg.engine.data import DATASET_FILE_ENDINGS
 from napari_medseg.engine.data.dataset import read_label_volume
+from napari_medseg.errors import MedsegError
 from napari_medseg.io.grid import volume_grid_difference
 
 logger = logging.getLogger(__name__)
 
 
-class EvaluationError(ValueError):
+class EvaluationError(MedsegError, ValueError):
     """Predictions and references that cannot be compared (missing files, other shapes)."""
 
 

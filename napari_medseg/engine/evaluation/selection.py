@@ -16,10 +16,11 @@ from napari_medseg.engine.data import load_raw_dataset, read_raw_case
 from napari_medseg.engine.evaluation.metrics import dice_per_class
 from napari_medseg.engine.inference import predict
 from napari_medseg.engine.jobs import Message, Progress
+from napari_medseg.errors import MedsegError
 from napari_medseg.io.atomic import read_json_object
 
 
-class SelectionError(ValueError):
+class SelectionError(MedsegError, ValueError):
     """The runs cannot be compared."""
 
 

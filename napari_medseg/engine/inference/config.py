@@ -6,8 +6,10 @@ import math
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
+from napari_medseg.errors import MedsegError
 
-class InferenceError(ValueError):
+
+class InferenceError(MedsegError, ValueError):
     """Prediction cannot run with these settings or this input."""
 
 

@@ -7,6 +7,7 @@ import os
 from dataclasses import asdict, dataclass, field
 
 from napari_medseg import __version__
+from napari_medseg.errors import MedsegError
 from napari_medseg.io.atomic import atomic_write_json
 
 PLANNER_VERSION = 1
@@ -29,7 +30,7 @@ CONFIGURATION_MODELS = {
 }
 
 
-class PlanningError(ValueError):
+class PlanningError(MedsegError, ValueError):
     """Inconsistent dataset description or an impossible plan (e.g. a tiny memory budget)."""
 
 

@@ -10,12 +10,13 @@ import numpy as np
 import torch
 
 from napari_medseg.engine.planning.plan import Plan
+from napari_medseg.errors import MedsegError
 
 _NORM_ALIASES = {"ct": "ct", "zscore": "zscore", "nonct": "zscore", "none": "none", "nonorm": "none"}
 
 
 
-class PreprocessingError(ValueError):
+class PreprocessingError(MedsegError, ValueError):
     """The image, label map, spacing or plan given to preprocessing do not fit together."""
 
 

@@ -24,6 +24,7 @@ from itertools import permutations
 
 import numpy as np
 
+from napari_medseg.errors import MedsegError
 from napari_medseg.io.world import affine_from_napari, napari_matrix
 
 __all__ = [
@@ -40,7 +41,7 @@ _LETTERS = (("R", "L"), ("A", "P"), ("S", "I"))
 _AXIS_OF = {letter: (axis, sign) for axis, pair in enumerate(_LETTERS) for sign, letter in zip((1, -1), pair)}
 
 
-class OrientationError(ValueError):
+class OrientationError(MedsegError, ValueError):
     """Orientation codes are malformed, or two orientations cannot be matched by permutation and flips."""
 
 

@@ -27,6 +27,7 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import ndimage
 
+from napari_medseg.errors import MedsegError
 from napari_medseg.io.limits import GUARD_ENV, check_memory, guard_enabled
 
 logger = logging.getLogger(__name__)
@@ -34,7 +35,7 @@ logger = logging.getLogger(__name__)
 ANISOTROPY_THRESHOLD = 3.0
 
 
-class ResamplingError(ValueError):
+class ResamplingError(MedsegError, ValueError):
     """Inconsistent shapes or spacings were given to a resampling function."""
 
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import torch
 
+from napari_medseg.errors import MedsegError
 
-class DeviceError(ValueError):
+
+class DeviceError(MedsegError, ValueError):
     """The requested device does not exist on this machine."""
 
 

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from napari_medseg.engine.runtime.devices import DeviceError, resolve_device
+from napari_medseg.errors import MedsegError
 from napari_medseg.io.atomic import atomic_write_json
 
 logger = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ BACKENDS = ("auto", "nccl", "gloo")
 #: training, its own per-iteration losses) at the end of a distributed run: a consistency check.
 
 
-class DistributedError(ValueError):
+class DistributedError(MedsegError, ValueError):
     """The distributed environment or settings are unusable (the message says what to change)."""
 
 

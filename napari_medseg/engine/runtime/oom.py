@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from napari_medseg.engine.jobs import Progress
+from napari_medseg.errors import MedsegError
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ _OOM_FRAGMENTS = (
 )
 
 
-class InsufficientMemoryError(RuntimeError):
+class InsufficientMemoryError(MedsegError, RuntimeError):
     """A job ran out of memory even at the cheapest settings the recovery ladder allows."""
 
 

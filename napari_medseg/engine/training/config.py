@@ -14,10 +14,11 @@ import os
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
+from napari_medseg.errors import MedsegError
 from napari_medseg.models import get_model_spec
 
 
-class TrainingError(ValueError):
+class TrainingError(MedsegError, ValueError):
     """Training cannot start with these settings or this data."""
 
 

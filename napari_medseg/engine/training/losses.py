@@ -16,8 +16,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from napari_medseg.errors import MedsegError
 
-class LossError(ValueError):
+
+class LossError(MedsegError, ValueError):
     """Logits and targets that do not fit together, or bad loss parameters."""
 
 

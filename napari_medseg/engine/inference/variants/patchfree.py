@@ -52,6 +52,7 @@ from napari_medseg.engine.jobs import Progress, relay
 from napari_medseg.engine.preprocessing import preprocess_case, restore_probabilities
 from napari_medseg.engine.runtime import resolve_device
 from napari_medseg.engine.runtime.memory import available_memory_bytes
+from napari_medseg.errors import MedsegError
 from napari_medseg.models import get_model_spec
 from napari_medseg.models.pfseg import GUIDANCE_FRACTION, central_crop_slices
 from napari_medseg.models.registry import ModelError
@@ -73,7 +74,7 @@ MEMORY_PER_HR_VOXEL = 420.0
 MEMORY_HEADROOM = 0.85
 
 
-class VolumeTooLargeError(MemoryError):
+class VolumeTooLargeError(MedsegError, MemoryError):
     """A whole-volume forward would need more memory than is available."""
 
 
