@@ -19,7 +19,8 @@ background; every other voxel is unpainted = the ignore label). Then, measured i
   baseline every user has without a model);
 * **fine-tuning** for a time budget (``TrainConfig.minutes``, its defaults: Adam 1e-3, on the CPU a
   patch of at most 64^3 voxels) from scratch (a 2D U-Net, widths 16-128, batch 4) and from the
-  shipped checkpoint (re-planned for the CT), then segmenting the whole volume; each also with
+  shipped checkpoint (re-planned for the CT; ``--starts scratch3d``: from scratch with the 3D
+  full-res U-Net and the planner's settings, the widget's architecture default), then segmenting the whole volume; each also with
   the largest component of each organ kept (every organ here is one piece).
 
 Printed: Dice per organ on the *unpainted* slices, the mean, and the wall time; the fine-tunes'
@@ -104,6 +105,8 @@ def fine_tune(image, painted, spacing, start: str, minutes: float, device: str, 
     if start == "scratch":  # painted axial slices: a 2D U-Net sees only labelled voxels; small for a CPU
         config.model, config.configuration = "unet-2d", "2d"
         config.model_kwargs, config.batch_size = {"base_width": 16, "max_width": 128}, 4
+    elif start == "scratch3d":  # what a plain "from scratch" gives: the 3D full-res U-Net, planner's settings
+        config.model = "unet-3d-fullres"
     else:
         config.init_checkpoint = medseg.resolve_checkpoint(start)
     path = medseg.train(config, [(image, painted, spacing)])

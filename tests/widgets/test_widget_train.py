@@ -210,17 +210,68 @@ def test_partial_labels_only_painted_voxels_count(make_napari_viewer, qtbot, pha
     assert set(np.unique(labels[z])) == {0, 1}
 
 
-def test_partial_mode_needs_a_checkpoint(make_napari_viewer, phantom, tmp_path):
+def test_a_new_model_from_painted_slices(make_napari_viewer, qtbot, phantom, tmp_path):
+    """From scratch on a few painted slices (no checkpoint): the measured 2D recipe is set once,
+    the classes are what was painted, everything off the painted slices is ignored, and it trains."""
+    from napari_medseg.engine.checkpoints import load_checkpoint
+    from napari_medseg.widgets._layers import InputError
+    from napari_medseg.widgets._partial import tracker_for
+    from napari_medseg.widgets._train import SLICES_FROM_SCRATCH, painted_classes
+
+    viewer = make_napari_viewer()
+    image, truth = phantom
+    viewer.add_image(image, name="scan")
+    layer = viewer.add_labels(np.zeros_like(truth), name="painted")
+    widget = _train_widget(viewer)
+    qtbot.waitUntil(lambda: widget.architecture.loaded, timeout=20_000)
+    widget.labels.set_layer(layer)
+    tracker_for(layer, viewer)
+    assert widget.architecture.model_name() == "unet-3d-fullres"
+    widget.partial_mode.setCurrentIndex(widget.partial_mode.findData("slices"))
+    assert widget.architecture.model_name() == SLICES_FROM_SCRATCH["model"] == "unet-2d"
+    assert widget.batch.value() == 4 and '"max_width": 128' in widget.model_kwargs.text()
+    assert "A new model from painted slices" in widget.log.toPlainText()
+
+    widget.device.setCurrentText("cpu")
+    widget.output.setText(str(tmp_path / "run"))
+    widget.minutes.setValue(0)
+    widget.epochs.setValue(1)
+    widget.iterations.setValue(2)
+    widget.resegment.setChecked(False)
+    widget.train_button.click()  # nothing painted yet
+    assert not widget.running and "No painted voxels" in widget.status.text()
+    with pytest.raises(InputError, match="Only background is painted"):
+        painted_classes(np.zeros(10, np.int16))
+    assert painted_classes(np.array([0, 3])) == {0: "background", 1: "label_1", 2: "label_2", 3: "label_3"}
+
+    zs = [int(z) for z in np.nonzero(truth.reshape(truth.shape[0], -1).any(1))[0][[0, -1]]]
+    zs.insert(1, sum(zs) // 2)
+    for z in zs:  # the user paints three axial slices through the object
+        yy, xx = np.nonzero(truth[z] >= 0)
+        layer.data_setitem((np.full(yy.shape, z), yy, xx), truth[z][yy, xx])
+    assert tracker_for(layer).painted_slices() == {0: zs}
+    widget.train_button.click()
+    assert widget.running, widget.status.text()
+    config = widget.last_config
+    assert config.model == "unet-2d" and config.configuration == "2d" and config.init_checkpoint is None
+    assert config.label_names == {0: "background", 1: "label_1"} and config.ignore_label == 2
+    labels = widget.last_training_labels
+    assert set(np.unique(labels[zs])) == {0, 1} and (np.delete(labels, zs, axis=0) == 2).all()
+    qtbot.waitUntil(lambda: not widget.running, timeout=120_000)
+    assert widget.last_checkpoint, widget.status.text()
+    assert load_checkpoint(widget.last_checkpoint).model_name == "unet-2d"
+
+
+def test_the_users_architecture_stands_over_the_slices_recipe(make_napari_viewer, qtbot, phantom):
     viewer = make_napari_viewer()
     viewer.add_image(phantom[0], name="scan")
-    layer = viewer.add_labels(np.zeros_like(phantom[1]), name="edits")
     widget = _train_widget(viewer)
-    widget.labels.set_layer(layer)
+    qtbot.waitUntil(lambda: widget.architecture.loaded, timeout=20_000)
+    widget.architecture.set_model("unet-3d-lowres")
+    widget.architecture.activated.emit(widget.architecture.currentIndex())  # as a user's pick signals
     widget.partial_mode.setCurrentIndex(widget.partial_mode.findData("slices"))
-    _tiny_settings(widget, tmp_path)
-    widget.train_button.click()
-    assert not widget.running
-    assert "checkpoint to fine-tune" in widget.status.text()
+    assert widget.architecture.model_name() == "unet-3d-lowres" and widget.batch.value() == 0
+    assert "A new model from painted slices" not in widget.log.toPlainText()
 
 
 def test_tracker_sees_history_edits_and_direct_writes():
