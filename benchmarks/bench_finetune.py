@@ -110,7 +110,10 @@ def fine_tune(image, painted, spacing, start: str, minutes: float, device: str, 
     else:
         config.init_checkpoint = medseg.resolve_checkpoint(start)
     path = medseg.train(config, [(image, painted, spacing)])
-    return medseg.predict(image, spacing, path, device=device).labels
+    chosen = bool(medseg.load_checkpoint(path).extra.get("largest_component"))
+    print(f"    ({start}: the run {'chose' if chosen else 'did not choose'} the largest-component step "
+          "on its held-out slices)", flush=True)
+    return medseg.predict(image, spacing, path, device=device, largest_component=False).labels
 
 
 def main() -> int:

@@ -51,6 +51,7 @@ from napari_medseg.engine.training.losses import (
     downsample_targets,
 )
 from napari_medseg.engine.training.optim import make_optimizer
+from napari_medseg.engine.training.postprocess import choose_largest_component
 from napari_medseg.engine.training.prepare import CaseInputs, TrainingData, prepare_data
 from napari_medseg.engine.training.registry import register_trainer, trainer_for
 from napari_medseg.engine.training.schedule import TimeBudget, scheduled_lr
@@ -412,7 +413,8 @@ def train(config: TrainConfig, data: Any, trainer_cls: type[Trainer] | None = No
         yield Message(note)
     cls = trainer_cls or trainer_for(config, prepared.plan)
     trainer = cls(config, prepared)
-    return (yield from trainer.run())
+    final = yield from trainer.run()
+    return (yield from choose_largest_component(trainer, final))  # on held-out painted slices, as nnU-Net
 
 
 __all__ = ["Trainer", "train"]
