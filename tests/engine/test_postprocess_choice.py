@@ -35,7 +35,7 @@ def _trainer(image: np.ndarray, reference: np.ndarray, held: int, extra=None):
     label = np.full(SHAPE, IGNORE, np.int16)
     label[held] = reference[held]
     case = Case("painted (held-out slices)", image[None].astype(np.float32), label, None)
-    plan = SimpleNamespace(num_classes=2, patch_size=(16, 16))  # a 2D network, slice by slice
+    plan = SimpleNamespace(num_classes=2, patch_size=(12, 16, 16))
     return SimpleNamespace(
         data=SimpleNamespace(val_cases=[case], plan=plan, extra=extra or {}), config=SimpleNamespace(ignore_label=IGNORE),
         validation_kind="held-out slices", world_size=1, unwrapped_model=Threshold(), device=torch.device("cpu"),

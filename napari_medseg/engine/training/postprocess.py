@@ -10,7 +10,8 @@ the largest-component step removes: on five painted slices of a CT it is the dif
 several pieces (two kidneys as one class) loses a piece on a held-out slice, and the step stays off.
 
 :func:`choose_largest_component` predicts the held-out case with the trained network on the plan's
-grid, scores both labelings on the held-out voxels and, when no class loses, records
+grid as Segment would (with its test-time mirroring: without it, a five-slice CT run saw a false
+positive outgrow the right kidney and chose wrongly), scores both labelings on the held-out voxels and, when no class loses, records
 :data:`~napari_medseg.engine.checkpoints.fields.LARGEST_COMPONENT` in the final checkpoint (Segment
 then checks *Keep the largest component* for it; the user can still turn it off). A run that
 inherited its parent's post-processing (a correction) keeps the parent's.
@@ -28,6 +29,7 @@ import torch
 from napari_medseg.engine.checkpoints import load_checkpoint
 from napari_medseg.engine.checkpoints.build import write_checkpoint
 from napari_medseg.engine.checkpoints.fields import LARGEST_COMPONENT, POSTPROCESSING
+from napari_medseg.engine.inference.inferers import tta_mirror_axes
 from napari_medseg.engine.inference.postprocessing import keep_largest_component
 from napari_medseg.engine.inference.sliding_window import sliding_window
 from napari_medseg.engine.jobs import Message, Progress
@@ -65,10 +67,13 @@ def choose_largest_component(trainer, final: str) -> Generator[Progress | Messag
     case = data.val_cases[0]
     classes = range(1, data.plan.num_classes)
     try:
+        ckpt = load_checkpoint(final)
         model = trainer.unwrapped_model.eval()
         image = torch.from_numpy(np.ascontiguousarray(case.image))
+        # as Segment predicts, mirroring included: which blob is the largest can hinge on it
         logits = yield from sliding_window(model, image, data.plan.patch_size, data.plan.num_classes,
-                                           device=trainer.device, accumulate_device="cpu")
+                                           mirror_axes=tta_mirror_axes(ckpt), device=trainer.device,
+                                           accumulate_device="cpu")
         labels = logits.argmax(0).numpy()
         counted = case.label != cfg.ignore_label
         before = held_out_dice(labels, case.label, counted, classes)
@@ -87,7 +92,6 @@ def choose_largest_component(trainer, final: str) -> Generator[Progress | Messag
            else "not kept (a class lost Dice).")
     )
     if keep:
-        ckpt = load_checkpoint(final)
         write_checkpoint(dataclasses.replace(ckpt, extra={**ckpt.extra, LARGEST_COMPONENT: True}), final)
     return final
 
