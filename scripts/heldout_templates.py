@@ -109,26 +109,29 @@ def make_cases(folder: str) -> list[dict]:
     return cases
 
 
-def evaluate_all(checkpoint: str, folder: str, device: str = "auto") -> dict[str, dict]:
-    """Segment every case with ``checkpoint``; Dice per structure, mean, voxels outside the brain, time."""
+def score_case(checkpoint: str, path: str, case: dict, device: str = "auto") -> dict:
+    """Segment the image file ``path`` (``predict_file``, default options) and score it against
+    ``case["ref"]``: Dice per structure, mean, voxels outside ``case["brain"]``, time, shape."""
     import nibabel as nib  # noqa: PLC0415
 
     import napari_medseg as medseg  # noqa: PLC0415
 
-    results = {}
-    for case in make_cases(folder):
-        out = os.path.join(folder, case["name"] + "_pred.nii.gz")
-        t0 = time.perf_counter()
-        medseg.predict_file(case["path"], out, checkpoint, device=device, overwrite=True)
-        seconds = time.perf_counter() - t0
-        pred = np.asarray(nib.load(out).dataobj)
-        dice = dice_per_class(pred, case["ref"])
-        results[case["name"]] = {
-            "dice": dice, "mean_dice": round(float(np.nanmean(list(dice.values()))), 4),
-            "outside": int(((pred > 0) & ~case["brain"]).sum()), "seconds": round(seconds, 1),
-            "shape": list(case["image"].shape),
-        }
-    return results
+    out = path.replace(".nii.gz", "_pred.nii.gz")
+    t0 = time.perf_counter()
+    medseg.predict_file(path, out, checkpoint, device=device, overwrite=True)
+    seconds = time.perf_counter() - t0
+    pred = np.asarray(nib.load(out).dataobj)
+    dice = dice_per_class(pred, case["ref"])
+    return {
+        "dice": dice, "mean_dice": round(float(np.nanmean(list(dice.values()))), 4),
+        "outside": int(((pred > 0) & ~case["brain"]).sum()), "seconds": round(seconds, 1),
+        "shape": list(case["image"].shape),
+    }
+
+
+def evaluate_all(checkpoint: str, folder: str, device: str = "auto") -> dict[str, dict]:
+    """Segment every case with ``checkpoint``; Dice per structure, mean, voxels outside the brain, time."""
+    return {case["name"]: score_case(checkpoint, case["path"], case, device) for case in make_cases(folder)}
 
 
 TEST_DATA = os.path.join(os.path.dirname(HERE), "tests", "data")
@@ -161,18 +164,27 @@ def print_table(results: dict[str, dict]) -> None:
               + f"  {r['mean_dice']:7.3f} {r['outside']:8d} {r['seconds']:5.1f} s")
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def arguments(description: str) -> argparse.ArgumentParser:
+    """The options of the held-out scripts: checkpoint, work folder, device, JSON output."""
+    p = argparse.ArgumentParser(description=description)
     p.add_argument("-c", "--checkpoint", default="colin27_deepgm_unet3d")
     p.add_argument("--work", default=os.path.join(data.WORK, "heldout"))
     p.add_argument("--device", default="auto")
     p.add_argument("--json", help="write the results here")
-    args = p.parse_args()
-    results = evaluate_all(args.checkpoint, args.work, args.device)
-    print_table(results)
-    if args.json:
-        with open(args.json, "w") as fh:
+    return p
+
+
+def report(results: dict[str, dict], json_path: str | None) -> None:
+    """Print the table of the scored ``results`` and write all of them to ``json_path`` if given."""
+    print_table({k: r for k, r in results.items() if "dice" in r})
+    if json_path:
+        with open(json_path, "w") as fh:
             json.dump(results, fh, indent=2)
+
+
+def main() -> int:
+    args = arguments(__doc__.split("\n\n")[0]).parse_args()
+    report(evaluate_all(args.checkpoint, args.work, args.device), args.json)
     return 0
 
 

@@ -23,11 +23,8 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
-import time
 
 import numpy as np
 from scipy import ndimage
@@ -36,7 +33,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
-import default_model_data as data  # noqa: E402
 import heldout_templates as heldout  # noqa: E402
 
 BASE_CASES = {"brain": "icbm152_brain", "head": "icbm152_in_colin27_head"}
@@ -142,49 +138,30 @@ def variants(case: dict, seed: int = 0) -> dict[str, dict]:
 def evaluate(checkpoint: str, folder: str, which: list[str], device: str = "auto") -> dict[str, dict]:
     import nibabel as nib  # noqa: PLC0415
 
-    import napari_medseg as medseg  # noqa: PLC0415
     from napari_medseg.engine.inference.config import DomainError  # noqa: PLC0415
 
     cases = {c["name"]: c for c in heldout.make_cases(folder)}
     results = {}
     for short in which:
         for name, v in variants(cases[BASE_CASES[short]]).items():
-            path = os.path.join(folder, f"robust_{short}_{name}.nii.gz")
-            out = path.replace(".nii.gz", "_pred.nii.gz")
+            key, path = f"{short}:{name}", os.path.join(folder, f"robust_{short}_{name}.nii.gz")
             nib.save(nib.Nifti1Image(v["image"], v["affine"]), path)
-            t0 = time.perf_counter()
             try:
-                medseg.predict_file(path, out, checkpoint, device=device, overwrite=True)
+                results[key] = heldout.score_case(checkpoint, path, v, device)
             except DomainError as err:  # the user would be asked; say so and go on
-                print(f"{short}:{name}: domain message: {err}", flush=True)
-                results[f"{short}:{name}"] = {"domain_message": str(err)}
+                results[key] = {"domain_message": str(err)}
+                print(f"{key}: domain message: {err}", flush=True)
                 continue
-            seconds = time.perf_counter() - t0
-            pred = np.asarray(nib.load(out).dataobj)
-            dice = heldout.dice_per_class(pred, v["ref"])
-            results[f"{short}:{name}"] = {
-                "dice": dice, "mean_dice": round(float(np.nanmean(list(dice.values()))), 4),
-                "outside": int(((pred > 0) & ~v["brain"]).sum()), "seconds": round(seconds, 1),
-                "shape": list(v["image"].shape),
-            }
-            print(f"{short}:{name}: mean Dice {results[f'{short}:{name}']['mean_dice']:.3f}, "
-                  f"{results[f'{short}:{name}']['outside']} outside, {seconds:.1f} s", flush=True)
+            r = results[key]
+            print(f"{key}: mean Dice {r['mean_dice']:.3f}, {r['outside']} outside, {r['seconds']:.1f} s", flush=True)
     return results
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("-c", "--checkpoint", default="colin27_deepgm_unet3d")
-    p.add_argument("--work", default=os.path.join(data.WORK, "heldout"))
+    p = heldout.arguments(__doc__.split("\n\n")[0])
     p.add_argument("--cases", default="brain,head", help="comma-separated: " + ", ".join(BASE_CASES))
-    p.add_argument("--device", default="auto")
-    p.add_argument("--json", help="write the results here")
     args = p.parse_args()
-    results = evaluate(args.checkpoint, args.work, args.cases.split(","), args.device)
-    heldout.print_table({k: r for k, r in results.items() if "dice" in r})
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(results, fh, indent=2)
+    heldout.report(evaluate(args.checkpoint, args.work, args.cases.split(","), args.device), args.json)
     return 0
 
 
