@@ -572,6 +572,11 @@ class TrainWidget(EngineJobOwner, QWidget):
             ignore = len(config.label_names)  # TrainConfig.ignore_label = num_classes
             labels = mask_labels(np.asarray(layer.data), counted, ignore)
             config.ignore_label = ignore
+            across = sorted(set(tracker.painted_slices()) - {0})
+            if mode == "slices" and config.configuration == "2d" and across:
+                self._log(f"Your painted slices cut axis {across[0]}, but a 2D model learns from slices that cut "
+                          "axis 0 (napari's default view): it would see only lines of paint. Paint slices in the "
+                          "default view, or choose a 3D model.")
         self.last_training_labels = labels
         desc = f"layers {', '.join(lay.name for lay in image.layers)} + {layer.name}"
         if mode != "all":

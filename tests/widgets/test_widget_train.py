@@ -262,6 +262,29 @@ def test_a_new_model_from_painted_slices(make_napari_viewer, qtbot, phantom, tmp
     assert load_checkpoint(widget.last_checkpoint).model_name == "unet-2d"
 
 
+def test_slices_across_another_axis_are_flagged_for_a_2d_model(make_napari_viewer, qtbot, phantom):
+    from napari_medseg.widgets._partial import tracker_for
+
+    viewer = make_napari_viewer()
+    image, truth = phantom
+    viewer.add_image(image, name="scan")
+    layer = viewer.add_labels(np.zeros_like(truth), name="painted")
+    widget = _train_widget(viewer)
+    qtbot.waitUntil(lambda: widget.architecture.loaded, timeout=20_000)
+    widget.labels.set_layer(layer)
+    tracker_for(layer, viewer)
+    viewer.dims.order = (2, 0, 1)  # the user looks at sagittal slices: axis 2 is the hidden one
+    x = truth.shape[2] // 2
+    zz, yy = np.nonzero(truth[:, :, x] >= 0)
+    layer.data_setitem((zz, yy, np.full(zz.shape, x)), truth[zz, yy, x])
+    assert tracker_for(layer).painted_slices() == {2: [x]}
+    widget.partial_mode.setCurrentIndex(widget.partial_mode.findData("slices"))
+    config = widget.build_config()
+    assert config.configuration == "2d"
+    widget.build_data(config)
+    assert "Your painted slices cut axis 2" in widget.log.toPlainText()
+
+
 def test_the_users_architecture_stands_over_the_slices_recipe(make_napari_viewer, qtbot, phantom):
     viewer = make_napari_viewer()
     viewer.add_image(phantom[0], name="scan")
