@@ -29,6 +29,20 @@ def _train_on_phantom(viewer, phantom):
     return _train_widget(viewer)
 
 
+def _fresh_painting(viewer, qtbot, phantom):
+    """``(Train widget, an empty labels layer "painted" it tracks, the phantom's truth)`` over the phantom image."""
+    from napari_medseg.widgets._partial import tracker_for
+
+    image, truth = phantom
+    viewer.add_image(image, name="scan")
+    layer = viewer.add_labels(np.zeros_like(truth), name="painted")
+    widget = _train_widget(viewer)
+    qtbot.waitUntil(lambda: widget.architecture.loaded, timeout=20_000)
+    widget.labels.set_layer(layer)
+    tracker_for(layer, viewer)
+    return widget, layer, truth
+
+
 def _tiny_settings(widget, tmp_path, epochs=2, iterations=2):
     widget.minutes.setValue(0)  # epochs x iterations, not a time budget
     widget.resegment.setChecked(False)
@@ -218,14 +232,7 @@ def test_a_new_model_from_painted_slices(make_napari_viewer, qtbot, phantom, tmp
     from napari_medseg.widgets._partial import tracker_for
     from napari_medseg.widgets._train import SLICES_FROM_SCRATCH, painted_classes
 
-    viewer = make_napari_viewer()
-    image, truth = phantom
-    viewer.add_image(image, name="scan")
-    layer = viewer.add_labels(np.zeros_like(truth), name="painted")
-    widget = _train_widget(viewer)
-    qtbot.waitUntil(lambda: widget.architecture.loaded, timeout=20_000)
-    widget.labels.set_layer(layer)
-    tracker_for(layer, viewer)
+    widget, layer, truth = _fresh_painting(make_napari_viewer(), qtbot, phantom)
     assert widget.architecture.model_name() == "unet-3d-fullres"
     widget.partial_mode.setCurrentIndex(widget.partial_mode.findData("slices"))
     assert widget.architecture.model_name() == SLICES_FROM_SCRATCH["model"] == "unet-2d"
@@ -265,14 +272,8 @@ def test_a_new_model_from_painted_slices(make_napari_viewer, qtbot, phantom, tmp
 def test_slices_across_another_axis_are_flagged_for_a_2d_model(make_napari_viewer, qtbot, phantom):
     from napari_medseg.widgets._partial import tracker_for
 
-    viewer = make_napari_viewer()
-    image, truth = phantom
-    viewer.add_image(image, name="scan")
-    layer = viewer.add_labels(np.zeros_like(truth), name="painted")
-    widget = _train_widget(viewer)
-    qtbot.waitUntil(lambda: widget.architecture.loaded, timeout=20_000)
-    widget.labels.set_layer(layer)
-    tracker_for(layer, viewer)
+    widget, layer, truth = _fresh_painting(make_napari_viewer(), qtbot, phantom)
+    viewer = widget.viewer
     viewer.dims.order = (2, 0, 1)  # the user looks at sagittal slices: axis 2 is the hidden one
     x = truth.shape[2] // 2
     zz, yy = np.nonzero(truth[:, :, x] >= 0)
