@@ -176,12 +176,15 @@ class EditTracker:
             mask[tuple(sel)] = True
         return mask
 
-    def training_labels(self, mode: str, ignore_label: int) -> tuple[np.ndarray, np.ndarray]:
-        """``(labels for training, counted mask)`` for ``mode``; uncounted voxels get ``ignore_label``."""
+    def training_labels(
+        self, mode: str, ignore_label: int, counted: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """``(labels for training, counted mask)`` for ``mode``; uncounted voxels get ``ignore_label``
+        (``counted``: the result of :meth:`counted` when the caller has it already)."""
         layer = self.layer
         if layer is None:
             raise ValueError("The tracked labels layer was deleted.")
-        counted = self.counted(mode)
+        counted = self.counted(mode) if counted is None else counted
         return mask_labels(np.asarray(layer.data), counted, ignore_label), counted
 
     def summary(self, mode: str) -> str:

@@ -59,7 +59,7 @@ from ._common import (
 )
 from ._fill import FillBetweenSlicesWidget
 from ._layers import ChannelPicker, InputError, LayerCombo, check_same_grid, resolve_image_input
-from ._partial import MODES, mask_labels, tracker_for
+from ._partial import MODES, tracker_for
 from ._plots import TrainingCurves
 
 logger = logging.getLogger(__name__)
@@ -564,15 +564,16 @@ class TrainWidget(EngineJobOwner, QWidget):
             labels = np.array(layer.data, dtype=np.int16, copy=True)
         else:
             tracker = tracker_for(layer, self.viewer)
-            counted = tracker.counted(mode)
+            painted = tracker.painted_voxels()  # one comparison of the volume for all that follows
+            counted = tracker.counted(mode, painted)
             if not counted.any():
                 raise InputError("No painted voxels yet: paint or correct some labels first (or count all voxels).")
             if config.init_checkpoint is None and not names:  # a new model: the classes are what was painted
                 config.label_names = painted_classes(np.asarray(layer.data)[counted])
             ignore = len(config.label_names)  # TrainConfig.ignore_label = num_classes
-            labels = mask_labels(np.asarray(layer.data), counted, ignore)
+            labels, _ = tracker.training_labels(mode, ignore, counted)
             config.ignore_label = ignore
-            across = sorted(set(tracker.painted_slices()) - {0})
+            across = sorted(set(tracker.painted_slices(painted)) - {0})
             if mode == "slices" and config.configuration == "2d" and across:
                 self._log(f"Your painted slices cut axis {across[0]}, but a 2D model learns from slices that cut "
                           "axis 0 (napari's default view): it would see only lines of paint. Paint slices in the "

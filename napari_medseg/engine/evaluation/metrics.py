@@ -94,7 +94,8 @@ def hd95(pred_mask: np.ndarray, ref_mask: np.ndarray, spacing: Sequence[float] |
     return float(np.percentile(np.concatenate([d1, d2]), 95))
 
 
-def _mean(values: Sequence[float]) -> float:
+def nan_mean(values: Sequence[float]) -> float:
+    """The mean of the values that are not NaN (NaN when none is)."""
     vals = [v for v in values if not math.isnan(v)]
     return float(sum(vals) / len(vals)) if vals else float("nan")
 
@@ -170,11 +171,11 @@ def evaluate_folder(
         cases[name] = evaluate_case(pred, ref, ref_vol.spacing, evaluated)
         logger.debug("evaluated %s: %s", name, cases[name])
     mean = {
-        lname: {m: _mean([c[lname][m] for c in cases.values()]) for m in ("dice", "hd95")}
+        lname: {m: nan_mean([c[lname][m] for c in cases.values()]) for m in ("dice", "hd95")}
         for lname in evaluated.values()
     }
     fg = [mean[n]["dice"] for lab, n in evaluated.items() if lab != 0]
-    return {"cases": cases, "mean": mean, "foreground_mean_dice": _mean(fg)}
+    return {"cases": cases, "mean": mean, "foreground_mean_dice": nan_mean(fg)}
 
 
 def _fmt(v: float, digits: int) -> str:

@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from napari_medseg.engine.checkpoints import Checkpoint, as_checkpoint
+from napari_medseg.engine.preprocessing.normalization import scheme_of
 
 __all__ = [
     "MAX_SAMPLES",
@@ -244,8 +245,8 @@ def _intensity_reasons(image: np.ndarray, domain: dict, normalization: Sequence[
         mine = intensity_features(image[c])
         name = f"channel {c}" if image.shape[0] > 1 else "the image"
         low = mine["intensity_percentiles"]["0.5"]
-        scheme = str(normalization[c]).lower() if c < len(normalization) else ""
-        offset_free = scheme in ("zscore", "nonct") and low is not None and low > HU_AIR_LIKE
+        scheme = scheme_of(normalization[c]) if c < len(normalization) else None
+        offset_free = scheme == "zscore" and low is not None and low > HU_AIR_LIKE
         if trained <= TRAINED_NON_NEGATIVE and mine["strongly_negative_fraction"] >= MANY_NEGATIVE and not offset_free:
             reasons.append(
                 f"{name} has {100 * mine['strongly_negative_fraction']:.0f} % strongly negative voxels "

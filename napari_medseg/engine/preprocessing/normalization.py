@@ -15,6 +15,11 @@ from napari_medseg.errors import MedsegError
 _NORM_ALIASES = {"ct": "ct", "zscore": "zscore", "nonct": "zscore", "none": "none", "nonorm": "none"}
 
 
+def scheme_of(name: object) -> str | None:
+    """The normalisation scheme a plan's entry names (``"ct"``, ``"zscore"``, ``"none"``; nnU-Net's
+    aliases ``"nonCT"``, ``"noNorm"`` included), or ``None`` for an unknown name."""
+    return _NORM_ALIASES.get(str(name).lower())
+
 
 class PreprocessingError(MedsegError, ValueError):
     """The image, label map, spacing or plan given to preprocessing do not fit together."""
@@ -144,7 +149,7 @@ def normalization_params(image: np.ndarray, plan: Plan, mask: np.ndarray | None 
     use_mask = per_channel(plan.use_mask_for_norm or [False], n, "use_mask_for_norm")
     params = []
     for c in range(n):
-        scheme = _NORM_ALIASES.get(str(schemes[c]).lower())
+        scheme = scheme_of(schemes[c])
         masked = bool(use_mask[c]) and mask is not None
         if scheme is None:
             raise PreprocessingError(
@@ -225,4 +230,7 @@ class LazyNormalizedImage:
 
 
 
-__all__ = ["HU_AIR", "HU_FLOOR", "guess_modality", "ChannelNorm", "LazyNormalizedImage", "PreprocessingError", "normalization_params", "normalize", "per_channel"]
+__all__ = [
+    "HU_AIR", "HU_FLOOR", "guess_modality", "ChannelNorm", "LazyNormalizedImage", "PreprocessingError", "normalization_params",
+    "normalize", "per_channel", "scheme_of",
+]

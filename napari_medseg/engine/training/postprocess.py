@@ -11,9 +11,10 @@ several pieces (two kidneys as one class) loses a piece on a held-out slice, and
 
 :func:`choose_largest_component` predicts the held-out case with the trained network on the plan's
 grid as Segment would (with its test-time mirroring: without it, a five-slice CT run saw a false
-positive outgrow the right kidney and chose wrongly), scores both labelings on the held-out voxels and, when no class loses, records
-:data:`~napari_medseg.engine.checkpoints.fields.LARGEST_COMPONENT` in the final checkpoint (Segment
-then checks *Keep the largest component* for it; the user can still turn it off). A run that
+positive outgrow the right kidney and chose wrongly), scores both labelings on the held-out voxels
+and, when no class loses, records :data:`~napari_medseg.engine.checkpoints.fields.LARGEST_COMPONENT`
+in the final checkpoint (Segment then checks *Keep the largest component* for it; the user can
+still turn it off). A run that
 inherited its parent's post-processing (a correction) keeps the parent's.
 """
 
@@ -29,6 +30,7 @@ import torch
 from napari_medseg.engine.checkpoints import load_checkpoint
 from napari_medseg.engine.checkpoints.build import write_checkpoint
 from napari_medseg.engine.checkpoints.fields import LARGEST_COMPONENT, POSTPROCESSING
+from napari_medseg.engine.evaluation.metrics import dice_per_class, nan_mean
 from napari_medseg.engine.inference.inferers import tta_mirror_axes
 from napari_medseg.engine.inference.postprocessing import keep_largest_component
 from napari_medseg.engine.inference.sliding_window import sliding_window
@@ -42,12 +44,7 @@ TOLERANCE = 1e-6
 
 def held_out_dice(labels: np.ndarray, reference: np.ndarray, counted: np.ndarray, classes) -> dict[int, float]:
     """Dice per class on the ``counted`` voxels (NaN for a class in neither)."""
-    out = {}
-    for c in classes:
-        p, r = (labels == c) & counted, (reference == c) & counted
-        denom = int(p.sum() + r.sum())
-        out[c] = 2.0 * int((p & r).sum()) / denom if denom else float("nan")
-    return out
+    return dice_per_class(labels[counted], reference[counted], classes)
 
 
 def step_helps(before: dict[int, float], after: dict[int, float]) -> bool:
@@ -84,8 +81,7 @@ def choose_largest_component(trainer, final: str) -> Generator[Progress | Messag
                       "warning")
         return final
     keep = step_helps(before, after)
-    mean = [np.nanmean(list(d.values())) if not all(np.isnan(list(d.values()))) else float("nan")
-            for d in (before, after)]
+    mean = [nan_mean(list(d.values())) for d in (before, after)]
     yield Message(
         f"Held-out slices: mean Dice {mean[0]:.3f}, {mean[1]:.3f} keeping the largest component of each class: "
         + ("Segment will keep it (turn 'Keep the largest component' off to see everything)." if keep
