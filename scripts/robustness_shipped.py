@@ -1,11 +1,11 @@
 """How the shipped model holds when a held-out scan differs from the templates the way users' scans do.
 
-Each variant is made from a held-out case of ``scripts/heldout_templates.py`` (the ICBM152 2009a
+Each variant is made from a held-out case of ``scripts/heldout_templates.py`` (FSL's MNI152 1 mm
 brain, or the whole head made of it and Colin27's scalp), written as a NIfTI file and segmented
 through ``napari_medseg.predict_file`` (the CLI's and widget's path, default options), then scored
 against AAL carried onto the variant's own grid (approximate, as in the held-out table):
 
-* ``scanner_units``: intensities x 12, stored as int16 (what a scanner exports);
+* ``scanner_units``: intensities rescaled to 12 bits (0-4095), stored as int16 (what a scanner exports);
 * ``zero_mean``: already normalised to zero mean and unit variance (as many ML data sets ship);
 * ``bias_field``: a smooth multiplicative field, 0.75-1.33 across the brain (an uncorrected coil profile);
 * ``noise``: Rician noise (magnitude MRI), sigma 5 % of the brain's median intensity;
@@ -35,7 +35,7 @@ sys.path.insert(0, HERE)
 
 import heldout_templates as heldout  # noqa: E402
 
-BASE_CASES = {"brain": "icbm152_brain", "head": "icbm152_in_colin27_head"}
+BASE_CASES = {"brain": "fsl_mni152_brain", "head": "fsl_mni152_in_colin27_head"}
 
 
 def _resample(array: np.ndarray, affine: np.ndarray, shape, new_affine: np.ndarray, order: int) -> np.ndarray:
@@ -122,7 +122,7 @@ def variants(case: dict, seed: int = 0) -> dict[str, dict]:
     positive = np.clip(image, 0, None) / image.max()
     return {
         "as_is": dict(image=image, **same),
-        "scanner_units": dict(image=np.round(image * 12).astype(np.int16), **same),
+        "scanner_units": dict(image=np.round(image * (4095.0 / image.max())).astype(np.int16), **same),
         "zero_mean": dict(image=((image - image.mean()) / image.std()).astype(np.float32), **same),
         "bias_field": dict(image=image * _bias(image.shape, case["brain"], rng), **same),
         "noise": dict(image=_rician(image, 0.05 * median, rng), **same),
