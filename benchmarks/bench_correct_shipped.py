@@ -46,6 +46,8 @@ import heldout_templates as h  # noqa: E402
 import napari_medseg as medseg  # noqa: E402
 from napari_medseg.api import resolve_checkpoint  # noqa: E402
 from napari_medseg.engine.checkpoints import load_checkpoint  # noqa: E402
+from napari_medseg.engine.checkpoints.build import write_checkpoint  # noqa: E402
+from napari_medseg.engine.checkpoints.fields import CLASS_WEIGHTS  # noqa: E402
 from napari_medseg.engine.jobs import Message  # noqa: E402
 from napari_medseg.engine.training import TrainConfig  # noqa: E402
 from napari_medseg.io import read_volume  # noqa: E402
@@ -123,9 +125,6 @@ def main() -> int:
                  "colin27_head": "colin27 head"}
         # the same corrected weights with the parent's class weights put back (a correction drops
         # them: they were fitted to the parent's weights): how much of the change is calibration
-        from napari_medseg.engine.checkpoints.build import write_checkpoint
-        from napari_medseg.engine.checkpoints.fields import CLASS_WEIGHTS
-
         parent_ck, tuned_ck = load_checkpoint(parent), load_checkpoint(tuned)
         reweighted = os.path.join(tmp, "reweighted.pt")
         write_checkpoint(dataclasses.replace(tuned_ck, extra={**tuned_ck.extra,

@@ -46,8 +46,6 @@ sys.path.insert(0, HERE)
 import default_model_data as data  # noqa: E402
 
 TARGETS = data.TARGETS
-
-
 carry_labels = data.carry_labels
 
 
@@ -68,20 +66,17 @@ def _permuted(case: dict, name: str, perm=(0, 2, 1)) -> dict:
                                              for k in ("image", "ref", "brain")})
 
 
-def _in_colin27_head(name: str, t1: np.ndarray, affine: np.ndarray, templates: str) -> dict:
+def _in_colin27_head(name: str, t1: np.ndarray, affine: np.ndarray, colin: dict) -> dict:
     """A whole head whose brain is ``t1`` (a brain-only template): put by world position into the
-    Colin27 head in place of Colin27's brain, intensities scaled to Colin27's brain median."""
-    import nibabel as nib  # noqa: PLC0415
-
-    ch2 = nib.load(os.path.join(templates, "ch2.nii.gz"))
-    colin_brain = np.asarray(nib.load(os.path.join(templates, "ch2bet.nii.gz")).dataobj) > 0
-    head = np.asarray(ch2.dataobj).astype(np.float32)
-    brain_on_head = carry_labels(t1, affine, ch2.shape, ch2.affine)
+    Colin27 head (``colin``: its ``image``, ``affine``, brain mask ``bet`` and AAL ``ref``) in place of
+    Colin27's brain, intensities scaled to Colin27's brain median."""
+    head, colin_brain = colin["image"], colin["bet"]
+    brain_on_head = carry_labels(t1, affine, head.shape, colin["affine"])
     mask = brain_on_head > 0
     composite = head.copy()
     composite[colin_brain] = float(np.percentile(head[colin_brain], 2))  # CSF-dark where neither brain is
     composite[mask] = brain_on_head[mask] * (np.median(head[colin_brain]) / np.median(brain_on_head[mask]))
-    return dict(name=name, image=composite, affine=ch2.affine, ref=None,  # AAL's own grid: filled in below
+    return dict(name=name, image=composite, affine=colin["affine"], ref=colin["ref"],
                 brain=ndimage.binary_dilation(colin_brain | mask, iterations=3))
 
 
@@ -100,6 +95,10 @@ def make_cases(folder: str) -> list[dict]:
         return dict(name=name, image=t1, affine=img.affine, ref=carry_labels(aal, aal_img.affine, t1.shape, img.affine),
                     brain=ndimage.binary_dilation(t1 > 0, iterations=3))
 
+    ch2 = nib.load(os.path.join(templates, "ch2.nii.gz"))
+    colin = dict(name="colin27_head", image=np.asarray(ch2.dataobj).astype(np.float32), affine=ch2.affine,
+                 bet=np.asarray(nib.load(os.path.join(templates, "ch2bet.nii.gz")).dataobj) > 0,
+                 ref=carry_labels(aal, aal_img.affine, ch2.shape, ch2.affine))
     fsl = brain_case("fsl_mni152_brain", data.packaged_template("fsl_mni152_1mm_brain"))
     cases = [fsl, _permuted(fsl, "fsl_mni152_brain_coronal")]
     head = nib.load(data.packaged_template("fsl_mni152_2mm_head"))
@@ -109,17 +108,13 @@ def make_cases(folder: str) -> list[dict]:
                       ref=carry_labels(aal, aal_img.affine, head_t1.shape, head.affine),
                       brain=ndimage.binary_dilation(carry_labels(np.asarray(mask.dataobj) > 0, mask.affine,
                                                                  head_t1.shape, head.affine), iterations=2)))
-    cases.append(_in_colin27_head("fsl_mni152_in_colin27_head", fsl["image"], fsl["affine"], templates))
+    cases.append(_in_colin27_head("fsl_mni152_in_colin27_head", fsl["image"], fsl["affine"], colin))
     cases.append(brain_case("icbm152_2009c_brain", data.packaged_template("icbm152_2009c_asym_brain")))
     icbm = brain_case("icbm152_brain", data.find_mni_template())
-    cases += [icbm, _in_colin27_head("icbm152_in_colin27_head", icbm["image"], icbm["affine"], templates)]
-    ch2 = nib.load(os.path.join(templates, "ch2.nii.gz"))
-    bet = np.asarray(nib.load(os.path.join(templates, "ch2bet.nii.gz")).dataobj)
-    cases.append(dict(name="colin27_head", image=np.asarray(ch2.dataobj).astype(np.float32), affine=ch2.affine,
-                      brain=ndimage.binary_dilation(bet > 0, iterations=3)))
+    cases += [icbm, _in_colin27_head("icbm152_in_colin27_head", icbm["image"], icbm["affine"], colin)]
+    cases.append(dict(name=colin["name"], image=colin["image"], affine=colin["affine"], ref=colin["ref"],
+                      brain=ndimage.binary_dilation(colin["bet"], iterations=3)))
     for case in cases:
-        if case.get("ref") is None:  # on the Colin27 grid: AAL's own
-            case["ref"] = carry_labels(aal, aal_img.affine, case["image"].shape, case["affine"])
         case["path"] = os.path.join(folder, case["name"] + ".nii.gz")
         nib.save(nib.Nifti1Image(case["image"], case["affine"]), case["path"])
     return cases

@@ -254,10 +254,10 @@ def fit_calibration(ckpt, device: str, icbm152: bool = False):
     colin_ref = np.ascontiguousarray(data.aal_targets(colin["aal"]).transpose(2, 1, 0))  # napari order
     images = [(os.path.join(templates, "ch2.nii.gz"), colin_ref), (os.path.join(templates, "ch2bet.nii.gz"), colin_ref)]
     if icbm152:
-        aal_img = nib.load(os.path.join(templates, "aal.nii.gz"))
-        mni = nib.load(data.find_mni_template())
-        ref = data.carry_labels(data.aal_targets(np.asarray(aal_img.dataobj)), aal_img.affine, mni.shape, mni.affine)
-        images.append((data.find_mni_template(), np.ascontiguousarray(ref.transpose(2, 1, 0))))
+        mni_path = data.find_mni_template()
+        mni = nib.load(mni_path)
+        ref = data.carry_labels(data.aal_targets(colin["aal"]), colin["affine"], mni.shape, mni.affine)
+        images.append((mni_path, np.ascontiguousarray(ref.transpose(2, 1, 0))))
     probabilities, stats, references = [], [], []
     for i, (path, reference) in enumerate(images):
         volume = read_volume(path)
